@@ -1,0 +1,1 @@
+"""localsbx: local, offline emulator and test harness for Tensorlake-style sandbox images."""
