@@ -1,0 +1,303 @@
+"""Build an image: IR → build VM → snapshot → registered name.
+
+1. A build VM (default 2 vCPU / 4096 MiB, Tensorlake's builder size) cold-boots on a new
+   overlay over the base rootfs. Each op runs through the guest agent: ``Run`` as its argv
+   with the image ENV, the ARG values in scope, the current WORKDIR, stdin at EOF, and every
+   process it left behind killed when it ends (a RUN's background processes do not survive
+   the step, as in Docker); ``Copy``/``Add`` as one tar stream extracted at ``/``;
+   ``Env``/``Workdir`` change the state later steps see (WORKDIR is created).
+2. The guest syncs and powers off; its overlay is frozen (``build.qcow2``).
+3. A snapshot VM boots at the sandbox default shape (1 vCPU / 1024 MiB, Tensorlake's
+   default) on a new overlay over ``build.qcow2`` with RAM in ``snap/ram``, runs one command
+   (warming the page cache sandboxes will use), closes its sessions, syncs and is snapshotted
+   (method C: ``snap/disk.qcow2`` + ``snap/ram`` + ``snap/state.mig``).
+4. ``image.json`` is written, the folder renamed to ``images/<digest>`` and the name
+   registered. Any failure before that removes the folder and leaves no QEMU.
+
+An unchanged definition (same digest: ops, context files, base, snapshot shape) is not built
+again; the name is just registered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from localsbx import store
+from localsbx.definition.ops import DEFAULT_PATH, Copy, Env, ImageDefinition, Op, Run, Workdir
+from localsbx.errors import DefinitionError, ImageBuildError
+from localsbx.guest.ssh import ExecResult
+from localsbx.vm import snapshot
+from localsbx.vm.accel import choose_accel
+from localsbx.vm.machine import Machine, qemu_img_create
+
+log = logging.getLogger("localsbx.build")
+
+#: Sandbox shape a snapshot is taken at (Tensorlake defaults: 1 vCPU, 1024 MiB).
+SANDBOX_CPUS = 1
+SANDBOX_MEMORY_MIB = 1024
+#: Bumped when the snapshot procedure changes, so old snapshots are not reused.
+SNAPSHOT_FORMAT = 1
+#: Bytes of step output kept for error messages.
+TAIL_BYTES = 16384
+
+
+def step_timeout() -> float | None:
+    """Seconds one build step may run (``LOCALSBX_STEP_TIMEOUT``, default 3600; 0 = none)."""
+    v = float(os.environ.get("LOCALSBX_STEP_TIMEOUT", "3600"))
+    return v or None
+
+
+class _Tail:
+    def __init__(self, echo: Callable[[bytes], None] | None) -> None:
+        self.buf = bytearray()
+        self.echo = echo
+
+    def __call__(self, chunk: bytes) -> None:
+        self.buf.extend(chunk)
+        if len(self.buf) > 2 * TAIL_BYTES:
+            del self.buf[:-TAIL_BYTES]
+        if self.echo is not None:
+            self.echo(chunk)
+
+    def text(self, lines: int = 25) -> str:
+        return "\n".join(bytes(self.buf).decode(errors="replace").splitlines()[-lines:])
+
+
+class Reporter:
+    """Where build progress goes: ``say`` gets status lines, ``output`` raw step output.
+    The default logs status lines and drops output."""
+
+    def say(self, text: str) -> None:
+        log.info("%s", text)
+
+    def output(self, chunk: bytes) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+def runtime_env(image_env: dict[str, str], user_home: str = "/root") -> dict[str, str]:
+    """The environment of a command: ``HOME`` (as Docker sets it at run time), then the
+    image ENV (which may override it)."""
+    return {"HOME": user_home, **image_env}
+
+
+def _uses_context(defn: ImageDefinition) -> bool:
+    return any(isinstance(op, Copy) and any("://" not in s for s in op.sources) for op in defn.ops)
+
+
+async def build_image_async(
+    definition: ImageDefinition,
+    *,
+    context_dir: str | Path | None = None,
+    name: str | None = None,
+    project: str | None = None,
+    reporter: Reporter | None = None,
+    force: bool = False,
+) -> store.ImageRecord:
+    """Build ``definition`` and register it as ``name`` (default ``definition.name``).
+
+    :param context_dir: the build context (COPY/ADD sources are relative to it); required
+        when the definition copies local files, as in Tensorlake's ``Image.build``.
+    :param project: the project to register in (default: ``$LOCALSBX_PROJECT`` or
+        ``default``).
+    :param force: build even if an identical image exists.
+    :raises DefinitionError: the definition needs a context it was not given, or a COPY
+        source is missing.
+    :raises BaseImageError: the base image is not built.
+    :raises ImageBuildError: a step failed (which, its exit code, its output tail); nothing
+        is registered and no QEMU is left.
+    """
+    from localsbx.base import get_base
+    from localsbx.definition.context import BuildContext
+
+    rep = reporter or Reporter()
+    project = store.current_project(project)
+    name = store.check_name("image", name or definition.name)
+    for w in definition.warnings:
+        rep.say(f"warning: {w}")
+    base = get_base(definition.base)
+    ctx = None
+    if context_dir is not None:
+        ctx = BuildContext(Path(context_dir))
+    elif _uses_context(definition):
+        raise DefinitionError(
+            f"{definition.source}: COPY/ADD read local files but no build context was given",
+            hint="pass a context folder (--context DIR, or Image.build(context_dir=...))")
+    context_digest = ""
+    if ctx is not None:
+        copies = [op for op in definition.ops if isinstance(op, Copy)]
+        context_digest = ctx.digest(copies)
+    digest = definition.digest(
+        f"{context_digest}|base={base.digest}|snap={SNAPSHOT_FORMAT}:{SANDBOX_CPUS}:{SANDBOX_MEMORY_MIB}"
+        f"|build={definition.build_cpus}:{definition.build_memory_mb}")[:32]
+    if not force:
+        with contextlib.suppress(Exception):
+            meta = store.read_json(store.image_dir(digest) / "image.json")
+            if meta.get("digest") == digest:
+                rep.say(f"image {name}: unchanged definition, reusing build {digest[:12]}")
+                return store.register_image(project, name, digest)
+
+    accel = await choose_accel(base.kernel, base.initrd)
+    rep.say(f"accelerator: {accel.kind.upper()} ({accel.reason})")
+    client_key = store.management_key()
+    tmp = store.new_image_tmpdir()
+    started = time.monotonic()
+    try:
+        # ---- 1. build VM
+        build_disk = tmp / "build.qcow2"
+        qemu_img_create(build_disk, base.rootfs)
+        rep.say(f"booting build VM ({definition.build_cpus} vCPU, {definition.build_memory_mb} MiB) "
+                f"from base {base.name}")
+        async with await Machine.cold_boot(
+            kernel=base.kernel, initrd=base.initrd, disk=build_disk, workdir=tmp,
+            accel=accel, client_key=client_key, cpus=definition.build_cpus,
+            memory_mib=definition.build_memory_mb, name=f"localsbx-build-{name}",
+        ) as vm:
+            env, workdir = await _run_ops(vm, definition, ctx, rep)
+            rep.say("build steps done; syncing and powering off the build VM")
+            if not await vm.poweroff():
+                rep.say("warning: the build VM did not power off in time; it was killed")
+        os.chmod(build_disk, 0o444)
+
+        # ---- 2. snapshot VM at the sandbox shape
+        snap = tmp / "snap"
+        snap.mkdir()
+        snap_disk = snap / "disk.qcow2"
+        qemu_img_create(snap_disk, build_disk)
+        rep.say(f"booting snapshot VM ({SANDBOX_CPUS} vCPU, {SANDBOX_MEMORY_MIB} MiB)")
+        vm = await Machine.cold_boot(
+            kernel=base.kernel, initrd=base.initrd, disk=snap_disk, workdir=snap, accel=accel,
+            client_key=client_key, cpus=SANDBOX_CPUS, memory_mib=SANDBOX_MEMORY_MIB,
+            ram_file=snap / "ram", ram_share=True, name=f"localsbx-snap-{name}",
+        )
+        try:
+            warm = await vm.guest.exec(["/bin/sh", "-c", "true"], env=runtime_env(env),
+                                       cwd=workdir)
+            if warm.exit_status != 0:
+                raise ImageBuildError(f"image {name}: the snapshot VM cannot run commands in "
+                                      f"WORKDIR {workdir}: {warm.stderr.decode(errors='replace')}")
+            await vm.guest.agent("sync")
+            await vm.guest.close()
+            await asyncio.sleep(0.5)  # let the guest's per-connection server process exit
+            key = snapshot.snapshot_key(vm.qemu.spec, kernel_digest=base.kernel_digest)
+            await snapshot.save(vm.qemu, snap / "state.mig")
+        finally:
+            await vm.stop()
+        host_key = vm.host_key.export_public_key("openssh").decode().strip()
+        for f in (snap_disk, snap / "ram", snap / "state.mig"):
+            os.chmod(f, 0o444)
+        (snap / "serial.log").unlink(missing_ok=True)
+
+        # ---- 3. metadata, commit, register
+        final = store.image_dir(digest)
+        subprocess.run(["qemu-img", "rebase", "-u", "-F", "qcow2", "-b",
+                        str(final / "build.qcow2"), str(snap_disk)], check=True)
+        meta = {
+            "name": name,
+            "digest": digest,
+            "base": base.name,
+            "base_digest": base.digest,
+            "source": definition.source,
+            "definition": definition.to_json(),
+            "warnings": list(definition.warnings),
+            "env": env,
+            "workdir": workdir,
+            "user": None,
+            "created_at": time.time(),
+            "build_seconds": round(time.monotonic() - started, 1),
+            "accel": accel.kind,
+            "snapshot": {
+                "key": key,
+                "host_key": host_key,
+                "cpus": SANDBOX_CPUS,
+                "memory_mib": SANDBOX_MEMORY_MIB,
+                "state_size": (snap / "state.mig").stat().st_size,
+                "ram_size": (snap / "ram").stat().st_size,
+                "format": SNAPSHOT_FORMAT,
+            },
+        }
+        store.write_json_atomic(tmp / "image.json", meta)
+        store.commit_image_dir(tmp, digest)
+    except BaseException:
+        store.discard_tmpdir(tmp)
+        raise
+    rec = store.register_image(project, name, digest)
+    rep.say(f"image {name} registered in project {project} "
+            f"({meta['build_seconds']} s, digest {digest[:12]})")
+    return rec
+
+
+async def _run_ops(vm: Machine, defn: ImageDefinition, ctx, rep: Reporter) -> tuple[dict, str]:
+    env = {"PATH": DEFAULT_PATH}  # the image ENV, step by step (Docker's default PATH first)
+    workdir = "/"
+    total = len(defn.ops)
+    for i, op in enumerate(defn.ops, 1):
+        rep.say(f"[{i}/{total}] {op.describe()}")
+        if isinstance(op, Env):
+            env[op.key] = op.value
+        elif isinstance(op, Workdir):
+            res = await vm.guest.exec(["mkdir", "-p", op.path], env=runtime_env(env), cwd="/")
+            _check(op, res, _Tail(None), what="creating WORKDIR")
+            workdir = op.path
+        elif isinstance(op, Run):
+            await _run(vm, op, env, workdir, rep)
+        elif isinstance(op, Copy):
+            if ctx is None:
+                raise DefinitionError(f"{op.describe()}: no build context")
+            passwd = await vm.guest.get_file("/etc/passwd")
+            group = await vm.guest.get_file("/etc/group")
+            data = ctx.make_tar(op, passwd=passwd.decode(errors="replace"),
+                                group=group.decode(errors="replace"))
+            res = await vm.guest.extract_tar(data, timeout=step_timeout())
+            _check(op, res, _Tail(None), what="extracting files")
+        else:  # pragma: no cover - the IR has five ops
+            raise DefinitionError(f"unknown op {op!r}")
+    return env, workdir
+
+
+async def _run(vm: Machine, op: Run, env: dict, workdir: str, rep: Reporter) -> None:
+    argv = list(op.argv)
+    if op.script is not None:
+        path = f"/tmp/.localsbx-run-{time.time_ns()}"
+        await vm.guest.put_file(path, op.script.encode(), mode=0o755)
+        argv = [*argv, path]
+    tail = _Tail(rep.output)
+    res = await vm.guest.exec(argv, env={**runtime_env(env), **dict(op.build_env)}, cwd=workdir,
+                              timeout=step_timeout(), stdout_cb=tail, stderr_cb=tail,
+                              kill_tree=True)
+    if op.script is not None:
+        with contextlib.suppress(Exception):
+            await vm.guest.exec(["rm", "-f", argv[-1]], env=runtime_env(env))
+    _check(op, res, tail)
+
+
+def _check(op: Op, res: ExecResult, tail: _Tail, *, what: str = "") -> None:
+    if res.exit_status == 0 and not res.timed_out:
+        return
+    if not tail.buf:
+        tail(res.stdout + res.stderr)
+    hint = None
+    if res.timed_out:
+        hint = ("the step exceeded LOCALSBX_STEP_TIMEOUT; it may be waiting for input - "
+                "set DEBIAN_FRONTEND=noninteractive or pass -y")
+    elif res.exit_status == 127:
+        hint = "command not found (shell-form RUN uses /bin/sh, which is dash: no `source`, use `.`)"
+    raise ImageBuildError(
+        f"build failed at {op.describe()}: {what + ': ' if what else ''}{res.describe()}",
+        step=op.describe(), exit_code=res.shell_code, output_tail=tail.text(), hint=hint)
+
+
+def build_image(definition: ImageDefinition, *, context_dir: str | Path | None = None,
+                name: str | None = None, project: str | None = None,
+                reporter: Reporter | None = None, force: bool = False) -> store.ImageRecord:
+    """Synchronous :func:`build_image_async` (for scripts and ``Image.build``)."""
+    from localsbx._loop import run_sync
+
+    return run_sync(build_image_async(definition, context_dir=context_dir, name=name,
+                                      project=project, reporter=reporter, force=force))

@@ -1,0 +1,310 @@
+"""Commands and files in the guest, over one asyncssh connection to the guest agent.
+
+Every command goes through the guest agent (``/usr/lib/localsbx/agent exec``, see
+docs/ARCHITECTURE.md), which gives Docker's semantics whatever the guest user did to their
+image: a clean environment holding exactly the image ENV plus the caller's, the image
+WORKDIR, the image user, stdin at EOF unless asked for, no TTY (so stdout and stderr stay
+separate and no ``\\r`` is added), and a cgroup per command so a timeout kills the whole
+process tree (``cgroup.kill``), not just the first process.
+
+Output is bytes underneath (asyncssh ``encoding=None``), so invalid UTF-8 never raises.
+A command killed by signal N is reported with ``signal=N`` (SSH ``exit-signal``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shlex
+import signal as _signal
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import asyncssh
+
+from localsbx.errors import CommandTimeout, GuestError, GuestFileError
+
+log = logging.getLogger("localsbx.guest")
+
+AGENT = "/usr/lib/localsbx/agent"
+#: Longest command string sent inline; longer argv goes through ``--argfile``
+#: (dropbear refuses very long exec requests).
+MAX_INLINE_COMMAND = 8000
+#: Seconds allowed for the kill of a timed-out command's cgroup and the channel close.
+KILL_GRACE = 10.0
+
+OutputCallback = Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """How a guest command ended.
+
+    :param exit_status: the exit status (0-255), or ``None`` when killed by a signal.
+    :param signal: the signal number that killed it, or ``None``.
+    :param stdout: all of stdout, as bytes (empty when streamed to a callback only).
+    :param stderr: all of stderr, as bytes.
+    :param timed_out: the command ran past its timeout and its process tree was killed.
+    """
+
+    exit_status: int | None
+    signal: int | None
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+
+    @property
+    def shell_code(self) -> int:
+        """The ``docker exec``/shell convention: the status, or 128+N for signal N."""
+        if self.signal is not None:
+            return 128 + self.signal
+        return self.exit_status if self.exit_status is not None else 255
+
+    def describe(self) -> str:
+        if self.timed_out:
+            return "timed out (process tree killed)"
+        if self.signal is not None:
+            try:
+                name = _signal.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
+            hint = " - out of memory?" if self.signal == _signal.SIGKILL else ""
+            return f"killed by {name}{hint}"
+        return f"exit code {self.exit_status}"
+
+
+def _signal_number(name: str | None) -> int | None:
+    if not name:
+        return None
+    name = name.upper()
+    try:
+        return int(_signal.Signals["SIG" + name.removeprefix("SIG")])
+    except KeyError:
+        return None
+
+
+def agent_command(verb: str, *args: str) -> str:
+    """The command string for the login shell: ``exec /usr/lib/localsbx/agent VERB ARGS``
+    with POSIX single quoting (accepted by dash, bash and zsh alike)."""
+    return "exec " + shlex.join([AGENT, verb, *args])
+
+
+class GuestConnection:
+    """One SSH connection to a guest's management server; many channels over it.
+
+    :param host: host address of the forward, normally ``127.0.0.1``.
+    :param port: host port of the ``hostfwd`` to the guest's port 10022.
+    :param client_key: the store's management private key.
+    :param host_key: the guest's expected host key (public); the connection is refused
+        when the server presents another one.
+    """
+
+    def __init__(self, host: str, port: int, client_key: asyncssh.SSHKey,
+                 host_key: asyncssh.SSHKey) -> None:
+        self.host = host
+        self.port = port
+        self._client_key = client_key
+        self._host_key = host_key
+        self._conn: asyncssh.SSHClientConnection | None = None
+
+    async def connect(self, *, timeout: float = 60.0, alive: Callable[[], bool] | None = None) -> None:
+        """Connect, retrying until the server answers (it may accept before it serves:
+        recipe pitfall 12).
+
+        :param timeout: seconds for the whole attempt; default 60.
+        :param alive: called between tries; when it returns False (QEMU died) give up.
+        :raises GuestError: no connection within ``timeout``.
+        """
+        known = asyncssh.import_known_hosts(
+            f"[{self.host}]:{self.port} {self._host_key.export_public_key().decode().strip()}\n")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last: Exception | None = None
+        delay = 0.05
+        while loop.time() < deadline:
+            if alive is not None and not alive():
+                break
+            try:
+                async with asyncio.timeout(max(1.0, min(15.0, deadline - loop.time()))):
+                    self._conn = await asyncssh.connect(
+                        self.host, self.port, username="root", client_keys=[self._client_key],
+                        known_hosts=known, agent_path=None, config=None,
+                        preferred_auth="publickey", connect_timeout=15, keepalive_interval=0,
+                    )
+                return
+            except (OSError, asyncssh.Error, TimeoutError) as exc:
+                last = exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 0.5)
+        raise GuestError(f"cannot reach the guest's SSH server on {self.host}:{self.port}: {last}")
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    async def close(self) -> None:
+        """Close the connection (and every channel on it). Idempotent."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await conn.wait_closed()
+
+    def _require(self) -> asyncssh.SSHClientConnection:
+        if self._conn is None:
+            raise GuestError("not connected to the guest")
+        return self._conn
+
+    async def raw(self, command: str, *, stdin: bytes | None = None,
+                  stdout_cb: OutputCallback | None = None,
+                  stderr_cb: OutputCallback | None = None,
+                  timeout: float | None = None) -> ExecResult:
+        """Run one command string on the guest's login shell; bytes in, bytes out.
+
+        stdin gets ``stdin`` (if any) and then EOF, always (asyncssh#669: a channel whose
+        stdin is never closed makes ``cat``/``read`` hang).
+
+        :param timeout: seconds, ``None`` for no limit. On expiry the channel is closed and
+            :class:`CommandTimeout` is raised (callers that need the process tree killed use
+            :meth:`exec`).
+        :raises GuestError: the connection broke.
+        """
+        conn = self._require()
+        try:
+            proc = await conn.create_process(command, encoding=None, term_type=None)
+        except (asyncssh.Error, OSError) as exc:
+            raise GuestError(f"cannot start a command in the guest: {exc}") from exc
+        out, err = bytearray(), bytearray()
+
+        async def pump(stream, buf: bytearray, cb: OutputCallback | None) -> None:
+            while True:
+                chunk = await stream.read(65536)
+                if not chunk:
+                    return
+                if cb is not None:
+                    cb(chunk)
+                else:
+                    buf.extend(chunk)
+
+        async def feed() -> None:
+            with contextlib.suppress(asyncssh.Error, OSError, BrokenPipeError):
+                if stdin:
+                    proc.stdin.write(stdin)
+                    await proc.stdin.drain()
+                proc.stdin.write_eof()
+
+        pumps = asyncio.gather(pump(proc.stdout, out, stdout_cb),
+                               pump(proc.stderr, err, stderr_cb), feed())
+        try:
+            async with asyncio.timeout(timeout):
+                await pumps
+                await proc.wait_closed()
+        except TimeoutError:
+            pumps.cancel()
+            proc.close()
+            raise CommandTimeout(f"command timed out after {timeout} s", timeout=timeout or 0,
+                                 stdout=bytes(out), stderr=bytes(err)) from None
+        except (asyncssh.Error, OSError) as exc:
+            raise GuestError(f"lost the connection to the guest: {exc}") from exc
+        except BaseException:
+            pumps.cancel()
+            proc.close()
+            raise
+        sig = _signal_number(proc.exit_signal[0] if proc.exit_signal else None)
+        status = None if sig is not None else proc.exit_status
+        if status is None and sig is None:
+            raise GuestError("the guest closed the command's channel without an exit status "
+                             "(the SSH connection or the guest died)")
+        return ExecResult(status, sig, bytes(out), bytes(err))
+
+    async def exec(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                   cwd: str | None = None, user: str | None = None,
+                   stdin: bytes | None = None, timeout: float | None = None,
+                   stdout_cb: OutputCallback | None = None,
+                   stderr_cb: OutputCallback | None = None,
+                   kill_tree: bool = False) -> ExecResult:
+        """Run ``argv`` (no shell) in the guest through the agent.
+
+        :param env: the complete environment of the command (nothing else is inherited).
+        :param cwd: working directory; the command fails with 126 when it does not exist.
+        :param user: ``name``, ``uid`` or ``user:group``; ``None`` = root.
+        :param stdin: bytes fed to stdin, then EOF; ``None`` = stdin is ``/dev/null``.
+        :param timeout: seconds; on expiry every process of the command (its cgroup) is
+            SIGKILLed and the result has ``timed_out=True``; ``None`` = no limit.
+        :param kill_tree: when the command ends, kill whatever it left running (a build
+            step's background processes do not outlive the step, as in Docker).
+        :returns: :class:`ExecResult`; a non-zero status is not an error.
+        :raises GuestError: the guest or the connection failed.
+        """
+        if not argv:
+            raise ValueError("empty argv")
+        cgroup = "c" + uuid.uuid4().hex[:16]
+        opts: list[str] = ["--cgroup", cgroup]
+        if cwd:
+            opts += ["--cwd", cwd]
+        if user:
+            opts += ["--user", user]
+        for k, v in (env or {}).items():
+            opts += ["--env", f"{k}={v}"]
+        if stdin is not None:
+            opts.append("--stdin")
+        command = agent_command("exec", *opts, "--", *argv)
+        if len(command.encode()) > MAX_INLINE_COMMAND:
+            argfile = f"/run/localsbx/args-{cgroup}"
+            await self.put_file(argfile, b"\0".join(a.encode() for a in argv), mode=0o600)
+            command = agent_command("exec", *opts, "--argfile", argfile, "--")
+        try:
+            res = await self.raw(command, stdin=stdin, stdout_cb=stdout_cb,
+                                 stderr_cb=stderr_cb, timeout=timeout)
+        except CommandTimeout as exc:
+            await self.kill_cgroup(cgroup)
+            return ExecResult(None, int(_signal.SIGKILL), exc.stdout, exc.stderr, timed_out=True)
+        if kill_tree:
+            await self.kill_cgroup(cgroup)
+        return res
+
+    async def kill_cgroup(self, cgroup: str) -> None:
+        """SIGKILL every process of a command's cgroup (bounded; errors only logged)."""
+        try:
+            res = await self.raw(agent_command("kill", cgroup), timeout=KILL_GRACE)
+            if res.exit_status not in (0, None):
+                log.warning("agent kill %s: %s", cgroup, res.stderr.decode(errors="replace"))
+        except GuestError as exc:
+            log.warning("could not kill cgroup %s: %s", cgroup, exc)
+
+    async def agent(self, verb: str, *args: str, stdin: bytes | None = None,
+                    timeout: float | None = 60.0) -> ExecResult:
+        """Run an agent verb (``fixup``, ``sync``, ``poweroff``...); see the contract."""
+        return await self.raw(agent_command(verb, *args), stdin=stdin, timeout=timeout)
+
+    async def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        """Write ``data`` to ``path`` in the guest atomically (parent must exist).
+
+        :raises GuestFileError: the agent could not write it.
+        """
+        res = await self.agent("put", path, "--mode", f"{mode:o}", stdin=data, timeout=None)
+        if res.exit_status != 0:
+            raise GuestFileError(f"cannot write {path} in the sandbox: "
+                                 f"{res.stderr.decode(errors='replace').strip()}")
+
+    async def get_file(self, path: str) -> bytes:
+        """Read a whole guest file as bytes.
+
+        :raises GuestFileError: no such file, a directory, or no permission.
+        """
+        res = await self.agent("get", path, timeout=None)
+        if res.exit_status != 0:
+            raise GuestFileError(f"cannot read {path} in the sandbox: "
+                                 f"{res.stderr.decode(errors='replace').strip()}")
+        return res.stdout
+
+    async def extract_tar(self, tar_bytes: bytes, *, timeout: float | None = None) -> ExecResult:
+        """Extract a tar stream at ``/`` keeping numeric owners and modes; existing
+        directories keep their metadata (GNU tar ``--no-overwrite-dir``)."""
+        return await self.exec(
+            ["tar", "-C", "/", "-xpf", "-", "--same-owner", "--numeric-owner",
+             "--no-overwrite-dir"],
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, stdin=tar_bytes, timeout=timeout)

@@ -1,0 +1,214 @@
+"""A running guest: one owned QEMU plus one SSH connection to its agent.
+
+Two ways to get one:
+
+* :meth:`Machine.cold_boot` — boot a kernel + initramfs on a qcow2 overlay; a fresh per-VM
+  identity (SSH host key, machine-id) is appended to the initramfs as a second cpio
+  (recipe pitfall 8), so there is no key generation in the guest.
+* :meth:`Machine.restore` — start QEMU ``-incoming defer`` on a new overlay over a snapshot's
+  frozen disk, map the snapshot RAM copy-on-write, load the device state, ``cont``, then
+  step the guest clock to host time and force a CRNG reseed (pitfalls 7 and 9).
+
+Either way, a failure at any step stops QEMU before the error propagates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncssh
+
+from localsbx.errors import GuestError, SnapshotError, VMLaunchError
+from localsbx.guest.ssh import GuestConnection
+from localsbx.vm import snapshot
+from localsbx.vm.qemu import READY_MARKER, Accel, QemuProcess, VMSpec
+
+log = logging.getLogger("localsbx.vm")
+
+#: Seconds a cold boot may take to print the ready marker (TCG boots take 5-7 s here).
+BOOT_TIMEOUT = 180.0
+#: Seconds for the first SSH connection after the guest is ready / restored.
+CONNECT_TIMEOUT = 60.0
+
+
+def qemu_img_create(overlay: Path, backing: Path) -> None:
+    """Create a qcow2 ``overlay`` backed by ``backing`` (absolute path: pitfall 5).
+
+    :raises VMLaunchError: qemu-img failed.
+    """
+    res = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing.resolve()), "-F", "qcow2",
+         str(overlay)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise VMLaunchError(f"qemu-img create {overlay} failed: {res.stderr.strip()}")
+
+
+@dataclass
+class Machine:
+    """A running guest. Use ``async with`` or call :meth:`stop` (idempotent).
+
+    :param qemu: the owned QEMU process.
+    :param guest: the SSH connection to the guest agent.
+    :param host_key: the guest's SSH host key (public part is what clients pin).
+    """
+
+    qemu: QemuProcess
+    guest: GuestConnection
+    host_key: asyncssh.SSHKey
+    ssh_port: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    async def cold_boot(
+        cls,
+        *,
+        kernel: Path,
+        initrd: Path,
+        disk: Path,
+        workdir: Path,
+        accel: Accel,
+        client_key: asyncssh.SSHKey,
+        cpus: int,
+        memory_mib: int,
+        ram_file: Path | None = None,
+        ram_share: bool = False,
+        detached: bool = False,
+        wrapper: list[str] | None = None,
+        name: str = "localsbx",
+    ) -> Machine:
+        """Boot a guest and connect to it.
+
+        :param disk: the qcow2 overlay the guest boots from (created by the caller).
+        :param workdir: folder for the serial log, QMP socket and per-VM initramfs.
+        :raises VMLaunchError: QEMU failed or the guest was not ready in time (QEMU stopped).
+        """
+        from localsbx.vm.kernel import make_identity_cpio
+
+        t0 = time.monotonic()
+        host_key = asyncssh.generate_private_key("ssh-ed25519")
+        ident = make_identity_cpio(
+            host_key_openssh=host_key.export_private_key("openssh"),
+            authorized_keys=client_key.export_public_key("openssh"),
+            machine_id=secrets.token_hex(16),
+            hostname="localsbx",
+        )
+        vm_initrd = workdir / "initrd.cpio"
+        with open(vm_initrd, "wb") as out:
+            out.write(initrd.read_bytes())
+            out.write(ident)
+        spec = VMSpec(kernel=kernel, initrd=vm_initrd, disk=disk,
+                      serial_log=workdir / "serial.log", qmp_socket=_qmp_path(workdir),
+                      accel=accel, memory_mib=memory_mib, cpus=cpus, ram_file=ram_file,
+                      ram_share=ram_share, name=name)
+        qemu = QemuProcess(spec, detached=detached, wrapper=wrapper or [])
+        await qemu.start()
+        m = cls(qemu, GuestConnection("127.0.0.1", 0, client_key, host_key), host_key)
+        try:
+            await qemu.wait_for_serial(READY_MARKER, timeout=BOOT_TIMEOUT)
+            m.timings["ready"] = time.monotonic() - t0
+            await m._connect()
+            m.timings["connected"] = time.monotonic() - t0
+        except BaseException:
+            await m.stop()
+            raise
+        return m
+
+    @classmethod
+    async def restore(
+        cls,
+        *,
+        snap_dir: Path,
+        kernel: Path,
+        disk: Path,
+        workdir: Path,
+        accel: Accel,
+        client_key: asyncssh.SSHKey,
+        host_key_public: str,
+        cpus: int,
+        memory_mib: int,
+        detached: bool = False,
+        wrapper: list[str] | None = None,
+        name: str = "localsbx",
+    ) -> Machine:
+        """Restore a clone of the snapshot in ``snap_dir`` (``ram``, ``state.mig``,
+        ``initrd.cpio``) on the overlay ``disk`` (created by the caller over the snapshot's
+        frozen disk), then fix its clock and CRNG.
+
+        :raises SnapshotError: a snapshot file is missing or does not load (QEMU stopped).
+        """
+        t0 = time.monotonic()
+        for f in ("ram", "state.mig", "initrd.cpio"):
+            if not (snap_dir / f).exists():
+                raise SnapshotError(f"snapshot file {snap_dir / f} is missing")
+        spec = VMSpec(kernel=kernel, initrd=snap_dir / "initrd.cpio", disk=disk,
+                      serial_log=workdir / "serial.log", qmp_socket=_qmp_path(workdir),
+                      accel=accel, memory_mib=memory_mib, cpus=cpus,
+                      ram_file=snap_dir / "ram", ram_share=False, incoming=True, name=name)
+        qemu = QemuProcess(spec, detached=detached, wrapper=wrapper or [])
+        pub = asyncssh.import_public_key(host_key_public)
+        await qemu.start()
+        m = cls(qemu, GuestConnection("127.0.0.1", 0, client_key, pub), pub)
+        try:
+            await snapshot.restore(qemu, snap_dir / "state.mig")
+            m.timings["loaded"] = time.monotonic() - t0
+            await m._connect()
+            m.timings["connected"] = time.monotonic() - t0
+            await m.fixup()
+            m.timings["fixed"] = time.monotonic() - t0
+        except BaseException:
+            await m.stop()
+            raise
+        return m
+
+    async def _connect(self) -> None:
+        self.ssh_port = await self.qemu.host_ssh_port()
+        self.guest.port = self.ssh_port
+        proc = self.qemu.proc
+        await self.guest.connect(timeout=CONNECT_TIMEOUT,
+                                 alive=lambda: proc is None or proc.returncode is None)
+
+    async def fixup(self) -> None:
+        """Step the guest clock to host time and reseed its CRNG with host randomness.
+
+        :raises GuestError: the agent failed.
+        """
+        res = await self.guest.agent("fixup", "--time-ns", str(time.time_ns()),
+                                     "--entropy", secrets.token_hex(64), timeout=30)
+        if res.exit_status != 0:
+            raise GuestError("post-restore fixup failed: " + res.stderr.decode(errors="replace"))
+
+    async def poweroff(self, *, timeout: float = 30.0) -> bool:
+        """Sync and power the guest off cleanly; ``True`` when QEMU exited by itself."""
+        with contextlib.suppress(GuestError):
+            await self.guest.agent("sync", timeout=timeout)
+        with contextlib.suppress(GuestError, asyncssh.Error, OSError):
+            await self.guest.agent("poweroff", timeout=5)
+        await self.guest.close()
+        return await self.qemu.wait(timeout) is not None
+
+    async def stop(self) -> None:
+        """Close SSH and stop QEMU for sure. Idempotent."""
+        with contextlib.suppress(Exception):
+            await self.guest.close()
+        await self.qemu.shutdown(graceful=False)
+
+    async def __aenter__(self) -> Machine:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+
+def _qmp_path(workdir: Path) -> Path:
+    """The QMP socket path; a short one under /tmp when ``workdir`` is too long for AF_UNIX."""
+    p = workdir / "qmp.sock"
+    if len(str(p)) < 100:
+        return p
+    return Path("/tmp") / f"lsbx-{os.getpid()}-{secrets.token_hex(4)}.qmp"

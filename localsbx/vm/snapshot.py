@@ -1,0 +1,113 @@
+"""Snapshots of a running guest and restores of them (recipe §3, method C).
+
+Save: guest RAM lives in a ``memory-backend-file`` mapped ``share=on``; with the migration
+capability ``x-ignore-shared`` the RAM itself is not streamed, so ``migrate`` writes only the
+device state (tens of KiB) to ``state.mig``. The VM is stopped first and killed right after,
+so the RAM file is exactly the snapshot.
+
+Restore: the same argv shape with ``share=off`` (a MAP_PRIVATE, copy-on-write mapping of the
+RAM file: clones share clean pages) and ``-incoming defer``; set ``x-ignore-shared`` on the
+destination too, ``migrate-incoming exec:cat state.mig``, wait for ``completed``, then ``cont``
+(a stream taken after ``stop`` carries runstate paused: pitfall 4).
+
+A snapshot is only valid for the same QEMU build, accelerator, machine arguments, RAM size,
+vCPUs and kernel (:func:`snapshot_key`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shlex
+from pathlib import Path
+
+from localsbx.errors import SnapshotError
+from localsbx.vm.qemu import QemuProcess, VMSpec, machine_shape, qemu_version
+
+#: Seconds allowed for saving or loading device state.
+MIGRATE_TIMEOUT = 60.0
+
+
+def snapshot_key(spec: VMSpec, *, kernel_digest: str) -> dict:
+    """What a snapshot depends on: compare the dict of the image with the one of a restore.
+
+    :returns: ``{"qemu": ..., "accel": ..., "memory_mib": ..., "cpus": ..., "kernel": ...,
+        "machine": <sha256 of the machine-shaping argv>}``.
+    """
+    shape = [a for a in machine_shape(spec)]
+    # paths differ between the snapshot VM and its clones; keep only the option shapes
+    norm = []
+    for a in shape:
+        if "/" in a and not a.startswith("-"):
+            a = ",".join(p for p in a.split(",") if "/" not in p)
+        norm.append(a)
+    return {
+        "qemu": qemu_version(),
+        "accel": spec.accel.kind,
+        "memory_mib": spec.memory_mib,
+        "cpus": spec.cpus,
+        "kernel": kernel_digest,
+        "machine": hashlib.sha256(json.dumps(norm).encode()).hexdigest()[:16],
+    }
+
+
+def key_mismatch(saved: dict, wanted: dict) -> list[str]:
+    """Human descriptions of how ``wanted`` differs from ``saved`` (empty = compatible)."""
+    labels = {"qemu": "QEMU", "accel": "accelerator", "memory_mib": "RAM (MiB)",
+              "cpus": "vCPUs", "kernel": "kernel", "machine": "machine arguments"}
+    out = []
+    for k, label in labels.items():
+        if saved.get(k) != wanted.get(k):
+            out.append(f"{label}: snapshot {saved.get(k)!r}, now {wanted.get(k)!r}")
+    return out
+
+
+async def _wait_migration(vm: QemuProcess, what: str) -> dict:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + MIGRATE_TIMEOUT
+    while True:
+        info = await vm.execute("query-migrate")
+        status = info.get("status") if isinstance(info, dict) else None
+        if status == "completed":
+            return info
+        if status in ("failed", "cancelled"):
+            raise SnapshotError(f"{what} failed: {info.get('error-desc', status)}")
+        if vm.proc is not None and vm.proc.returncode is not None:
+            raise SnapshotError(f"{what} failed: QEMU exited ({vm.proc.returncode})\n"
+                                + vm.log_tail(10))
+        if loop.time() > deadline:
+            raise SnapshotError(f"{what} did not finish within {MIGRATE_TIMEOUT:.0f} s")
+        await asyncio.sleep(0.01)
+
+
+async def save(vm: QemuProcess, state_file: Path) -> None:
+    """Stop the VM and write its device state to ``state_file``; QEMU is then killed.
+
+    The VM must run with a ``share=on`` RAM file; after this returns the RAM file holds the
+    snapshot's memory and must never be mapped shared again.
+
+    :raises SnapshotError: migration failed.
+    """
+    if vm.spec.ram_file is None or not vm.spec.ram_share:
+        raise SnapshotError("a snapshot needs guest RAM in a shared memory-backend-file")
+    await vm.execute("migrate-set-capabilities",
+                     {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+    await vm.execute("stop")
+    await vm.execute("migrate", {"uri": "exec:" + shlex.join(["dd", "status=none", f"of={state_file}"])})
+    try:
+        await _wait_migration(vm, "saving the snapshot")
+    finally:
+        await vm.shutdown(graceful=False, timeout=5.0)
+
+
+async def restore(vm: QemuProcess, state_file: Path) -> None:
+    """Load ``state_file`` into a QEMU started with ``incoming=True`` and resume it.
+
+    :raises SnapshotError: the state does not load (corrupt, or another machine shape).
+    """
+    await vm.execute("migrate-set-capabilities",
+                     {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+    await vm.execute("migrate-incoming", {"uri": "exec:" + shlex.join(["cat", str(state_file)])})
+    await _wait_migration(vm, "loading the snapshot")
+    await vm.execute("cont")
