@@ -1,0 +1,1 @@
+"""localsbx pytest plugin (fixtures arrive with the plugin issue)."""

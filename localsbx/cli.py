@@ -1,0 +1,474 @@
+"""The ``localsbx`` command line (typer + rich). Thin: parse, call the API, render.
+
+Errors are :class:`localsbx.errors.LocalsbxError`; they are printed (message + hint) and the
+command exits 1 (``exec`` exits with the command's own code, 128+N for signal N). SIGTERM and
+SIGHUP are turned into KeyboardInterrupt so every cleanup runs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import runpy
+import signal
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from localsbx import store
+from localsbx.errors import ConfigError, DefinitionError, LocalsbxError
+
+app = typer.Typer(help="Local, offline Tensorlake-style sandboxes on QEMU microVMs.",
+                  no_args_is_help=True, add_completion=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+base_app = typer.Typer(help="Base images (root filesystems + kernels).", no_args_is_help=True)
+image_app = typer.Typer(help="Images built from Dockerfiles or the Python DSL.", no_args_is_help=True)
+app.add_typer(base_app, name="base")
+app.add_typer(image_app, name="image")
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+ProjectOpt = Annotated[Optional[str], typer.Option(
+    "--project", "-p", help="Project (default: $LOCALSBX_PROJECT or 'default').")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+class _CliReporter:
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+
+    def say(self, text: str) -> None:
+        style = "yellow" if text.startswith("warning") else "bold"
+        err.print(f"[{style}]{_esc(text)}[/]")
+
+    def output(self, chunk: bytes) -> None:
+        if not self.quiet:
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.buffer.flush()
+
+
+def _esc(text: str) -> str:
+    return text.replace("[", r"\[")
+
+
+# ----------------------------------------------------------------------------- base
+
+@base_app.command("build")
+def base_build(name: Annotated[str, typer.Argument(help="Base name, e.g. debian-minimal.")],
+               force: Annotated[bool, typer.Option("--force", help="Rebuild even if built.")] = False):
+    """Build a base image (mmdebstrap rootfs, cloud kernel, initramfs)."""
+    from localsbx.base import build_base
+
+    info = build_base(name, force=force, progress=lambda t: err.print(_esc(t)))
+    err.print(f"[green]base {info.name} ready[/] at {info.path}")
+
+
+@base_app.command("ls")
+def base_ls(as_json: JsonOpt = False):
+    """List base images and whether they are built."""
+    from localsbx.base import list_bases
+
+    bases = list_bases()
+    if as_json:
+        out.print_json(data=[_base_json(b) for b in bases])
+        return
+    t = Table("NAME", "STATE", "KERNEL", "SIZE", "BUILT")
+    for b in bases:
+        j = _base_json(b)
+        t.add_row(j["name"], j["state"], j.get("kernel_version") or "-",
+                  _size(j.get("size_bytes")), _when(j.get("built_at")))
+    out.print(t)
+
+
+def _base_json(b) -> dict:
+    if hasattr(b, "to_json"):
+        return b.to_json()
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(b).items()}
+
+
+# ----------------------------------------------------------------------------- images
+
+def _load_definition(path: Path, name: str | None, build_args: dict[str, str]):
+    if path.suffix == ".py":
+        from localsbx.definition.dsl import Image
+
+        ns = runpy.run_path(str(path))
+        images = [v for v in ns.values() if isinstance(v, Image)]
+        if name:
+            match = [i for i in images if i.name == name]
+            images = match or images
+        if len(images) != 1:
+            found = ", ".join(i.name for i in images) or "none"
+            raise DefinitionError(f"{path}: expected exactly one Image (found: {found})",
+                                  hint="define one Image, or pass -n NAME to pick one")
+        return images[0].to_definition(build_args=build_args or None)
+    from localsbx.base import known_base_names
+    from localsbx.definition.dockerfile import parse_dockerfile
+
+    default = name or _default_name(path)
+    return parse_dockerfile(path, name=default, build_args=build_args or None,
+                            known_bases=known_base_names())
+
+
+def _default_name(path: Path) -> str:
+    stem = path.parent.resolve().name if path.name.lower() == "dockerfile" else path.stem
+    clean = "".join(c if c.isalnum() or c in "_.-" else "-" for c in stem.lower()).strip("-.")
+    return clean or "default"
+
+
+@image_app.command("build")
+def image_build(
+    path: Annotated[Path, typer.Argument(help="A Dockerfile, or a .py file defining an Image.")],
+    name: Annotated[Optional[str], typer.Option("-n", "--name", help="Name to register.")] = None,
+    context: Annotated[Optional[Path], typer.Option(
+        "--context", "-c", help="Build context (default: the Dockerfile's folder).")] = None,
+    build_arg: Annotated[list[str], typer.Option("--build-arg", help="ARG value, KEY=VALUE.")] = [],
+    force: Annotated[bool, typer.Option("--force", help="Build even if unchanged.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Do not echo step output.")] = False,
+    project: ProjectOpt = None,
+):
+    """Build an image and register it in the project."""
+    from localsbx.build.builder import build_image
+
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file", hint="give the path of a Dockerfile or .py file")
+    args = {}
+    for a in build_arg:
+        k, sep, v = a.partition("=")
+        if not sep:
+            raise ConfigError(f"--build-arg {a!r}: expected KEY=VALUE")
+        args[k] = v
+    definition = _load_definition(path, name, args)
+    ctx = context if context is not None else path.resolve().parent
+    t = time.monotonic()
+    rec = build_image(definition, context_dir=ctx, name=name or definition.name, project=project,
+                      reporter=_CliReporter(quiet), force=force)
+    err.print(f"[green]built {rec.name}[/] in {time.monotonic() - t:.1f} s")
+    if not sys.stdout.isatty():
+        print(rec.name)
+
+
+@image_app.command("ls")
+def image_ls(as_json: JsonOpt = False, project: ProjectOpt = None):
+    """List the project's images."""
+    imgs = store.list_images(project)
+    if as_json:
+        out.print_json(data=[_image_json(i) for i in imgs])
+        return
+    t = Table("NAME", "BASE", "DIGEST", "CREATED", "BUILD")
+    for i in imgs:
+        t.add_row(i.name, i.meta.get("base", "?"), i.digest[:12], _when(i.meta.get("created_at")),
+                  f"{i.meta.get('build_seconds', '?')} s")
+    out.print(t)
+
+
+def _image_json(i: store.ImageRecord) -> dict:
+    return {"name": i.name, "project": i.project, "digest": i.digest, "path": str(i.path), **{
+        k: i.meta.get(k) for k in ("base", "env", "workdir", "created_at", "build_seconds",
+                                   "source", "snapshot", "warnings")}}
+
+
+@image_app.command("describe")
+def image_describe(name: str, project: ProjectOpt = None):
+    """Show an image's metadata (JSON)."""
+    i = store.lookup_image(name, project=project)
+    out.print_json(data={**_image_json(i), "definition": i.meta.get("definition")})
+
+
+@image_app.command("rm")
+def image_rm(name: str, project: ProjectOpt = None):
+    """Unregister an image (its files go when nothing uses them)."""
+    store.remove_image(name, project=project)
+    err.print(f"removed {name}")
+
+
+# ----------------------------------------------------------------------------- sandboxes
+
+@app.command("new")
+def new(
+    image: Annotated[str, typer.Option("--image", "-i", help="Image name.")],
+    cpus: Annotated[Optional[int], typer.Option(help="vCPUs (default 1).")] = None,
+    memory: Annotated[Optional[int], typer.Option("--memory", "-m", help="RAM in MiB (default 1024).")] = None,
+    timeout: Annotated[int, typer.Option("--timeout", "-t", help="Seconds until it stops (0 = never).")] = 600,
+    name: Annotated[Optional[str], typer.Option(help="A label shown by ls.")] = None,
+    project: ProjectOpt = None,
+):
+    """Start a sandbox from an image (restored from its snapshot) and print its id."""
+    from localsbx.sandbox import Sandbox
+
+    t = time.monotonic()
+    sb = Sandbox.create(image, cpus=cpus, memory_mb=memory, timeout_secs=timeout,
+                        project=project, detached=True, name=name)
+    if sb.notice:
+        err.print(f"[yellow]note:[/] {_esc(sb.notice)}")
+    sb.close()
+    if sys.stdout.isatty():
+        how = "restored from snapshot" if sb.record.restored else "cold boot"
+        out.print(f"{sb.sandbox_id}  [dim](image {image}, {how}, {time.monotonic() - t:.2f} s; "
+                  f"timeout {timeout} s)[/]")
+    else:
+        print(sb.sandbox_id)
+
+
+@app.command("exec", context_settings={"allow_interspersed_args": False})
+def exec_(
+    sandbox_id: Annotated[str, typer.Argument(help="Sandbox id.")],
+    command: Annotated[list[str], typer.Argument(help="Command and arguments (after --).")],
+    env: Annotated[list[str], typer.Option("--env", "-e", help="KEY=VALUE, repeatable.")] = [],
+    workdir: Annotated[Optional[str], typer.Option("--workdir", "-w")] = None,
+    timeout: Annotated[Optional[float], typer.Option(help="Seconds; kills the process tree.")] = None,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Pass stdin.")] = False,
+):
+    """Run a command in a sandbox, streaming its output; exit with its exit code."""
+    from localsbx._loop import run_sync
+    from localsbx.sandbox import AsyncSandbox
+
+    envd = {}
+    for e in env:
+        k, sep, v = e.partition("=")
+        if not sep:
+            raise ConfigError(f"--env {e!r}: expected KEY=VALUE")
+        envd[k] = v
+    data = sys.stdin.buffer.read() if interactive else None
+
+    def w(stream):
+        def cb(chunk: bytes) -> None:
+            stream.write(chunk)
+            stream.flush()
+        return cb
+
+    async def go():
+        sb = await AsyncSandbox.connect(sandbox_id)
+        try:
+            return await sb.exec(command, env=envd, working_dir=workdir, timeout=timeout,
+                                 stdin=data, stdout_cb=w(sys.stdout.buffer),
+                                 stderr_cb=w(sys.stderr.buffer))
+        finally:
+            await sb.close()
+
+    res = run_sync(go())
+    if res.timed_out:
+        err.print(f"[red]localsbx: command timed out after {timeout} s; process tree killed[/]")
+    raise typer.Exit(res.shell_code)
+
+
+@app.command("ls")
+def ls(as_json: JsonOpt = False):
+    """List running sandboxes."""
+    recs = store.list_sandboxes()
+    if as_json:
+        out.print_json(data=[_sandbox_json(r) for r in recs])
+        return
+    t = Table("ID", "IMAGE", "PROJECT", "STATUS", "CPUS", "MEMORY", "AGE", "EXPIRES IN", "SSH PORT")
+    now = time.time()
+    for r in recs:
+        t.add_row(r.id, r.image, r.project, "running", str(r.cpus), f"{r.memory_mb} MiB",
+                  f"{now - r.created_at:.0f} s",
+                  f"{r.deadline - now:.0f} s" if r.deadline else "never", str(r.ssh_port))
+    out.print(t)
+
+
+def _sandbox_json(r: store.SandboxRecord) -> dict:
+    d = r.to_json()
+    d["status"] = "running"
+    d["expires_at"] = r.deadline
+    return d
+
+
+@app.command("describe")
+def describe(sandbox_id: str):
+    """Show a sandbox (JSON)."""
+    out.print_json(data=_sandbox_json(store.read_sandbox(sandbox_id)))
+
+
+@app.command("terminate")
+def terminate(sandbox_ids: Annotated[list[str], typer.Argument(help="Sandbox ids.")]):
+    """Stop sandboxes and delete their overlays."""
+    import asyncio
+
+    from localsbx.sandbox import _stop_pid
+
+    code = 0
+    for sid in sandbox_ids:
+        try:
+            rec = store.read_sandbox(sid)
+        except LocalsbxError as exc:
+            err.print(f"[red]{_esc(str(exc))}[/]")
+            code = 1
+            continue
+        asyncio.run(_stop_pid(rec))
+        store.cleanup_sandbox(rec)
+        err.print(f"terminated {sid}")
+    raise typer.Exit(code)
+
+
+@app.command("cp")
+def cp(src: str, dst: str):
+    """Copy a file or folder between host and sandbox: one side is ID:/path."""
+    from localsbx._loop import run_sync
+    from localsbx.sandbox import AsyncSandbox
+
+    def split(p: str):
+        sid, sep, path = p.partition(":")
+        if sep and path.startswith("/") and "/" not in sid and sid:
+            return sid, path
+        return None, p
+
+    (s_id, s_path), (d_id, d_path) = split(src), split(dst)
+    if bool(s_id) == bool(d_id):
+        raise ConfigError("cp: exactly one side must be a sandbox path ID:/abs/path",
+                          hint="localsbx cp ./file ID:/tmp/file  or  localsbx cp ID:/etc/os-release .")
+
+    async def go():
+        sb = await AsyncSandbox.connect(s_id or d_id)
+        try:
+            if s_id:
+                await _download(sb, s_path, Path(d_path))
+            else:
+                await _upload(sb, Path(s_path), d_path)
+        finally:
+            await sb.close()
+
+    run_sync(go())
+
+
+async def _upload(sb, src: Path, dest: str) -> None:
+    if not src.exists():
+        raise ConfigError(f"cp: {src}: no such file or folder")
+    if src.is_file():
+        if dest.endswith("/"):
+            dest += src.name
+        await sb.write_file(dest, src.read_bytes(), mode=src.stat().st_mode & 0o7777)
+        return
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        tf.add(src, arcname=dest.lstrip("/").rstrip("/") or ".")
+    res = await sb._guest.extract_tar(buf.getvalue())
+    if res.exit_status != 0:
+        raise LocalsbxError("cp: extracting in the sandbox failed: " + res.stderr.decode(errors="replace"))
+
+
+async def _download(sb, src: str, dest: Path) -> None:
+    res = await sb.exec(["tar", "-C", os.path.dirname(src.rstrip("/")) or "/", "-cf", "-",
+                         os.path.basename(src.rstrip("/"))])
+    if res.exit_status != 0:
+        raise LocalsbxError(f"cp: cannot read {src} in the sandbox: "
+                            + res.stderr.decode(errors="replace").strip())
+    with tarfile.open(fileobj=io.BytesIO(res.stdout)) as tf:
+        members = tf.getmembers()
+        if len(members) == 1 and members[0].isfile():
+            target = dest / members[0].name if dest.is_dir() else dest
+            target.write_bytes(tf.extractfile(members[0]).read())
+            os.chmod(target, members[0].mode & 0o7777)
+        else:
+            root = dest if not dest.exists() else dest / os.path.basename(src.rstrip("/"))
+            root.mkdir(parents=True, exist_ok=True)
+            for m in members:
+                m.name = os.path.relpath(m.name, os.path.basename(src.rstrip("/")))
+            tf.extractall(root, members=[m for m in members if m.name != "."], filter="data")
+
+
+# ----------------------------------------------------------------------------- doctor / gc
+
+@app.command("doctor")
+def doctor(refresh: Annotated[bool, typer.Option("--refresh", help="Probe KVM again.")] = False):
+    """Check the host: QEMU, tools, base images, acceleration (KVM probe / TCG)."""
+    import asyncio
+    import shutil
+
+    from localsbx.base import list_bases
+    from localsbx.vm.accel import choose_accel
+    from localsbx.vm.qemu import qemu_version
+
+    ok = True
+    for tool in ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mkfs.ext4", "busybox", "timeout"):
+        found = shutil.which(tool)
+        ok &= bool(found)
+        out.print(f"{'[green]ok[/]' if found else '[red]missing[/]':>20}  {tool}")
+    with_version = qemu_version() if shutil.which("qemu-system-x86_64") else "-"
+    out.print(f"{'':>11}QEMU: {with_version}")
+    built = [b for b in list_bases() if _base_json(b).get("state") == "built"]
+    if not built:
+        out.print("[yellow]no base image built[/]: run `localsbx base build debian-minimal`")
+        raise typer.Exit(1)
+    from localsbx.base import get_base
+
+    b = get_base(_base_json(built[0])["name"])
+    accel = asyncio.run(choose_accel(b.kernel, b.initrd, refresh=refresh))
+    out.print(f"accelerator: [bold]{accel.kind.upper()}[/] - {_esc(accel.reason)}")
+    out.print(f"store: {store.paths.data_dir()}")
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command("gc")
+def gc():
+    """Reap sandboxes whose QEMU or owner is gone and half-written builds."""
+    n = store.reap()
+    err.print(f"reaped {n} sandbox(es)")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _size(n) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _when(ts) -> str:
+    if not ts:
+        return "-"
+    if isinstance(ts, str):
+        return ts
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """Console entry point."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
+    try:
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except LocalsbxError as exc:
+        err.print(f"[red]error:[/] {_esc(exc.message)}")
+        if getattr(exc, "output_tail", ""):
+            err.print("[dim]--- output (tail) ---[/]")
+            err.print(_esc(exc.output_tail))
+        if exc.hint:
+            err.print(f"[cyan]hint:[/] {_esc(exc.hint)}")
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors etc.
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()
