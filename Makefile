@@ -1,0 +1,62 @@
+# localsbx: all set-up is here, idempotent and quick when already done.
+#   make demo   - set up everything, build the example image, start a sandbox, run a command in it
+#   make test   - set up everything and run the whole test suite (VM tests on real QEMU)
+#   make bench  - benchmarks (cold boot vs restore, sizes, memory)
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+LSBX := $(VENV)/bin/localsbx
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+STAMPS := .stamps
+BASE ?= debian-minimal
+
+# Host packages: QEMU, the rootfs/initramfs tools, a C compiler for the static guest agent.
+APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs busybox-static cpio uidmap \
+	debian-archive-keyring lz4 zstd xz-utils gcc libc6-dev python3-venv coreutils tar
+
+.PHONY: setup apt venv base demo test test-unit bench lint clean-stamps
+
+setup: apt venv base
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "== installing host packages:" $$missing; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(STAMPS)/venv: pyproject.toml
+	@mkdir -p $(STAMPS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(STAMPS)/venv
+
+base: apt venv
+	@$(LSBX) base ls --json | $(PY) -c 'import json,sys; b={x["name"]:x for x in json.load(sys.stdin)}; sys.exit(0 if b.get("$(BASE)",{}).get("state")=="built" else 1)' \
+	  || $(LSBX) base build $(BASE)
+
+demo: setup
+	$(LSBX) image build images/examples/hello/Dockerfile -n hello
+	@id=$$($(LSBX) new --image hello) && echo "== sandbox $$id" && \
+	  $(LSBX) exec $$id -- ./hello.sh; rc=$$?; $(LSBX) terminate $$id; exit $$rc
+
+test: setup
+	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
+
+test-unit: venv
+	$(VENV)/bin/pytest -ra tests/unit $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check localsbx conftest_plugin tests
+
+clean-stamps:
+	rm -rf $(STAMPS)
