@@ -182,7 +182,9 @@ class Image:
         :raises DefinitionError: bad base name, unsupported option, empty or malformed run.
         """
         args = dict(build_args or {})
-        head = parse_dockerfile(self.dockerfile(args) + "\n", build_args=args, source="<dsl>")
+        # only the ARG/FROM head of Tensorlake's rendering: resolves ${NAME} in base_image
+        head_text = "\n".join(Image(base_image=self._base_image).dockerfile(args).splitlines())
+        head = parse_dockerfile(head_text + "\n", build_args=args, source="<dsl>")
         benv = tuple(sorted(args.items()))
         workdir = "/"
         ops: list[Op] = []
