@@ -35,7 +35,42 @@ MAX_INLINE_COMMAND = 8000
 #: Seconds allowed for the kill of a timed-out command's cgroup and the channel close.
 KILL_GRACE = 10.0
 
+#: Seconds to keep collecting output after the exit status arrived.
+OUTPUT_GRACE = 2.0
+
 OutputCallback = Callable[[bytes], None]
+
+
+class _Session(asyncssh.SSHClientSession):
+    """Collects one channel's output as bytes and notes how the command ended."""
+
+    def __init__(self, out_cb: OutputCallback | None, err_cb: OutputCallback | None) -> None:
+        self.out, self.err = bytearray(), bytearray()
+        self._out_cb, self._err_cb = out_cb, err_cb
+        self.exited = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.status: int | None = None
+        self.signal: int | None = None
+        self.exc: Exception | None = None
+
+    def data_received(self, data: bytes, datatype) -> None:
+        if datatype == asyncssh.EXTENDED_DATA_STDERR:
+            self._err_cb(data) if self._err_cb else self.err.extend(data)
+        else:
+            self._out_cb(data) if self._out_cb else self.out.extend(data)
+
+    def exit_status_received(self, status: int) -> None:
+        self.status = status
+        self.exited.set()
+
+    def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
+        self.signal = _signal_number(signal) or 0
+        self.exited.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.exc = exc
+        self.exited.set()
+        self.closed.set()
 
 
 @dataclass(frozen=True)
@@ -165,60 +200,46 @@ class GuestConnection:
         """Run one command string on the guest's login shell; bytes in, bytes out.
 
         stdin gets ``stdin`` (if any) and then EOF, always (asyncssh#669: a channel whose
-        stdin is never closed makes ``cat``/``read`` hang).
+        stdin is never closed makes ``cat``/``read`` hang). The command is done when its
+        exit status arrives; output still in flight is collected for up to
+        ``OUTPUT_GRACE`` seconds after that (a background process that keeps stdout open
+        does not hold the call, as with ``docker exec``).
 
         :param timeout: seconds, ``None`` for no limit. On expiry the channel is closed and
-            :class:`CommandTimeout` is raised (callers that need the process tree killed use
-            :meth:`exec`).
+            :class:`CommandTimeout` is raised with the output so far (callers that need the
+            process tree killed use :meth:`exec`).
         :raises GuestError: the connection broke.
         """
         conn = self._require()
         try:
-            proc = await conn.create_process(command, encoding=None, term_type=None)
+            chan, sess = await conn.create_session(
+                lambda: _Session(stdout_cb, stderr_cb), command, encoding=None)
         except (asyncssh.Error, OSError) as exc:
             raise GuestError(f"cannot start a command in the guest: {exc}") from exc
-        out, err = bytearray(), bytearray()
-
-        async def pump(stream, buf: bytearray, cb: OutputCallback | None) -> None:
-            while True:
-                chunk = await stream.read(65536)
-                if not chunk:
-                    return
-                if cb is not None:
-                    cb(chunk)
-                else:
-                    buf.extend(chunk)
-
-        async def feed() -> None:
-            with contextlib.suppress(asyncssh.Error, OSError, BrokenPipeError):
-                if stdin:
-                    proc.stdin.write(stdin)
-                    await proc.stdin.drain()
-                proc.stdin.write_eof()
-
-        pumps = asyncio.gather(pump(proc.stdout, out, stdout_cb),
-                               pump(proc.stderr, err, stderr_cb), feed())
         try:
-            async with asyncio.timeout(timeout):
-                await pumps
-                await proc.wait_closed()
-        except TimeoutError:
-            pumps.cancel()
-            proc.close()
-            raise CommandTimeout(f"command timed out after {timeout} s", timeout=timeout or 0,
-                                 stdout=bytes(out), stderr=bytes(err)) from None
-        except (asyncssh.Error, OSError) as exc:
-            raise GuestError(f"lost the connection to the guest: {exc}") from exc
-        except BaseException:
-            pumps.cancel()
-            proc.close()
-            raise
-        sig = _signal_number(proc.exit_signal[0] if proc.exit_signal else None)
-        status = None if sig is not None else proc.exit_status
-        if status is None and sig is None:
+            if stdin:
+                chan.write(stdin)
+            chan.write_eof()
+        except (asyncssh.Error, OSError, BrokenPipeError):
+            pass
+        try:
+            try:
+                async with asyncio.timeout(timeout):
+                    await sess.exited.wait()
+            except TimeoutError:
+                raise CommandTimeout(f"command timed out after {timeout} s",
+                                     timeout=timeout or 0, stdout=bytes(sess.out),
+                                     stderr=bytes(sess.err)) from None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(OUTPUT_GRACE):
+                    await sess.closed.wait()
+        finally:
+            chan.close()
+        if sess.status is None and sess.signal is None:
             raise GuestError("the guest closed the command's channel without an exit status "
-                             "(the SSH connection or the guest died)")
-        return ExecResult(status, sig, bytes(out), bytes(err))
+                             f"(the SSH connection or the guest died: {sess.exc})")
+        return ExecResult(sess.status if sess.signal is None else None, sess.signal,
+                          bytes(sess.out), bytes(sess.err))
 
     async def exec(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                    cwd: str | None = None, user: str | None = None,
