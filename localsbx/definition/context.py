@@ -320,11 +320,22 @@ class BuildContext:
 
     # -- digest
 
-    def digest(self, *items: Copy | str) -> str:
+    def digest(self, *items: Copy | str | Iterable[Copy | str]) -> str:
         """SHA-256 over what the given ops (or source strings) read: paths, types, modes,
-        link targets and file contents (not mtimes). URLs count by their text."""
-        h = hashlib.sha256()
+        link targets and file contents (not mtimes). URLs count by their text.
+
+        :param items: ``Copy``/``Add`` ops or source strings, or iterables of them.
+        :returns: hex digest (``ImageDefinition.digest(context_digest=...)``).
+        :raises DefinitionError: a source is missing (see :meth:`resolve`).
+        """
+        flat: list[Copy | str] = []
         for item in items:
+            if isinstance(item, (Copy, str)):
+                flat.append(item)
+            else:
+                flat.extend(item)
+        h = hashlib.sha256()
+        for item in flat:
             op = item if isinstance(item, Copy) else Add((item,), "/")
             h.update(b"op\0" + type(op).__name__.encode() + b"\0")
             for kind, rel in self.resolve(op):

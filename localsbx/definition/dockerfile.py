@@ -233,39 +233,58 @@ def _heredoc_marks(words: list[str], escape: str) -> tuple[list[tuple[str, bool]
 
 
 def _split(lines: list[str], src: str, escape: str) -> list[_Instr]:
-    """Instructions with their heredocs; body lines are never parsed as instructions."""
+    """Instructions with their heredocs; body lines are never parsed as instructions.
+
+    The library parses the text; when it misses a heredoc (``<< EOF``) we read the body
+    ourselves and parse again from the line after the delimiter, earlier lines blanked
+    (parser directives kept) so line numbers stay right. When the library fails on a line
+    that may be inside such a body, the part above that line is handled first.
+    """
     out: list[_Instr] = []
     n_directives = 0
     while n_directives < len(lines) and _DIRECTIVE.match(lines[n_directives]):
         n_directives += 1
     consumed = 0
     while True:
-        masked = lines[:n_directives] + [""] * max(0, consumed - n_directives) + lines[consumed:]
-        if consumed < n_directives:
-            masked = lines
-        restart = None
-        for node in _lib_parse(masked, src):
-            cmd = node.cmd.upper()
-            marks: list[tuple[str, bool]] = []
-            whole = False
-            if cmd in ("RUN", "COPY", "ADD") and not node.json and node.value:
-                words = split_raw_words(node.value[0], escape) if cmd == "RUN" else list(
-                    node.value
-                )
-                marks, whole = _heredoc_marks(words, escape)
-            cmd_end = node.end_line - sum(h.content.count("\n") + 1 for h in node.heredocs)
-            blank = any(not lines[i].strip() for i in range(node.start_line, cmd_end))
-            if not marks:
-                out.append(_Instr(node, (), False, blank))
-                continue
-            docs, last = _read_heredocs(lines, cmd_end, marks, src, node.start_line)
-            out.append(_Instr(node, docs, whole, blank))
-            if last != node.end_line:  # the library did not see these heredocs
-                restart = last
-                break
+        keep = max(consumed, n_directives)
+        masked = lines[:n_directives] + [""] * (keep - n_directives) + lines[keep:]
+        try:
+            nodes, error = _lib_parse(masked, src), None
+        except DefinitionError as exc:
+            line = exc.location.line if exc.location else None
+            if not line or line <= keep + 1:
+                raise
+            nodes, error = _lib_parse(masked[: line - 1], src), exc
+        restart = _take(nodes, lines, src, escape, out)
         if restart is None:
+            if error is not None:
+                raise error
             return out
         consumed = restart
+
+
+def _take(nodes: list[bk.Command], lines: list[str], src: str, escape: str,
+          out: list[_Instr]) -> int | None:
+    """Append ``nodes`` to ``out`` with their heredocs; return the line to re-parse after
+    when the library missed a heredoc, else ``None``."""
+    for node in nodes:
+        cmd = node.cmd.upper()
+        marks: list[tuple[str, bool]] = []
+        whole = False
+        if cmd in ("RUN", "COPY", "ADD") and not node.json and node.value:
+            words = (split_raw_words(node.value[0], escape) if cmd == "RUN"
+                     else list(node.value))
+            marks, whole = _heredoc_marks(words, escape)
+        cmd_end = node.end_line - sum(h.content.count("\n") + 1 for h in node.heredocs)
+        blank = any(not lines[i].strip() for i in range(node.start_line, cmd_end))
+        if not marks:
+            out.append(_Instr(node, (), False, blank))
+            continue
+        docs, last = _read_heredocs(lines, cmd_end, marks, src, node.start_line)
+        out.append(_Instr(node, docs, whole, blank))
+        if last != node.end_line:  # the library did not see these heredocs
+            return last
+    return None
 
 
 def _read_heredocs(

@@ -205,6 +205,7 @@ def test_digest_tracks_content_not_mtime(tmp_path):
     (tmp_path / "f").write_text("two")
     assert BuildContext(tmp_path).digest(op) != first
     assert BuildContext(tmp_path).digest("f") != first  # as ADD of a source string
+    assert BuildContext(tmp_path).digest([op]) == BuildContext(tmp_path).digest(op)
 
 
 def test_b06_copy_is_byte_exact():

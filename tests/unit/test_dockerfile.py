@@ -285,3 +285,11 @@ def test_errors_have_location_and_hint(text, line, needle, hint):
     assert str(err).startswith(f"Dockerfile:{line}: ")
     assert needle in err.message
     assert err.hint and hint in err.hint
+
+
+def test_spaced_heredoc_body_that_looks_like_a_heredoc_instruction():
+    d = parse_dockerfile("# escape=`\nFROM debian-minimal\nRUN cat > /f << EOF\nRUN <<X\nEOF\n"
+                         "ENV B=`$y\nWORKDIR /after\n")
+    assert d.ops[0].argv == shell("cat > /f << EOF\nRUN <<X\nEOF\n")
+    assert d.ops[1].value == "$y" and d.ops[2].path == "/after"
+    assert d.ops[2].location.line == 7
