@@ -181,6 +181,7 @@ class AsyncSandbox:
         project: str | None = None,
         detached: bool = False,
         name: str | None = None,
+        cold_boot: bool = False,
     ) -> AsyncSandbox:
         """Start a fresh sandbox from ``image``.
 
@@ -191,6 +192,8 @@ class AsyncSandbox:
             Tensorlake's); 0 = never.
         :param detached: the sandbox outlives this process (CLI ``localsbx new``); otherwise
             it dies with this process, even on SIGKILL.
+        :param cold_boot: boot from the image's disk instead of restoring its snapshot
+            (benchmarks, or a clean boot on purpose).
         :raises ImageNotFound: no such image.
         :raises SnapshotError: the image's snapshot files are missing or damaged.
         :raises VMLaunchError: QEMU failed or the guest did not come up (nothing is left).
@@ -218,7 +221,10 @@ class AsyncSandbox:
         mismatch = snapshot.key_mismatch(saved["key"], snapshot.snapshot_key(
             _shape_spec(base, accel, cpus, memory_mb), kernel_digest=base.kernel_digest))
         notice = None
-        if mismatch:
+        if cold_boot and not mismatch:
+            mismatch = ["cold boot requested"]
+            notice = f"image {img.name!r}: cold boot requested"
+        elif mismatch:
             notice = (f"image {img.name!r} cannot restore its memory snapshot here ("
                       + "; ".join(mismatch) + "): cold-booting from the image's disk instead")
             log.warning("%s", notice)
@@ -470,11 +476,13 @@ class Sandbox:
     @classmethod
     def create(cls, image: str, *, cpus: int | None = None, memory_mb: int | None = None,
                timeout_secs: int | None = None, project: str | None = None,
-               detached: bool = False, name: str | None = None) -> Sandbox:
+               detached: bool = False, name: str | None = None,
+               cold_boot: bool = False) -> Sandbox:
         """See :meth:`AsyncSandbox.create`."""
         return cls(run_sync(AsyncSandbox.create(image, cpus=cpus, memory_mb=memory_mb,
                                                 timeout_secs=timeout_secs, project=project,
-                                                detached=detached, name=name)))
+                                                detached=detached, name=name,
+                                                cold_boot=cold_boot)))
 
     @classmethod
     def connect(cls, sandbox_id: str) -> Sandbox:

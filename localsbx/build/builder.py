@@ -252,8 +252,12 @@ async def _run_ops(vm: Machine, defn: ImageDefinition, ctx, rep: Reporter) -> tu
                 raise DefinitionError(f"{op.describe()}: no build context")
             passwd = await vm.guest.get_file("/etc/passwd")
             group = await vm.guest.get_file("/etc/group")
+            dest_is_dir = False
+            if not op.dest.endswith("/"):  # Docker: `COPY f /opt` into an existing dir
+                probe = await vm.guest.exec(["test", "-d", op.dest], env=runtime_env(env))
+                dest_is_dir = probe.exit_status == 0
             data = ctx.make_tar(op, passwd=passwd.decode(errors="replace"),
-                                group=group.decode(errors="replace"))
+                                group=group.decode(errors="replace"), dest_is_dir=dest_is_dir)
             res = await vm.guest.extract_tar(data, timeout=step_timeout())
             _check(op, res, _Tail(None), what="extracting files")
         else:  # pragma: no cover - the IR has five ops
