@@ -193,7 +193,8 @@ class AsyncSandbox:
         :param detached: the sandbox outlives this process (CLI ``localsbx new``); otherwise
             it dies with this process, even on SIGKILL.
         :param cold_boot: boot from the image's disk instead of restoring its snapshot
-            (benchmarks, or a clean boot on purpose).
+            (benchmarks, or a clean boot on purpose); ``LOCALSBX_COLD_BOOT=1`` does the same
+            for every sandbox of a process.
         :raises ImageNotFound: no such image.
         :raises SnapshotError: the image's snapshot files are missing or damaged.
         :raises VMLaunchError: QEMU failed or the guest did not come up (nothing is left).
@@ -221,6 +222,7 @@ class AsyncSandbox:
         mismatch = snapshot.key_mismatch(saved["key"], snapshot.snapshot_key(
             _shape_spec(base, accel, cpus, memory_mb), kernel_digest=base.kernel_digest))
         notice = None
+        cold_boot = cold_boot or os.environ.get("LOCALSBX_COLD_BOOT") == "1"
         if cold_boot and not mismatch:
             mismatch = ["cold boot requested"]
             notice = f"image {img.name!r}: cold boot requested"
