@@ -40,14 +40,29 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     lp = loop()
     if threading.current_thread().name == "localsbx-loop":
         raise RuntimeError("run_sync called from the localsbx loop itself; await instead")
-    fut = asyncio.run_coroutine_threadsafe(coro, lp)
+    started, finished = threading.Event(), threading.Event()
+
+    async def tracked() -> T:
+        started.set()
+        try:
+            return await coro
+        finally:
+            finished.set()
+
+    def never_started() -> None:  # queued after the task's first step
+        if not started.is_set():
+            coro.close()
+            finished.set()
+
+    fut = asyncio.run_coroutine_threadsafe(tracked(), lp)
     try:
         return fut.result()
     except BaseException:
         if not fut.done():
+            # Cancelling the concurrent future marks it cancelled at once, before the task
+            # has run its cleanup (``except BaseException: stop QEMU``): wait for the
+            # coroutine itself to finish, bounded.
             fut.cancel()
-            try:
-                fut.exception(timeout=30)
-            except BaseException:  # noqa: BLE001 - cancelled/cleanup errors: re-raise ours
-                pass
+            lp.call_soon_threadsafe(never_started)
+            finished.wait(30)
         raise
