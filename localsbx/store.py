@@ -380,6 +380,12 @@ def _reap_incomplete(d: Path) -> None:
         creator, start = None, None
     if creator is not None and pid_alive(creator, start):
         return
+    if creator is None:
+        # another process may be between mkdir and writing `creator` (every create reaps
+        # first, so with pytest-xdist this race is real): leave young folders alone
+        with contextlib.suppress(OSError):
+            if time.time() - d.stat().st_mtime < 60:
+                return
     with contextlib.suppress(OSError, ValueError):
         qpid, qstart = (int(x) for x in (d / "qemu.pid").read_text().split())
         kill_pid(qpid, start_time=qstart)
