@@ -310,7 +310,7 @@ class QemuProcess:
         :raises VMError: no forward found.
         """
         text = await self.hmp("info usernet")
-        m = re.search(rf"HOST_FORWARD\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+{GUEST_SSH_PORT}", text)
+        m = re.search(rf"HOST_FORWARD\]?\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+{GUEST_SSH_PORT}", text)
         if not m:
             raise VMError(f"no SSH port forward in `info usernet`:\n{text}")
         return int(m.group(1))
