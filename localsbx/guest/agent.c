@@ -1,0 +1,971 @@
+/*
+ * localsbx guest agent: PID 1 of every localsbx guest and the helper behind every
+ * command the host runs over SSH.  One static binary (gcc -static -Os), installed
+ * at /usr/lib/localsbx/agent when the base image is built.
+ *
+ * The verbs implement the guest side of the contract in docs/ARCHITECTURE.md
+ * ("The guest contract"); keep the two in sync.
+ *
+ *   agent init                      PID 1: runs the management sshd, reaps, powers off
+ *   agent exec [opts] -- ARGV...    set up env/cwd/user/cgroup/stdin, then execvp in place
+ *   agent kill NAME [--signal N] [--timeout S]
+ *   agent fixup [--time-ns N] [--entropy HEX]
+ *   agent put PATH [--mode OCTAL]   stdin -> PATH atomically
+ *   agent get PATH                  PATH -> stdout
+ *   agent sync
+ *   agent poweroff                  exit 0 at once; PID 1 powers off 0.2 s later
+ *
+ * Exit status: 0 success; 1 the verb failed (message on stderr, prefixed "localsbx:");
+ * 2 usage error.  `exec` follows the shell: 126 when the command cannot be started
+ * (bad cwd, user, cgroup, not executable), 127 when it is not found; otherwise the
+ * process *is* the user's command, so its status (or signal) is the command's own.
+ *
+ * Invoked as ".../sshd" (a symlink to this file) it starts the bundled dropbear through
+ * its bundled dynamic loader.  Dropbear re-executes argv[0] for every connection
+ * (fexecve of open(argv[0])), so argv[0] must be a file that re-enters the loader:
+ * this binary, under that name.
+ *
+ * No NSS: users and groups are read from the guest's /etc/passwd and /etc/group
+ * directly (a static glibc cannot safely dlopen the distribution's NSS modules).
+ */
+#define _GNU_SOURCE
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <limits.h>
+#include <linux/random.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define LIBDIR "/usr/lib/localsbx"
+#define SSHD_LINK LIBDIR "/sshd"
+#define DROPBEAR_DIR LIBDIR "/dropbear"
+#define DROPBEAR_LOADER DROPBEAR_DIR "/ld.so"
+#define DROPBEAR_BIN DROPBEAR_DIR "/dropbear"
+#define RUN_DIR "/run/localsbx"
+#define HOST_KEY RUN_DIR "/dropbear_ed25519_host_key"
+#define AUTHKEYS_DIR RUN_DIR "/ssh"
+#define SSHD_LOG RUN_DIR "/sshd.log"
+#define SSH_PORT "10022"
+#define SSH_PORT_HEX ":2726 " /* 10022 in /proc/net/tcp notation */
+#define CGROUP_ROOT "/sys/fs/cgroup/localsbx"
+#define READY_MARKER "LOCALSBX-READY\n"
+#define POWEROFF_DELAY_MS 200
+
+#define EXIT_FAIL 1
+#define EXIT_USAGE 2
+#define EXIT_CANNOT_EXEC 126
+#define EXIT_NOT_FOUND 127
+
+/* ------------------------------------------------------------------ helpers */
+
+static void msg(const char *fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    int n = snprintf(buf, sizeof buf, "localsbx: ");
+    va_start(ap, fmt);
+    n += vsnprintf(buf + n, sizeof buf - n, fmt, ap);
+    va_end(ap);
+    if (n >= (int)sizeof buf - 1) n = sizeof buf - 2;
+    buf[n++] = '\n';
+    (void)!write(2, buf, n);
+}
+
+static void console(const char *text) {
+    int fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+    if (fd < 0) fd = dup(2);
+    if (fd >= 0) {
+        (void)!write(fd, text, strlen(text));
+        close(fd);
+    }
+}
+
+static _Noreturn void usage(const char *text) {
+    msg("usage: %s", text);
+    exit(EXIT_USAGE);
+}
+
+static int write_all(int fd, const void *data, size_t len) {
+    const char *p = data;
+    while (len > 0) {
+        ssize_t w = write(fd, p, len);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        p += w;
+        len -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Copy everything from in to out; returns 0, or -1 with errno (*failed_read says which side). */
+static int copy_fd(int in, int out, int *failed_read) {
+    static char buf[65536];
+    for (;;) {
+        ssize_t r = read(in, buf, sizeof buf);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            *failed_read = 1;
+            return -1;
+        }
+        if (r == 0) return 0;
+        if (write_all(out, buf, (size_t)r) < 0) {
+            *failed_read = 0;
+            return -1;
+        }
+    }
+}
+
+static int write_file(const char *path, const char *text) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    int rc = write_all(fd, text, strlen(text));
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return rc;
+}
+
+static int parse_long(const char *s, long long min, long long max, long long *out) {
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || end == s || *end || v < min || v > max) return -1;
+    *out = v;
+    return 0;
+}
+
+static int mkdir_p(const char *path, mode_t mode) {
+    char tmp[PATH_MAX];
+    if (snprintf(tmp, sizeof tmp, "%s", path) >= (int)sizeof tmp) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        if (mkdir(tmp, mode) < 0 && errno != EEXIST) return -1;
+        *p = '/';
+    }
+    if (mkdir(tmp, mode) < 0 && errno != EEXIST) return -1;
+    return 0;
+}
+
+static void sleep_ms(long ms) {
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+    }
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* A cgroup name is one path component: no '/', not "." or "..", printable. */
+static int valid_cgroup_name(const char *name) {
+    size_t n = strlen(name);
+    if (n == 0 || n > 200 || !strcmp(name, ".") || !strcmp(name, "..")) return 0;
+    for (const char *p = name; *p; p++)
+        if (*p == '/' || !isgraph((unsigned char)*p)) return 0;
+    return 1;
+}
+
+static void reset_signals(void) {
+    sigset_t all;
+    for (int sig = 1; sig < NSIG; sig++) signal(sig, SIG_DFL); /* errors for KILL/STOP: fine */
+    sigemptyset(&all);
+    sigprocmask(SIG_SETMASK, &all, NULL);
+}
+
+/* ---------------------------------------------------- /etc/passwd, /etc/group */
+
+struct user {
+    uid_t uid;
+    gid_t gid;
+    char name[256];
+};
+
+/* Find a passwd entry by name or (when numeric) uid.  Returns 1 found, 0 not found, -1 error. */
+static int lookup_user(const char *spec, struct user *out) {
+    long long num = -1;
+    int numeric = parse_long(spec, 0, UINT32_MAX - 1, &num) == 0;
+    FILE *f = fopen("/etc/passwd", "re");
+    if (!f) return numeric ? 0 : -1;
+    char line[4096];
+    int found = 0;
+    while (fgets(line, sizeof line, f)) {
+        char *fields[7] = {0};
+        char *save = line;
+        for (int i = 0; i < 7; i++) fields[i] = strsep(&save, ":\n");
+        if (!fields[0] || !fields[2] || !fields[3]) continue;
+        long long uid, gid;
+        if (parse_long(fields[2], 0, UINT32_MAX - 1, &uid) || parse_long(fields[3], 0, UINT32_MAX - 1, &gid))
+            continue;
+        if (numeric ? uid == num : !strcmp(fields[0], spec)) {
+            out->uid = (uid_t)uid;
+            out->gid = (gid_t)gid;
+            snprintf(out->name, sizeof out->name, "%s", fields[0]);
+            found = 1;
+            break;
+        }
+    }
+    fclose(f);
+    return found;
+}
+
+/* Resolve a group name or number.  Returns 1 found, 0 not found, -1 error. */
+static int lookup_group(const char *spec, gid_t *out) {
+    long long num;
+    if (parse_long(spec, 0, UINT32_MAX - 1, &num) == 0) {
+        *out = (gid_t)num;
+        return 1;
+    }
+    FILE *f = fopen("/etc/group", "re");
+    if (!f) return -1;
+    char line[65536];
+    int found = 0;
+    while (fgets(line, sizeof line, f)) {
+        char *save = line;
+        char *name = strsep(&save, ":\n");
+        strsep(&save, ":\n");
+        char *gid = strsep(&save, ":\n");
+        long long g;
+        if (name && gid && !strcmp(name, spec) && parse_long(gid, 0, UINT32_MAX - 1, &g) == 0) {
+            *out = (gid_t)g;
+            found = 1;
+            break;
+        }
+    }
+    fclose(f);
+    return found;
+}
+
+/* Supplementary groups of a user: its primary group plus every group listing it. */
+static int supplementary_groups(const char *user, gid_t primary, gid_t *groups, int max) {
+    int n = 0;
+    groups[n++] = primary;
+    FILE *f = fopen("/etc/group", "re");
+    if (!f) return n;
+    char line[65536];
+    while (fgets(line, sizeof line, f) && n < max) {
+        char *save = line;
+        strsep(&save, ":\n");
+        strsep(&save, ":\n");
+        char *gid = strsep(&save, ":\n");
+        char *members = strsep(&save, "\n");
+        long long g;
+        if (!gid || !members || parse_long(gid, 0, UINT32_MAX - 1, &g)) continue;
+        for (char *m; (m = strsep(&members, ",")) != NULL;) {
+            if (!strcmp(m, user)) {
+                int dup = 0;
+                for (int i = 0; i < n; i++) dup |= groups[i] == (gid_t)g;
+                if (!dup) groups[n++] = (gid_t)g;
+                break;
+            }
+        }
+    }
+    fclose(f);
+    return n;
+}
+
+/* Switch to "U[:G]".  Like Docker: with an explicit group the user's supplementary
+ * groups are not added; a numeric uid without a passwd entry gets gid 0. */
+static int switch_user(const char *spec) {
+    char buf[512];
+    if (snprintf(buf, sizeof buf, "%s", spec) >= (int)sizeof buf) {
+        msg("--user %s: too long", spec);
+        return -1;
+    }
+    char *colon = strchr(buf, ':');
+    char *group = NULL;
+    if (colon) {
+        *colon = 0;
+        group = colon + 1;
+    }
+    if (!*buf || (group && !*group)) {
+        msg("--user %s: expected USER[:GROUP]", spec);
+        return -1;
+    }
+    struct user u = {0};
+    int r = lookup_user(buf, &u);
+    if (r < 0) {
+        msg("--user %s: cannot read /etc/passwd: %s", spec, strerror(errno));
+        return -1;
+    }
+    if (r == 0) {
+        long long num;
+        if (parse_long(buf, 0, UINT32_MAX - 1, &num)) {
+            msg("--user %s: no such user in /etc/passwd", spec);
+            return -1;
+        }
+        u.uid = (uid_t)num;
+        u.gid = 0;
+        u.name[0] = 0;
+    }
+    gid_t groups[256];
+    int ngroups;
+    if (group) {
+        gid_t gid;
+        r = lookup_group(group, &gid);
+        if (r <= 0) {
+            msg("--user %s: no such group in /etc/group", spec);
+            return -1;
+        }
+        u.gid = gid;
+        groups[0] = gid;
+        ngroups = 1;
+    } else if (u.name[0]) {
+        ngroups = supplementary_groups(u.name, u.gid, groups, 256);
+    } else {
+        groups[0] = u.gid;
+        ngroups = 1;
+    }
+    if (setgroups((size_t)ngroups, groups) < 0 || setgid(u.gid) < 0 || setuid(u.uid) < 0) {
+        msg("--user %s: %s", spec, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------- exec */
+
+static char **read_argfile(const char *path) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        msg("--argfile %s: %s", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 65536, len = 0;
+    char *data = malloc(cap + 1);
+    for (;;) {
+        if (len == cap) data = realloc(data, (cap *= 2) + 1);
+        ssize_t r = read(fd, data + len, cap - len);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) {
+            msg("--argfile %s: %s", path, strerror(errno));
+            close(fd);
+            return NULL;
+        }
+        if (r == 0) break;
+        len += (size_t)r;
+    }
+    close(fd);
+    unlink(path);
+    if (len == 0) {
+        msg("--argfile %s: empty", path);
+        return NULL;
+    }
+    if (data[len - 1] != 0) data[len++] = 0; /* a trailing NUL is optional */
+    size_t count = 0;
+    for (size_t i = 0; i < len; i++) count += data[i] == 0;
+    char **argv = calloc(count + 1, sizeof *argv);
+    size_t k = 0;
+    for (size_t i = 0; i < len; i += strlen(data + i) + 1) argv[k++] = data + i;
+    return argv;
+}
+
+static int join_cgroup(const char *name) {
+    char path[PATH_MAX];
+    if (!valid_cgroup_name(name)) {
+        msg("--cgroup %s: invalid name", name);
+        return -1;
+    }
+    snprintf(path, sizeof path, CGROUP_ROOT "/%s", name);
+    if (mkdir_p(path, 0755) < 0) {
+        msg("--cgroup %s: mkdir %s: %s", name, path, strerror(errno));
+        return -1;
+    }
+    strncat(path, "/cgroup.procs", sizeof path - strlen(path) - 1);
+    if (write_file(path, "0") < 0) {
+        msg("--cgroup %s: %s: %s", name, path, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+static int cmd_exec(int argc, char **argv) {
+    const char *cwd = NULL, *user = NULL, *cgroup = NULL, *argfile = NULL;
+    int want_stdin = 0;
+    char **envs = calloc((size_t)argc + 1, sizeof *envs);
+    int nenv = 0, i;
+    static const char use[] =
+        "exec [--cwd DIR] [--user U[:G]] [--env K=V]... [--cgroup NAME] [--stdin] "
+        "[--argfile PATH] -- ARGV...";
+    for (i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--")) {
+            i++;
+            break;
+        } else if (!strcmp(a, "--stdin")) {
+            want_stdin = 1;
+        } else if (i + 1 >= argc) {
+            usage(use);
+        } else if (!strcmp(a, "--cwd")) {
+            cwd = argv[++i];
+        } else if (!strcmp(a, "--user")) {
+            user = argv[++i];
+        } else if (!strcmp(a, "--env")) {
+            if (!strchr(argv[i + 1], '=') || argv[i + 1][0] == '=') usage(use);
+            envs[nenv++] = argv[++i];
+        } else if (!strcmp(a, "--cgroup")) {
+            cgroup = argv[++i];
+        } else if (!strcmp(a, "--argfile")) {
+            argfile = argv[++i];
+        } else {
+            usage(use);
+        }
+    }
+    char **cmd = argv + i;
+    int ncmd = argc - i;
+    if (argfile) {
+        if (ncmd) usage(use);
+        cmd = read_argfile(argfile);
+        if (!cmd) return EXIT_CANNOT_EXEC;
+    } else if (ncmd == 0) {
+        usage(use);
+    }
+
+    if (cgroup && join_cgroup(cgroup) < 0) return EXIT_CANNOT_EXEC;
+    if (!want_stdin) {
+        int fd = open("/dev/null", O_RDONLY);
+        if (fd < 0 || dup2(fd, 0) < 0) {
+            msg("/dev/null: %s", strerror(errno));
+            return EXIT_CANNOT_EXEC;
+        }
+        if (fd > 2) close(fd);
+    }
+    if (user && switch_user(user) < 0) return EXIT_CANNOT_EXEC;
+    if (cwd && chdir(cwd) < 0) {
+        msg("cannot change directory to %s: %s", cwd, strerror(errno));
+        return EXIT_CANNOT_EXEC;
+    }
+    if (clearenv() != 0) {
+        msg("clearenv failed");
+        return EXIT_CANNOT_EXEC;
+    }
+    for (int k = 0; k < nenv; k++) {
+        char *eq = strchr(envs[k], '=');
+        *eq = 0;
+        int rc = setenv(envs[k], eq + 1, 1);
+        *eq = '=';
+        if (rc < 0) {
+            msg("--env %s: %s", envs[k], strerror(errno));
+            return EXIT_CANNOT_EXEC;
+        }
+    }
+    reset_signals();
+    execvp(cmd[0], cmd);
+    int err = errno;
+    if (err == ENOENT || err == ENOTDIR) {
+        if (strchr(cmd[0], '/'))
+            msg("%s: %s", cmd[0], strerror(err));
+        else
+            msg("%s: command not found", cmd[0]);
+        return EXIT_NOT_FOUND;
+    }
+    msg("%s: %s", cmd[0], strerror(err));
+    return EXIT_CANNOT_EXEC;
+}
+
+/* ---------------------------------------------------------------------- kill */
+
+/* 1 when the cgroup (and its descendants) has no live process, 0 when it has, -1 error. */
+static int cgroup_empty(const char *dir) {
+    char path[PATH_MAX], buf[4096];
+    snprintf(path, sizeof path, "%s/cgroup.events", dir);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return errno == ENOENT ? 1 : -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n < 0) return -1;
+    buf[n] = 0;
+    return strstr(buf, "populated 0") != NULL;
+}
+
+/* Send sig to every process of dir and of its descendant cgroups. */
+static void signal_tree(const char *dir, int sig) {
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/cgroup.procs", dir);
+    FILE *f = fopen(path, "re");
+    if (f) {
+        long pid;
+        while (fscanf(f, "%ld", &pid) == 1)
+            if (pid > 1) kill((pid_t)pid, sig);
+        fclose(f);
+    }
+    DIR *d = opendir(dir);
+    if (!d) return;
+    for (struct dirent *e; (e = readdir(d)) != NULL;) {
+        if (e->d_type != DT_DIR || e->d_name[0] == '.') continue;
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        signal_tree(path, sig);
+    }
+    closedir(d);
+}
+
+static int rmdir_tree(const char *dir) {
+    char path[PATH_MAX];
+    DIR *d = opendir(dir);
+    if (d) {
+        for (struct dirent *e; (e = readdir(d)) != NULL;) {
+            if (e->d_type != DT_DIR || e->d_name[0] == '.') continue;
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            rmdir_tree(path);
+        }
+        closedir(d);
+    }
+    return rmdir(dir);
+}
+
+static int wait_empty(const char *dir, double timeout) {
+    double end = now_s() + timeout;
+    for (;;) {
+        int r = cgroup_empty(dir);
+        if (r != 0) return r;
+        if (now_s() >= end) return 0;
+        sleep_ms(5);
+    }
+}
+
+static int cmd_kill(int argc, char **argv) {
+    static const char use[] = "kill NAME [--signal N] [--timeout SECONDS]";
+    const char *name = NULL;
+    long long sig = SIGKILL;
+    double timeout = 5.0;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--signal") && i + 1 < argc) {
+            if (parse_long(argv[++i], 1, NSIG - 1, &sig)) usage(use);
+        } else if (!strcmp(argv[i], "--timeout") && i + 1 < argc) {
+            char *end;
+            timeout = strtod(argv[++i], &end);
+            if (*end || timeout < 0) usage(use);
+        } else if (!name && argv[i][0] != '-') {
+            name = argv[i];
+        } else {
+            usage(use);
+        }
+    }
+    if (!name) usage(use);
+    if (!valid_cgroup_name(name)) {
+        msg("kill %s: invalid cgroup name", name);
+        return EXIT_FAIL;
+    }
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, CGROUP_ROOT "/%s", name);
+    struct stat st;
+    if (stat(dir, &st) < 0) return 0; /* nothing to kill */
+
+    char path[PATH_MAX + 16];
+    snprintf(path, sizeof path, "%s/cgroup.kill", dir);
+    if (sig == SIGKILL) {
+        if (write_file(path, "1") < 0) signal_tree(dir, SIGKILL); /* kernels < 5.14 */
+    } else {
+        signal_tree(dir, (int)sig);
+        if (wait_empty(dir, timeout) == 0) {
+            /* the processes outlived the grace period: escalate */
+            if (write_file(path, "1") < 0) signal_tree(dir, SIGKILL);
+        }
+    }
+    if (wait_empty(dir, 5.0) != 1) {
+        msg("kill %s: processes still running after SIGKILL", name);
+        return EXIT_FAIL;
+    }
+    if (rmdir_tree(dir) < 0 && errno != ENOENT) {
+        msg("kill %s: rmdir %s: %s", name, dir, strerror(errno));
+        return EXIT_FAIL;
+    }
+    return 0;
+}
+
+/* --------------------------------------------------------------------- fixup */
+
+static int hexval(int c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    c = tolower(c);
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+}
+
+static int cmd_fixup(int argc, char **argv) {
+    static const char use[] = "fixup [--time-ns N] [--entropy HEX]";
+    const char *time_ns = NULL, *entropy = NULL;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--time-ns") && i + 1 < argc)
+            time_ns = argv[++i];
+        else if (!strcmp(argv[i], "--entropy") && i + 1 < argc)
+            entropy = argv[++i];
+        else
+            usage(use);
+    }
+    if (!time_ns && !entropy) usage(use);
+    int rc = 0;
+    if (time_ns) {
+        long long ns;
+        if (parse_long(time_ns, 0, LLONG_MAX, &ns)) usage(use);
+        struct timespec ts = {(time_t)(ns / 1000000000LL), (long)(ns % 1000000000LL)};
+        if (clock_settime(CLOCK_REALTIME, &ts) < 0) {
+            msg("clock_settime: %s", strerror(errno));
+            rc = EXIT_FAIL;
+        }
+    }
+    if (entropy) {
+        size_t hexlen = strlen(entropy);
+        if (hexlen == 0 || hexlen % 2 || hexlen > 2 * 4096) usage(use);
+        size_t n = hexlen / 2;
+        struct rand_pool_info *info = calloc(1, sizeof *info + n + 4);
+        unsigned char *bytes = (unsigned char *)info->buf;
+        for (size_t k = 0; k < n; k++) {
+            int hi = hexval(entropy[2 * k]), lo = hexval(entropy[2 * k + 1]);
+            if (hi < 0 || lo < 0) usage(use);
+            bytes[k] = (unsigned char)(hi << 4 | lo);
+        }
+        info->entropy_count = (int)(n * 8);
+        info->buf_size = (int)n;
+        int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+        if (fd < 0) {
+            msg("/dev/urandom: %s", strerror(errno));
+            return EXIT_FAIL;
+        }
+        if (ioctl(fd, RNDADDENTROPY, info) < 0) {
+            msg("RNDADDENTROPY: %s", strerror(errno));
+            rc = EXIT_FAIL;
+        } else if (ioctl(fd, RNDRESEEDCRNG) < 0) {
+            msg("RNDRESEEDCRNG: %s", strerror(errno));
+            rc = EXIT_FAIL;
+        }
+        close(fd);
+        free(info);
+    }
+    return rc;
+}
+
+/* ------------------------------------------------------------------ put, get */
+
+static int cmd_put(int argc, char **argv) {
+    static const char use[] = "put PATH [--mode OCTAL]";
+    const char *path = NULL;
+    long mode = -1;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--mode") && i + 1 < argc) {
+            char *end;
+            mode = strtol(argv[++i], &end, 8);
+            if (*end || mode < 0 || mode > 07777) usage(use);
+        } else if (!path) {
+            path = argv[i];
+        } else {
+            usage(use);
+        }
+    }
+    if (!path || !*path) usage(use);
+
+    char dir[PATH_MAX], tmp[PATH_MAX + 32];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (!slash)
+        strcpy(dir, ".");
+    else if (slash == dir)
+        dir[1] = 0;
+    else
+        *slash = 0;
+    if (mkdir_p(dir, 0755) < 0) {
+        msg("put %s: cannot create %s: %s", path, dir, strerror(errno));
+        return EXIT_FAIL;
+    }
+    struct stat old;
+    int exists = stat(path, &old) == 0;
+    if (exists && S_ISDIR(old.st_mode)) {
+        msg("put %s: is a directory", path);
+        return EXIT_FAIL;
+    }
+    snprintf(tmp, sizeof tmp, "%s/.localsbx-put.XXXXXX", dir);
+    int fd = mkostemp(tmp, O_CLOEXEC);
+    if (fd < 0) {
+        msg("put %s: %s", path, strerror(errno));
+        return EXIT_FAIL;
+    }
+    int failed_read = 0;
+    mode_t final_mode = mode >= 0 ? (mode_t)mode : exists ? (old.st_mode & 07777) : 0644;
+    if (copy_fd(0, fd, &failed_read) < 0) {
+        msg("put %s: %s: %s", path, failed_read ? "reading stdin" : "writing", strerror(errno));
+        goto fail;
+    }
+    if ((exists && fchown(fd, old.st_uid, old.st_gid) < 0) || fchmod(fd, final_mode) < 0) {
+        msg("put %s: %s", path, strerror(errno));
+        goto fail;
+    }
+    if (close(fd) < 0) {
+        fd = -1;
+        msg("put %s: %s", path, strerror(errno));
+        goto fail;
+    }
+    fd = -1;
+    if (rename(tmp, path) < 0) {
+        msg("put %s: %s", path, strerror(errno));
+        goto fail;
+    }
+    return 0;
+fail:
+    if (fd >= 0) close(fd);
+    unlink(tmp);
+    return EXIT_FAIL;
+}
+
+static int cmd_get(int argc, char **argv) {
+    if (argc != 1) usage("get PATH");
+    int fd = open(argv[0], O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        msg("get %s: %s", argv[0], strerror(errno));
+        return EXIT_FAIL;
+    }
+    struct stat st;
+    if (fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+        msg("get %s: %s", argv[0], strerror(EISDIR));
+        return EXIT_FAIL;
+    }
+    int failed_read = 0;
+    if (copy_fd(fd, 1, &failed_read) < 0) {
+        msg("get %s: %s: %s", argv[0], failed_read ? "reading" : "writing stdout", strerror(errno));
+        return EXIT_FAIL;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ sync, poweroff */
+
+static int cmd_sync(int argc, char **argv) {
+    (void)argv;
+    if (argc) usage("sync");
+    sync();
+    return 0;
+}
+
+static int cmd_poweroff(int argc, char **argv) {
+    (void)argv;
+    if (argc) usage("poweroff");
+    sync();
+    if (getpid() == 1) {
+        reboot(RB_POWER_OFF);
+        return EXIT_FAIL;
+    }
+    /* PID 1 (agent init) does the orderly part: TERM everyone, sync, remount ro, power off.
+     * Signal it from a detached child a moment after we exit, so that the SSH server can
+     * still report our exit status before PID 1 terminates it. */
+    pid_t pid = fork();
+    if (pid == 0) {
+        setsid();
+        int null = open("/dev/null", O_RDWR);
+        if (null >= 0) {
+            dup2(null, 0);
+            dup2(null, 1);
+            dup2(null, 2);
+        }
+        sleep_ms(POWEROFF_DELAY_MS);
+        kill(1, SIGTERM);
+        _exit(0);
+    }
+    if (pid < 0 && kill(1, SIGTERM) < 0) {
+        msg("poweroff: %s", strerror(errno));
+        return EXIT_FAIL;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------- init */
+
+static pid_t sshd_pid = -1;
+
+static pid_t start_sshd(void) {
+    struct stat st;
+    if (stat(HOST_KEY, &st) < 0 || stat(AUTHKEYS_DIR "/authorized_keys", &st) < 0) {
+        console("localsbx: no identity in " RUN_DIR " (was the identity cpio appended to the "
+                "initramfs?); management SSH not started\n");
+        return -1;
+    }
+    pid_t pid = fork();
+    if (pid != 0) return pid;
+    reset_signals();
+    setsid();
+    int log = open(SSHD_LOG, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    int null = open("/dev/null", O_RDWR);
+    if (null >= 0) dup2(null, 0);
+    if (log >= 0) {
+        dup2(log, 1);
+        dup2(log, 2);
+    }
+    char *args[] = {SSHD_LINK, "-F", "-E", "-s", "-p", SSH_PORT, "-r", HOST_KEY, "-D", AUTHKEYS_DIR,
+                    "-P", RUN_DIR "/sshd.pid", NULL};
+    char *env[] = {"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", NULL};
+    execve(SSHD_LINK, args, env);
+    dprintf(2, "localsbx: exec %s: %s\n", SSHD_LINK, strerror(errno));
+    _exit(EXIT_CANNOT_EXEC);
+}
+
+/* Is something listening on TCP port 10022 (IPv4 or IPv6)? */
+static int sshd_listening(void) {
+    static const char *files[] = {"/proc/net/tcp", "/proc/net/tcp6"};
+    char line[512];
+    for (int i = 0; i < 2; i++) {
+        FILE *f = fopen(files[i], "re");
+        if (!f) continue;
+        while (fgets(line, sizeof line, f)) {
+            /* "  sl  local_address rem_address   st ..."; LISTEN is state 0A */
+            char local[128], remote[128], state[8];
+            if (sscanf(line, "%*s %127s %127s %7s", local, remote, state) != 3) continue;
+            size_t n = strlen(local);
+            if (n > 5 && !strcmp(local + n - 5, ":2726") && !strcmp(state, "0A")) {
+                fclose(f);
+                return 1;
+            }
+        }
+        fclose(f);
+    }
+    return 0;
+}
+
+static void sshd_log_tail(void) {
+    int fd = open(SSHD_LOG, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    off_t size = lseek(fd, 0, SEEK_END);
+    off_t from = size > 1024 ? size - 1024 : 0;
+    char buf[1025];
+    ssize_t n = pread(fd, buf, 1024, from);
+    close(fd);
+    if (n <= 0) return;
+    buf[n] = 0;
+    console("localsbx: sshd log tail:\n");
+    console(buf);
+}
+
+static _Noreturn void shutdown_system(void) {
+    console("localsbx: powering off\n");
+    kill(-1, SIGTERM);
+    double end = now_s() + 3.0;
+    while (now_s() < end) {
+        pid_t p = waitpid(-1, NULL, WNOHANG);
+        if (p < 0 && errno == ECHILD) break;
+        if (p <= 0) sleep_ms(10);
+    }
+    kill(-1, SIGKILL);
+    while (waitpid(-1, NULL, WNOHANG) > 0) {
+    }
+    sync();
+    /* a clean ext4: the overlay may be frozen as an image layer after this */
+    if (mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY, NULL) < 0)
+        console("localsbx: remount / read-only failed; syncing only\n");
+    sync();
+    reboot(RB_POWER_OFF);
+    for (;;) pause();
+}
+
+static int cmd_init(int argc, char **argv) {
+    (void)argv;
+    if (argc) usage("init");
+    if (getpid() != 1) {
+        msg("init must run as PID 1");
+        return EXIT_USAGE;
+    }
+    reboot(RB_DISABLE_CAD); /* ctrl-alt-del sends SIGINT to us: treated as power off */
+    umask(022);
+    if (chdir("/") < 0) {
+    }
+    mkdir(RUN_DIR, 0755);
+
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGCHLD);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGPWR);
+    sigaddset(&set, SIGHUP);
+    sigprocmask(SIG_BLOCK, &set, NULL);
+
+    sshd_pid = start_sshd();
+    int ready = 0, failures = 0;
+    double next_start = 0;
+    for (;;) {
+        struct timespec wait = ready || sshd_pid < 0 ? (struct timespec){1, 0}
+                                                     : (struct timespec){0, 5000000L};
+        int sig = sigtimedwait(&set, NULL, &wait);
+        if (sig == SIGTERM || sig == SIGINT || sig == SIGPWR) shutdown_system();
+        int status;
+        pid_t p;
+        while ((p = waitpid(-1, &status, WNOHANG)) > 0) {
+            if (p != sshd_pid) continue;
+            char line[128];
+            snprintf(line, sizeof line, "localsbx: sshd exited (status 0x%x), restarting\n", status);
+            console(line);
+            sshd_log_tail();
+            sshd_pid = -1;
+            failures++;
+            next_start = now_s() + (failures < 5 ? 0.1 * failures : 2.0);
+        }
+        if (sshd_pid < 0 && next_start > 0 && now_s() >= next_start) {
+            next_start = 0;
+            sshd_pid = start_sshd();
+        }
+        if (!ready && sshd_pid > 0 && sshd_listening()) {
+            ready = 1;
+            console(READY_MARKER);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------- sshd */
+
+/* Run as ".../sshd": start the bundled dropbear through its bundled loader, so the
+ * distribution's own ssh packages and libraries can change or go away freely. */
+static int run_sshd(int argc, char **argv) {
+    char **args = calloc((size_t)argc + 8, sizeof *args);
+    int n = 0;
+    args[n++] = DROPBEAR_LOADER;
+    args[n++] = "--library-path";
+    args[n++] = DROPBEAR_DIR;
+    args[n++] = "--argv0";
+    args[n++] = SSHD_LINK; /* dropbear re-executes argv[0] per connection: come back here */
+    args[n++] = DROPBEAR_BIN;
+    for (int i = 1; i < argc; i++) args[n++] = argv[i];
+    args[n] = NULL;
+    execv(DROPBEAR_LOADER, args);
+    msg("exec %s: %s", DROPBEAR_LOADER, strerror(errno));
+    return EXIT_CANNOT_EXEC;
+}
+
+/* ---------------------------------------------------------------------- main */
+
+int main(int argc, char **argv) {
+    const char *base = argc > 0 ? strrchr(argv[0], '/') : NULL;
+    base = base ? base + 1 : (argc > 0 ? argv[0] : "");
+    if (!strcmp(base, "sshd")) return run_sshd(argc, argv);
+
+    if (argc < 2) usage("agent init|exec|kill|fixup|put|get|sync|poweroff ...");
+    const char *verb = argv[1];
+    int n = argc - 2;
+    char **rest = argv + 2;
+    if (!strcmp(verb, "exec")) return cmd_exec(n, rest);
+    if (!strcmp(verb, "kill")) return cmd_kill(n, rest);
+    if (!strcmp(verb, "fixup")) return cmd_fixup(n, rest);
+    if (!strcmp(verb, "put")) return cmd_put(n, rest);
+    if (!strcmp(verb, "get")) return cmd_get(n, rest);
+    if (!strcmp(verb, "sync")) return cmd_sync(n, rest);
+    if (!strcmp(verb, "poweroff")) return cmd_poweroff(n, rest);
+    if (!strcmp(verb, "init")) return cmd_init(n, rest);
+    msg("unknown verb %s", verb);
+    usage("agent init|exec|kill|fixup|put|get|sync|poweroff ...");
+}

@@ -1,0 +1,98 @@
+#!/bin/sh
+# localsbx initramfs /init (busybox sh).  Guest side of "The guest contract" in
+# docs/ARCHITECTURE.md; localsbx/vm/kernel.py:make_initramfs fills in @MODULES@.
+#
+# Loads the virtio modules, mounts /dev/vda as the new root with its API filesystems,
+# configures eth0 for QEMU user networking, installs the per-VM identity (appended
+# cpio, files under /localsbx/) into /run/localsbx/, and switch_roots to the agent.
+# Anything fatal prints "localsbx-init: ..." on the console and powers off, so the
+# host sees QEMU exit instead of a hang.
+
+export PATH=/bin
+
+fail() {
+    echo "localsbx-init: $*" >/dev/console
+    sync
+    poweroff -f
+}
+
+mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev
+mount -t proc -o nosuid,nodev,noexec proc /proc
+read -r cmdline </proc/cmdline
+case " $cmdline " in
+*" localsbx.probe=1 "*)
+    echo LOCALSBX-PROBE-OK >/dev/console
+    poweroff -f
+    ;;
+esac
+
+for m in @MODULES@; do
+    insmod "/lib/modules/$m.ko" || fail "insmod $m failed"
+done
+
+n=0
+while [ ! -b /dev/vda ]; do
+    n=$((n + 1))
+    [ "$n" -gt 1000 ] && fail "no /dev/vda after 10 s (is the disk attached as virtio-blk-device?)"
+    usleep 10000
+done
+mkdir -p /newroot
+mount -t ext4 -o rw /dev/vda /newroot || fail "cannot mount /dev/vda"
+
+r=/newroot
+for d in dev proc sys run tmp; do
+    [ -d "$r/$d" ] || mkdir -p "$r/$d"
+done
+mount --move /dev $r/dev
+mount --move /proc $r/proc
+mount -t sysfs -o nosuid,nodev,noexec sysfs $r/sys
+mkdir -p $r/dev/pts $r/dev/shm
+mount -t devpts -o nosuid,noexec,gid=5,mode=620,ptmxmode=666 devpts $r/dev/pts
+mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs $r/dev/shm
+mount -t tmpfs -o nosuid,nodev,mode=755 tmpfs $r/run
+mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs $r/tmp
+mount -t cgroup2 -o nosuid,nodev,noexec,nsdelegate cgroup2 $r/sys/fs/cgroup
+ln -sf /proc/self/fd $r/dev/fd
+ln -sf /proc/self/fd/0 $r/dev/stdin
+ln -sf /proc/self/fd/1 $r/dev/stdout
+ln -sf /proc/self/fd/2 $r/dev/stderr
+ln -sf /proc/kcore $r/dev/core
+
+ip link set lo up
+if [ -e /sys/class/net/eth0 ] || ip link show eth0 >/dev/null 2>&1; then
+    ip link set eth0 up
+    ip addr add 10.0.2.15/24 dev eth0
+    ip route add default via 10.0.2.2
+fi
+
+# Identity.  /etc/hostname, /etc/hosts, /etc/resolv.conf and /etc/machine-id are
+# bind mounts of files in /run/localsbx (as Docker does for the first three), so the
+# disk, and every image layer built on it, never records a per-VM identity.
+run=$r/run/localsbx
+mkdir -p $run/ssh
+chmod 700 $run/ssh
+hostname=localsbx
+if [ -d /localsbx ]; then
+    cp /localsbx/dropbear_ed25519_host_key $run/
+    chmod 600 $run/dropbear_ed25519_host_key
+    cp /localsbx/authorized_keys $run/ssh/authorized_keys
+    chmod 600 $run/ssh/authorized_keys
+    [ -f /localsbx/machine-id ] && cp /localsbx/machine-id $run/machine-id
+    [ -f /localsbx/hostname ] && read -r hostname </localsbx/hostname
+fi
+hostname "$hostname"
+echo "$hostname" >$run/hostname
+printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n' \
+    "$hostname" >$run/hosts
+echo "nameserver 10.0.2.3" >$run/resolv.conf
+for f in hostname hosts resolv.conf machine-id; do
+    [ -f $run/$f ] || continue
+    t=$r/etc/$f
+    # only plain files (or nothing): a symlink (systemd-resolved...) is the image's choice
+    [ -L $t ] && continue
+    [ -e $t ] || : >$t
+    [ -f $t ] && mount --bind $run/$f $t
+done
+
+[ -x $r/usr/lib/localsbx/agent ] || fail "no /usr/lib/localsbx/agent on the root filesystem"
+exec switch_root $r /usr/lib/localsbx/agent init
