@@ -237,6 +237,10 @@ def exec_(
         if not sep:
             raise ConfigError(f"--env {e!r}: expected KEY=VALUE")
         envd[k] = v
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ConfigError("exec: no command given", hint="localsbx exec ID -- CMD [ARGS...]")
     data = sys.stdin.buffer.read() if interactive else None
 
     def w(stream):

@@ -43,7 +43,7 @@ log = logging.getLogger("localsbx.build")
 SANDBOX_CPUS = 1
 SANDBOX_MEMORY_MIB = 1024
 #: Bumped when the snapshot procedure changes, so old snapshots are not reused.
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 #: Bytes of step output kept for error messages.
 TAIL_BYTES = 16384
 

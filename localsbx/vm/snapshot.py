@@ -17,6 +17,7 @@ vCPUs and kernel (:func:`snapshot_key`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import shlex
@@ -35,13 +36,13 @@ def snapshot_key(spec: VMSpec, *, kernel_digest: str) -> dict:
     :returns: ``{"qemu": ..., "accel": ..., "memory_mib": ..., "cpus": ..., "kernel": ...,
         "machine": <sha256 of the machine-shaping argv>}``.
     """
-    shape = [a for a in machine_shape(spec)]
-    # paths differ between the snapshot VM and its clones; keep only the option shapes
-    norm = []
-    for a in shape:
-        if "/" in a and not a.startswith("-"):
-            a = ",".join(p for p in a.split(",") if "/" not in p)
-        norm.append(a)
+    # The snapshot VM (share=on, no -incoming) and its clones (share=off, -incoming) differ
+    # in those and in every path; compare the canonical shape.
+    p = Path("/p")
+    canon = dataclasses.replace(spec, kernel=p, initrd=p, disk=p, serial_log=p, qmp_socket=p,
+                                ram_file=p if spec.ram_file else None, ram_share=False,
+                                incoming=False, name="snapshot")
+    norm = machine_shape(canon)
     return {
         "qemu": qemu_version(),
         "accel": spec.accel.kind,

@@ -68,3 +68,10 @@ def test_snapshot_key_ignores_paths_but_not_shape():
     assert any("RAM" in d and "1024" in d and "4096" in d for d in diffs)
     d = snapshot.snapshot_key(spec(ram_file=P("/x/ram"), cpus=4, incoming=True), kernel_digest="k2")
     assert {x.split(":")[0] for x in snapshot.key_mismatch(a, d)} >= {"vCPUs", "kernel"}
+
+
+def test_snapshot_vm_and_its_clones_have_the_same_key():
+    src = spec(ram_file=P("/img/tmp/snap/ram"), ram_share=True, name="localsbx-snap-x")
+    clone = spec(ram_file=P("/img/d/snap/ram"), ram_share=False, incoming=True,
+                 initrd=P("/img/d/snap/initrd.cpio"), disk=P("/sbx/o.qcow2"), name="localsbx-abc")
+    assert snapshot.snapshot_key(src, kernel_digest="k") == snapshot.snapshot_key(clone, kernel_digest="k")
