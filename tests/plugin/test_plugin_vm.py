@@ -238,6 +238,17 @@ def test_xdist_workers_build_an_image_once(inner):
     print(f"-n 2 with one build: {first:.1f} s; later run reusing it: {second:.1f} s")
 
 
+def test_the_shipped_example_suite_passes(inner):
+    """images/examples/pytest, as the docs tell users to run it."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "images" / "examples" / "pytest"
+    t0 = time.monotonic()
+    res = inner.runpytest_subprocess(str(example), "-p", "no:cacheprovider", "-v")
+    res.assert_outcomes(passed=5)
+    print(f"example suite: {time.monotonic() - t0:.1f} s")
+
+
 B30 = '''
 import time
 
