@@ -151,7 +151,9 @@ def test_failing_test_report_shows_commands_and_serial_log(inner):
         "  $ echo before-death",
         "serial log tail (*serial.log):",
     ])
-    assert "SandboxNotFound" in out
+    # the command fails with the connection (GuestError), or SandboxNotFound when QEMU had
+    # already exited by then
+    assert "SandboxNotFound" in out or "GuestError" in out
     for sid in (cmd_id, dead_id):
         assert_gone(sid)
 
@@ -196,6 +198,43 @@ def test_keep_failed_keeps_only_the_failing_sandbox(inner):
 
             store.cleanup_sandbox(store.read_sandbox(fail_id))
     assert_gone(fail_id)
+
+
+def test_keep_always_keeps_function_and_module_sandboxes(inner):
+    from localsbx import store
+
+    inner.makeconftest(RECORD)
+    inner.makepyfile(test_always=f'''
+        import pytest
+        from conftest import record
+
+        pytestmark = pytest.mark.sandbox(image="{IMAGE}", timeout_secs=300)
+
+        def test_fn(sandbox):
+            record("fn", sandbox)
+
+        def test_mod(module_sandbox):
+            record("mod", module_sandbox)
+    ''')
+    res = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sandbox-keep=always")
+    res.assert_outcomes(passed=2)
+    ids = read_ids(inner.path)
+    try:
+        assert len(ids) == 2
+        res.stdout.fnmatch_lines([
+            "*localsbx: kept sandboxes*",
+            f"test_always.py::test_fn: localsbx exec {ids[0]} -- sh*",
+            f"test_always.py::test_mod: localsbx exec {ids[1]} -- sh*",
+        ])
+        for sid in ids:
+            assert sandbox_procs(sid)
+            assert store.read_sandbox(sid).owner_pid is None
+    finally:
+        for sid in ids:
+            if sandbox_dir(sid).exists():
+                store.cleanup_sandbox(store.read_sandbox(sid))
+    for sid in ids:
+        assert_gone(sid)
 
 
 def test_xdist_workers_build_an_image_once(inner):
