@@ -78,9 +78,7 @@ class _Reporter:
     def say(self, text: str) -> None:
         if text.startswith("booting build VM"):
             self.built = True
-        if self.echo is not None and self.built:
-            self.echo(text)
-        elif self.echo is not None and text.startswith("warning:"):
+        if self.echo is not None and self.built or self.echo is not None and text.startswith("warning:"):
             self.echo(text)
 
     def output(self, chunk: bytes) -> None:

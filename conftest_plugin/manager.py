@@ -66,10 +66,12 @@ class SandboxManager:
 
     :param keep: ``never`` | ``failed`` | ``always``.
     :param project: localsbx project of images (``None``: ``$LOCALSBX_PROJECT`` or default).
+    :param echo: where progress lines of real image builds go (``None``: nowhere).
+    :param before_first: called once, in the fixture's thread, before the first sandbox.
     """
 
     def __init__(self, keep: str = "never", project: str | None = None,
-                 echo=None) -> None:
+                 echo=None, before_first=None) -> None:
         if keep not in KEEP_CHOICES:
             raise ValueError(f"--sandbox-keep must be one of {', '.join(KEEP_CHOICES)}")
         self.keep_mode = keep
@@ -77,6 +79,13 @@ class SandboxManager:
         self.resolver = ImageResolver(project, echo=echo)
         self.handles: dict[str, Handle] = {}
         self._lock = threading.Lock()
+        self._before_first_hook = before_first
+
+    def _before_first(self) -> None:
+        """Run the ``before_first`` hook (the plugin's SIGTERM handler) once."""
+        hook, self._before_first_hook = self._before_first_hook, None
+        if hook is not None:
+            hook()
 
     @property
     def detached(self) -> bool:
@@ -85,8 +94,17 @@ class SandboxManager:
     # ------------------------------------------------------------------ create
 
     def _register(self, inner, label: str) -> Handle:
-        if self.detached:
-            _set_owner(inner.record, os.getpid())
+        """Track a new sandbox; a detached one gets this process as owner at once."""
+        try:
+            if self.detached:
+                _set_owner(inner.record, os.getpid())
+        except BaseException:
+            # a detached sandbox nobody owns would outlive us: stop it (no loop needed)
+            from localsbx import store
+
+            with contextlib.suppress(Exception):
+                store.cleanup_sandbox(inner.record)
+            raise
         h = Handle(inner, label, keep=self.keep_mode == "always")
         with self._lock:
             self.handles[inner.sandbox_id] = h
@@ -99,6 +117,7 @@ class SandboxManager:
         """A new ``localsbx.Sandbox`` for ``spec`` (building its image first if needed)."""
         from localsbx.sandbox import Sandbox
 
+        self._before_first()
         name = self.resolver.resolve(spec)
         sb = Sandbox.create(name, **self._create_kwargs(spec))
         self._register(sb._inner, label)
@@ -110,6 +129,7 @@ class SandboxManager:
 
         from localsbx.sandbox import AsyncSandbox
 
+        self._before_first()
         name = await asyncio.to_thread(self.resolver.resolve, spec)
         sb = await AsyncSandbox.create(name, **self._create_kwargs(spec))
         self._register(sb, label)

@@ -15,7 +15,8 @@ resolved choice, no VM). Options (group "localsbx" in ``pytest --help``): ``--sa
 ``--sandbox-keep``, ``--sandbox-project``; the same names work as ini keys.
 
 Leaks: sandboxes die with the pytest process (parent-death signal), SIGTERM is turned into
-KeyboardInterrupt so fixture teardown runs, whatever is left is killed at session end, and
+KeyboardInterrupt (from the first sandbox on) so fixture teardown runs, whatever is left is
+killed at session end, and
 ``store.reap()`` at the next session start removes what a SIGKILL left. See
 ``conftest_plugin/manager.py`` for ``--sandbox-keep``.
 """
@@ -23,7 +24,6 @@ KeyboardInterrupt so fixture teardown runs, whatever is left is killed at sessio
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 from pathlib import Path
@@ -117,12 +117,19 @@ def pytest_configure(config: pytest.Config) -> None:
     if keep not in KEEP_CHOICES:
         raise pytest.UsageError(f"sandbox_keep = {keep!r}: use one of {', '.join(KEEP_CHOICES)}")
     config.stash[MANAGER] = SandboxManager(keep, _option(config, "sandbox_project"),
-                                           echo=_echo(config))
+                                           echo=_echo(config),
+                                           before_first=lambda: _install_sigterm(config))
     config.pluginmanager.register(_ReportHooks(config), f"localsbx-reports-{id(config)}")
-    if threading.current_thread() is threading.main_thread():
-        with contextlib.suppress(ValueError, TypeError):
-            if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-                config.stash[_PREV_SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _install_sigterm(config: pytest.Config) -> None:
+    """Before the first sandbox of the run (so runs without sandboxes keep pytest's usual
+    SIGTERM behaviour); only from the main thread and over the default disposition."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    with contextlib.suppress(ValueError, TypeError):
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            config.stash[_PREV_SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

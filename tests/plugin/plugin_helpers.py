@@ -18,7 +18,8 @@ def sandbox_procs(sandbox_id: str) -> list[str]:
     from localsbx import paths
 
     needle = str(paths.sandboxes_dir() / sandbox_id)
-    out = subprocess.run(["pgrep", "-af", "--", needle], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-af", "--", needle], capture_output=True, text=True,
+                         check=False).stdout
     return [ln for ln in out.splitlines() if ln.strip() and "pgrep" not in ln]
 
 
