@@ -361,6 +361,11 @@ class AsyncSandbox:
                                          timeout=timeout, stdout_cb=stdout_cb,
                                          stderr_cb=stderr_cb)
         except GuestError:
+            # The guest may have powered off: give its QEMU a moment to exit before deciding.
+            for _ in range(40):
+                if not self.record.alive():
+                    break
+                await asyncio.sleep(0.05)
             if not self.record.alive():
                 raise SandboxNotFound(f"sandbox {self.sandbox_id} is gone (its QEMU exited); "
                                       f"serial log: {self.serial_log}") from None

@@ -255,6 +255,10 @@ class QemuProcess:
                 raise VMLaunchError(f"{QEMU_BINARY} is not installed", argv=argv,
                                     hint="apt-get install qemu-system-x86 qemu-utils") from exc
         self.pid = self.proc.pid
+        # Recorded at once, so a creator killed half-way can be cleaned up by `reap()`.
+        pid_file = self.spec.serial_log.parent / "qemu.pid"
+        with contextlib.suppress(OSError):
+            pid_file.write_text(f"{self.pid} {proc_start_time(self.pid)}")
         try:
             await self._connect_qmp(timeout)
         except BaseException:
