@@ -434,8 +434,7 @@ def _run_logged(argv: list[str], log: Path, progress: Progress | None, *, step: 
             for raw in proc.stdout:
                 f.write(raw)
                 line = raw.decode(errors="replace").rstrip()
-                if progress and (line.startswith("localsbx:") or line.startswith("I: running")
-                                 or line.startswith("E:")):
+                if progress and line.startswith(("localsbx:", "I: running", "E:")):
                     progress("  " + line.removeprefix("localsbx: "))
             rc = proc.wait()
         except BaseException:

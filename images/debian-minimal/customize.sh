@@ -5,9 +5,20 @@
 set -eu
 root=$1
 
-# apt behaves like stock Debian inside the guest (mmdebstrap's build-time options go);
-# the dpkg path excludes stay, as in the -slim container images
+# apt behaves like in Debian's container images: the --aptopt file (99mmdebstrap: no
+# Recommends) goes (00mmdebstrap, mmdebstrap's own, is left out by guest-install.sh); no
+# translation indexes; downloaded .debs and the binary caches are dropped after each run
+# (Docker's docker-clean), so image layers stay small.  The dpkg path excludes
+# (/etc/dpkg/dpkg.cfg.d/99mmdebstrap) stay, as in the -slim images.
 rm -f "$root/etc/apt/apt.conf.d/99mmdebstrap"
+echo 'Acquire::Languages "none";' >"$root/etc/apt/apt.conf.d/50localsbx-no-languages"
+clean='"rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true";'
+cat >"$root/etc/apt/apt.conf.d/50localsbx-clean" <<END
+DPkg::Post-Invoke { $clean };
+APT::Update::Post-Invoke { $clean };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+END
 
 # identity files: per VM, bind-mounted over these by the initramfs /init
 echo localsbx >"$root/etc/hostname"

@@ -16,7 +16,7 @@
 #       - purges PURGE_PKGS (dropbear-bin) and what only they needed.
 #   guest-install.sh mkfs ROOT IMAGE LABEL
 #       - drops apt lists and caches, copies the tree (without the mounted /proc, /sys,
-#         /dev) to a temporary directory and runs mkfs.ext4 -d into IMAGE, which the
+#         /dev, and mmdebstrap's build-time apt options) to a temporary directory and runs mkfs.ext4 -d into IMAGE, which the
 #         caller pre-created at its final size (mode 0666, so a namespace root can write it).
 set -eu
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
@@ -105,8 +105,9 @@ mkfs_phase() {
     find "$root/tmp" "$root/var/tmp" -mindepth 1 -delete 2>/dev/null || true
     copy=$(mktemp -d "${TMPDIR:-/tmp}/localsbx-rootfs.XXXXXX")
     trap 'rm -rf "$copy"' EXIT
+    # mmdebstrap removes its apt options file (00mmdebstrap) itself, but only after the hooks
     tar -C "$root" --numeric-owner --exclude=./dev/* --exclude=./proc/* --exclude=./sys/* \
-        -cf - . | tar -C "$copy" --numeric-owner -xpf -
+        --exclude=./etc/apt/apt.conf.d/00mmdebstrap -cf - . | tar -C "$copy" --numeric-owner -xpf -
     echo "localsbx: mkfs.ext4 -d ($(du -sh "$copy" | cut -f1) of files)"
     mkfs.ext4 -q -F -L "$label" -m 0 -E lazy_itable_init=0,lazy_journal_init=0 -d "$copy" "$image"
 }

@@ -35,8 +35,8 @@ from pathlib import Path
 from localsbx.errors import BaseImageError
 
 __all__ = [
-    "CpioEntry",
     "INIT_SCRIPT",
+    "CpioEntry",
     "dropbear_ed25519_key",
     "extract_vmlinux",
     "has_pvh_note",
@@ -94,9 +94,7 @@ def write_newc(entries: Iterable[CpioEntry], *, align: int = 4) -> bytes:
     :returns: the archive bytes.
     """
     out = bytearray()
-    ino = 0
-    for entry in [*entries, CpioEntry("TRAILER!!!", 0)]:
-        ino += 1
+    for ino, entry in enumerate([*entries, CpioEntry("TRAILER!!!", 0)], start=1):
         name = entry.name.encode() + b"\0"
         nlink = 2 if stat.S_ISDIR(entry.mode) else 1
         is_trailer = entry.name == "TRAILER!!!"
@@ -430,7 +428,7 @@ def dropbear_ed25519_key(openssh_private_key: bytes) -> bytes:
     """
     text = openssh_private_key.decode("ascii", "replace")
     m = re.search(
-        r"-----BEGIN OPENSSH PRIVATE KEY-----(.*?)-----END OPENSSH PRIVATE KEY-----", text, re.S
+        r"-----BEGIN OPENSSH PRIVATE KEY-----(.*?)-----END OPENSSH PRIVATE KEY-----", text, re.DOTALL
     )
     if not m:
         raise ValueError("not an OpenSSH private key (-----BEGIN OPENSSH PRIVATE KEY-----)")

@@ -171,8 +171,8 @@ def test_dropbear_key_matches_dropbearconvert(tmp_path):
 
 def test_identity_rejects_bad_input():
     key = asyncssh.generate_private_key("ssh-ed25519").export_private_key("openssh")
-    ok = dict(host_key_openssh=key, authorized_keys=b"ssh-ed25519 AAAA x",
-              machine_id="0" * 32, hostname="h")
+    ok = {"host_key_openssh": key, "authorized_keys": b"ssh-ed25519 AAAA x",
+          "machine_id": "0" * 32, "hostname": "h"}
     make_identity_cpio(**ok)
     for bad in ({"machine_id": "XYZ"}, {"hostname": "a b"}, {"hostname": "-x"},
                 {"authorized_keys": b" \n"}):
