@@ -40,7 +40,7 @@ mkdir -p /newroot
 mount -t ext4 -o rw /dev/vda /newroot || fail "cannot mount /dev/vda"
 
 r=/newroot
-for d in dev proc sys run tmp; do
+for d in dev proc sys run tmp; do  # /tmp stays on the disk, as in Docker: RUN steps write there
     [ -d "$r/$d" ] || mkdir -p "$r/$d"
 done
 mount --move /dev $r/dev
@@ -50,7 +50,6 @@ mkdir -p $r/dev/pts $r/dev/shm
 mount -t devpts -o nosuid,noexec,gid=5,mode=620,ptmxmode=666 devpts $r/dev/pts
 mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs $r/dev/shm
 mount -t tmpfs -o nosuid,nodev,mode=755 tmpfs $r/run
-mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs $r/tmp
 mount -t cgroup2 -o nosuid,nodev,noexec,nsdelegate cgroup2 $r/sys/fs/cgroup
 ln -sf /proc/self/fd $r/dev/fd
 ln -sf /proc/self/fd/0 $r/dev/stdin
