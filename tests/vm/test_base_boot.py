@@ -20,7 +20,7 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 from localsbx.base import build_base, get_base
 from localsbx.errors import BaseImageError
@@ -107,12 +107,14 @@ class Guest:
 
     async def _hostfwd_port(self) -> int:
         qmp = QMPClient("smoke")
-        for _ in range(500):
-            if self.qmp_path.exists():
-                break
-            await asyncio.sleep(0.01)
         async with asyncio.timeout(20):
-            await qmp.connect(str(self.qmp_path))
+            while True:  # the socket file appears before QEMU listens on it
+                try:
+                    await qmp.connect(str(self.qmp_path))
+                    break
+                except ConnectError:
+                    assert self.proc and self.proc.returncode is None, "QEMU exited"
+                    await asyncio.sleep(0.01)
         try:
             out = await qmp.execute("human-monitor-command", {"command-line": "info usernet"})
         finally:
