@@ -10,8 +10,9 @@ HERE = Path(__file__).parent
 IMAGES = HERE / "images"
 
 
-def qemu_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "qemu-system-x86_64"], capture_output=True, text=True)
+def qemu_pids(pattern: str = "qemu-system-x86_64") -> set[int]:
+    """Pids of QEMU processes whose command line contains ``pattern``."""
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
     return {int(p) for p in out.stdout.split()}
 
 

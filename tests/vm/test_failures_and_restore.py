@@ -20,7 +20,6 @@ CASES = Path(__file__).parent.parent / "cases"
 def _assert_failed_build(tmp_path, text, name, *, line, code, output):
     df = tmp_path / "Dockerfile"
     df.write_text(text)
-    before = qemu_pids()
     with pytest.raises(ImageBuildError) as e:
         build(df, name)
     msg = str(e.value)
@@ -28,7 +27,8 @@ def _assert_failed_build(tmp_path, text, name, *, line, code, output):
     assert output in e.value.output_tail
     with pytest.raises(ImageNotFound):
         store.lookup_image(name)
-    assert qemu_pids() <= before  # no QEMU left
+    assert not qemu_pids(f"localsbx-build-{name}")  # no QEMU left
+    assert not qemu_pids(f"localsbx-snap-{name}")
     assert not list(store.paths.images_dir().glob(".tmp-*"))
     return e.value
 

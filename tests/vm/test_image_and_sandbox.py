@@ -2,6 +2,8 @@
 its snapshot see ENV, WORKDIR, COPY owners/modes and ADD extraction; they are independent."""
 
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,7 +76,7 @@ def test_dsl_and_dockerfile_give_the_same_image(main_image):
 
 
 def test_cli_new_exec_ls_terminate(main_image):
-    lsbx = ["localsbx"]
+    lsbx = [str(Path(sys.executable).with_name("localsbx"))]
     sid = subprocess.run([*lsbx, "new", "--image", main_image, "--timeout", "120"],
                          capture_output=True, text=True, check=True).stdout.strip()
     try:
