@@ -256,7 +256,7 @@ class AsyncSandbox:
                     snap_dir=snap, kernel=base.kernel, disk=overlay, workdir=d, accel=accel,
                     client_key=client_key, host_key_public=saved["host_key"], cpus=cpus,
                     memory_mib=memory_mb, detached=detached, wrapper=wrapper,
-                    name=f"localsbx-{sid}")
+                    name=f"localsbx-{sid}", lazy_fixup=not detached)
             pid = machine.qemu.pid
             assert pid is not None
             rec = store.SandboxRecord(

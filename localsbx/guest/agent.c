@@ -14,6 +14,8 @@
  *   agent get PATH                  PATH -> stdout
  *   agent sync
  *   agent poweroff                  exit 0 at once; PID 1 powers off 0.2 s later
+ *   agent -c 'exec /usr/lib/localsbx/agent VERB ...'
+ *                                   as the login shell of the `localsbx` account (uid 0)
  *
  * Exit status: 0 success; 1 the verb failed (message on stderr, prefixed "localsbx:");
  * 2 usage error.  `exec` follows the shell: 126 when the command cannot be started
@@ -400,14 +402,18 @@ static int join_cgroup(const char *name) {
     return 0;
 }
 
+static int cmd_fixup(int argc, char **argv);
+
 static int cmd_exec(int argc, char **argv) {
     const char *cwd = NULL, *user = NULL, *cgroup = NULL, *argfile = NULL;
+    char *fixup_args[5];
+    int nfixup = 0;
     int want_stdin = 0;
     char **envs = calloc((size_t)argc + 1, sizeof *envs);
     int nenv = 0, i;
     static const char use[] =
         "exec [--cwd DIR] [--user U[:G]] [--env K=V]... [--cgroup NAME] [--stdin] "
-        "[--argfile PATH] -- ARGV...";
+        "[--argfile PATH] [--fixup-time-ns N] [--fixup-entropy HEX] -- ARGV...";
     for (i = 0; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--")) {
@@ -428,9 +434,22 @@ static int cmd_exec(int argc, char **argv) {
             cgroup = argv[++i];
         } else if (!strcmp(a, "--argfile")) {
             argfile = argv[++i];
+        } else if (!strcmp(a, "--fixup-time-ns")) {
+            fixup_args[nfixup++] = "--time-ns";
+            fixup_args[nfixup++] = argv[++i];
+        } else if (!strcmp(a, "--fixup-entropy")) {
+            fixup_args[nfixup++] = "--entropy";
+            fixup_args[nfixup++] = argv[++i];
         } else {
             usage(use);
         }
+        if (nfixup > 4) usage(use);
+    }
+    /* The first command after a snapshot restore carries the post-restore fixup (clock,
+     * CRNG reseed), which must happen before the user's command runs. */
+    if (nfixup) {
+        fixup_args[nfixup] = NULL;
+        if (cmd_fixup(nfixup, fixup_args) != 0) return EXIT_CANNOT_EXEC;
     }
     char **cmd = argv + i;
     int ncmd = argc - i;
@@ -947,12 +966,89 @@ static int run_sshd(int argc, char **argv) {
     return EXIT_CANNOT_EXEC;
 }
 
+/* ------------------------------------------------------------- login shell */
+
+int main(int argc, char **argv);
+
+/* Split a command line the way a POSIX shell splits simple words: blanks separate,
+ * '...' is literal, "..." allows \\ \" \$ \` escapes, a backslash outside quotes escapes
+ * the next character.  Enough for what the host sends (shlex.join output); anything with
+ * other shell syntax ($, `, ;, |, &, <, >, (, )) outside quotes is refused. */
+static char **split_words(const char *line, int *count) {
+    size_t len = strlen(line);
+    char **words = calloc(len / 2 + 2, sizeof *words);
+    char *buf = malloc(len + 1);
+    int n = 0;
+    const char *p = line;
+    if (!words || !buf) return NULL;
+    for (;;) {
+        while (*p == ' ' || *p == '\t' || *p == '\n') p++;
+        if (!*p) break;
+        char *w = buf, *start = buf;
+        while (*p && *p != ' ' && *p != '\t' && *p != '\n') {
+            if (*p == '\'') {
+                const char *q = strchr(p + 1, '\'');
+                if (!q) return NULL;
+                memcpy(w, p + 1, (size_t)(q - p - 1));
+                w += q - p - 1;
+                p = q + 1;
+            } else if (*p == '"') {
+                for (p++; *p && *p != '"'; p++) {
+                    if (*p == '\\' && strchr("\\\"$`", p[1])) p++;
+                    else if (*p == '$' || *p == '`') return NULL;
+                    *w++ = *p;
+                }
+                if (*p != '"') return NULL;
+                p++;
+            } else if (*p == '\\' && p[1]) {
+                *w++ = p[1];
+                p += 2;
+            } else if (strchr("$`;|&<>()", *p)) {
+                return NULL;
+            } else {
+                *w++ = *p++;
+            }
+        }
+        *w++ = '\0';
+        words[n++] = start;
+        buf = w;
+    }
+    words[n] = NULL;
+    *count = n;
+    return words;
+}
+
+/* Invoked by the management SSH server as the login shell of the `localsbx` account
+ * (uid 0): `agent -c 'exec /usr/lib/localsbx/agent VERB ARGS...'`.  No bash, no rc
+ * files: nothing in the user's image can change what the host's commands do. */
+static int login_shell(const char *line) {
+    int n = 0;
+    char **w = split_words(line, &n);
+    if (!w) {
+        msg("management shell: unsupported command line");
+        return EXIT_USAGE;
+    }
+    int i = 0;
+    if (i < n && !strcmp(w[i], "exec")) i++;
+    if (i < n && !strcmp(w[i], LIBDIR "/agent")) i++;
+    if (i >= n) {
+        msg("management shell: no verb");
+        return EXIT_USAGE;
+    }
+    char *argv[n - i + 2];
+    argv[0] = LIBDIR "/agent";
+    for (int k = i; k < n; k++) argv[k - i + 1] = w[k];
+    argv[n - i + 1] = NULL;
+    return main(n - i + 1, argv);
+}
+
 /* ---------------------------------------------------------------------- main */
 
 int main(int argc, char **argv) {
     const char *base = argc > 0 ? strrchr(argv[0], '/') : NULL;
     base = base ? base + 1 : (argc > 0 ? argv[0] : "");
     if (!strcmp(base, "sshd")) return run_sshd(argc, argv);
+    if (argc == 3 && !strcmp(argv[1], "-c")) return login_shell(argv[2]);
 
     if (argc < 2) usage("agent init|exec|kill|fixup|put|get|sync|poweroff ...");
     const char *verb = argv[1];

@@ -86,6 +86,16 @@ install_phase() {
     cp "$agent" "$root/usr/lib/localsbx/agent"
     chmod 0755 "$root/usr/lib/localsbx/agent"
     ln -sf agent "$root/usr/lib/localsbx/sshd"
+    # The management account: uid 0 like root, but its login shell is the agent itself, so
+    # host commands never go through bash or its rc files (a user's /root/.bashrc that
+    # prints something, `chsh`, or a missing bash cannot change them).  The host falls back
+    # to root when a user's image dropped this account.
+    grep -q '^localsbx:' "$root/etc/passwd" ||
+        echo 'localsbx:x:0:0:localsbx management:/root:/usr/lib/localsbx/agent' >>"$root/etc/passwd"
+    grep -q '^localsbx:' "$root/etc/shadow" ||
+        echo 'localsbx:*:19000:0:99999:7:::' >>"$root/etc/shadow"
+    grep -qx /usr/lib/localsbx/agent "$root/etc/shells" ||
+        echo /usr/lib/localsbx/agent >>"$root/etc/shells"
 
     if [ -n "$purge" ]; then
         echo "localsbx: purging $purge"

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import shlex
 import signal as _signal
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +36,9 @@ AGENT = "/usr/lib/localsbx/agent"
 MAX_INLINE_COMMAND = 8000
 #: Seconds allowed for the kill of a timed-out command's cgroup and the channel close.
 KILL_GRACE = 10.0
+#: The management account (uid 0, the agent is its login shell); ``root`` is the fallback
+#: for images that dropped it.
+MANAGEMENT_USERS = ("localsbx", "root")
 
 #: Seconds to keep collecting output after the exit status arrived.
 OUTPUT_GRACE = 2.0
@@ -143,6 +148,10 @@ class GuestConnection:
         self._client_key = client_key
         self._host_key = host_key
         self._conn: asyncssh.SSHClientConnection | None = None
+        #: True after a snapshot restore until the clock/CRNG fixup has run in the guest;
+        #: the next command then carries it (saves one round trip on the first command).
+        self.fixup_pending = False
+        self.username = MANAGEMENT_USERS[0]
 
     async def connect(self, *, timeout: float = 60.0, alive: Callable[[], bool] | None = None) -> None:
         """Connect, retrying until the server answers (it may accept before it serves:
@@ -164,11 +173,19 @@ class GuestConnection:
             try:
                 async with asyncio.timeout(max(1.0, min(15.0, deadline - loop.time()))):
                     self._conn = await asyncssh.connect(
-                        self.host, self.port, username="root", client_keys=[self._client_key],
-                        known_hosts=known, agent_path=None, config=None,
-                        preferred_auth="publickey", connect_timeout=15, keepalive_interval=0,
+                        self.host, self.port, username=self.username,
+                        client_keys=[self._client_key], known_hosts=known, agent_path=None,
+                        config=None, preferred_auth="publickey", connect_timeout=15,
+                        keepalive_interval=0, kex_algs=["curve25519-sha256"],
                     )
                 return
+            except asyncssh.PermissionDenied as exc:
+                last = exc
+                if self.username == MANAGEMENT_USERS[-1]:
+                    raise GuestError(f"the guest refused the management key: {exc}") from exc
+                self.username = MANAGEMENT_USERS[MANAGEMENT_USERS.index(self.username) + 1]
+                log.info("no %s account in the guest; using %s",
+                         MANAGEMENT_USERS[0], self.username)
             except (OSError, asyncssh.Error, TimeoutError) as exc:
                 last = exc
                 await asyncio.sleep(delay)
@@ -272,6 +289,10 @@ class GuestConnection:
             opts += ["--env", f"{k}={v}"]
         if stdin is not None:
             opts.append("--stdin")
+        if self.fixup_pending:
+            self.fixup_pending = False
+            opts += ["--fixup-time-ns", str(time.time_ns()),
+                     "--fixup-entropy", secrets.token_hex(64)]
         command = agent_command("exec", *opts, "--", *argv)
         if len(command.encode()) > MAX_INLINE_COMMAND:
             argfile = f"/run/localsbx/args-{cgroup}"
@@ -296,9 +317,24 @@ class GuestConnection:
         except GuestError as exc:
             log.warning("could not kill cgroup %s: %s", cgroup, exc)
 
+    async def fixup(self) -> None:
+        """Step the guest clock to host time and reseed its CRNG with 64 host-random bytes
+        (after a snapshot restore: recipe pitfalls 7 and 9).
+
+        :raises GuestError: the agent failed.
+        """
+        self.fixup_pending = False
+        res = await self.raw(agent_command("fixup", "--time-ns", str(time.time_ns()),
+                                           "--entropy", secrets.token_hex(64)), timeout=30)
+        if res.exit_status != 0:
+            raise GuestError("post-restore fixup failed: " + res.stderr.decode(errors="replace"))
+
     async def agent(self, verb: str, *args: str, stdin: bytes | None = None,
                     timeout: float | None = 60.0) -> ExecResult:
-        """Run an agent verb (``fixup``, ``sync``, ``poweroff``...); see the contract."""
+        """Run an agent verb (``sync``, ``poweroff``, ``get``...); see the contract.
+        A pending post-restore fixup runs first."""
+        if self.fixup_pending:
+            await self.fixup()
         return await self.raw(agent_command(verb, *args), stdin=stdin, timeout=timeout)
 
     async def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:

@@ -136,10 +136,14 @@ class Machine:
         detached: bool = False,
         wrapper: list[str] | None = None,
         name: str = "localsbx",
+        lazy_fixup: bool = False,
     ) -> Machine:
         """Restore a clone of the snapshot in ``snap_dir`` (``ram``, ``state.mig``,
         ``initrd.cpio``) on the overlay ``disk`` (created by the caller over the snapshot's
         frozen disk), then fix its clock and CRNG.
+
+        :param lazy_fixup: leave the clock/CRNG fixup to the first guest command (it runs
+            before that command, in the same round trip); otherwise it runs here.
 
         :raises SnapshotError: a snapshot file is missing or does not load (QEMU stopped).
         """
@@ -160,8 +164,11 @@ class Machine:
             m.timings["loaded"] = time.monotonic() - t0
             await m._connect()
             m.timings["connected"] = time.monotonic() - t0
-            await m.fixup()
-            m.timings["fixed"] = time.monotonic() - t0
+            if lazy_fixup:
+                m.guest.fixup_pending = True
+            else:
+                await m.guest.fixup()
+                m.timings["fixed"] = time.monotonic() - t0
         except BaseException:
             await m.stop()
             raise
@@ -173,16 +180,6 @@ class Machine:
         proc = self.qemu.proc
         await self.guest.connect(timeout=CONNECT_TIMEOUT,
                                  alive=lambda: proc is None or proc.returncode is None)
-
-    async def fixup(self) -> None:
-        """Step the guest clock to host time and reseed its CRNG with host randomness.
-
-        :raises GuestError: the agent failed.
-        """
-        res = await self.guest.agent("fixup", "--time-ns", str(time.time_ns()),
-                                     "--entropy", secrets.token_hex(64), timeout=30)
-        if res.exit_status != 0:
-            raise GuestError("post-restore fixup failed: " + res.stderr.decode(errors="replace"))
 
     async def poweroff(self, *, timeout: float = 30.0) -> bool:
         """Sync and power the guest off cleanly; ``True`` when QEMU exited by itself."""

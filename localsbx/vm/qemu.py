@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import re
@@ -170,8 +171,10 @@ def host_tsc_khz() -> int | None:
     return int(float(m.group(1)) * 1000) if m else None
 
 
+@functools.lru_cache(maxsize=1)
 def qemu_version() -> str:
-    """``qemu-system-x86_64 --version`` first line (part of the snapshot key).
+    """``qemu-system-x86_64 --version`` first line (part of the snapshot key; cached for
+    the life of the process).
 
     :raises VMError: when QEMU is not installed.
     """

@@ -3,6 +3,7 @@ its snapshot see ENV, WORKDIR, COPY owners/modes and ADD extraction; they are in
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,11 @@ def test_env_workdir_copy_add_are_visible(shared_sandbox):
     assert sb.run("test -e /opt/bundle.tar.gz").exit_code == 1
 
 
+def test_shell_form_is_bin_sh_and_exec_form_has_no_shell(shared_sandbox):  # B18
+    assert shared_sandbox.read_file("/tmp/b18.txt").decode().splitlines() == [
+        "shell=/bin/sh", "runs-under-bin-sh", "exec-form:/bin/bash", "literal:$HOME"]
+
+
 def test_build_background_process_did_not_survive(shared_sandbox):
     # the RUN started `sleep 300 &`; Docker ends a step's processes with the step
     assert shared_sandbox.run("pgrep -x sleep").exit_code == 1
@@ -75,7 +81,7 @@ def test_dsl_and_dockerfile_give_the_same_image(main_image):
         assert sb.run('echo "$GREETING|$(pwd)"').stdout == "hello big world|/srv/app/sub\n"
 
 
-def test_cli_new_exec_ls_terminate(main_image):
+def test_cli_new_exec_ls_terminate(main_image, tmp_path):
     lsbx = [str(Path(sys.executable).with_name("localsbx"))]
     sid = subprocess.run([*lsbx, "new", "--image", main_image, "--timeout", "120"],
                          capture_output=True, text=True, check=True).stdout.strip()
@@ -91,9 +97,33 @@ def test_cli_new_exec_ls_terminate(main_image):
         assert r.returncode == 143
         d = subprocess.run([*lsbx, "describe", sid], capture_output=True, text=True, check=True)
         assert '"image": "t-main"' in d.stdout
+        src = tmp_path / "in.bin"
+        src.write_bytes(bytes(range(256)) * 4)
+        subprocess.run([*lsbx, "cp", str(src), f"{sid}:/tmp/in.bin"], check=True)
+        subprocess.run([*lsbx, "cp", f"{sid}:/tmp/in.bin", str(tmp_path / "out.bin")], check=True)
+        assert (tmp_path / "out.bin").read_bytes() == src.read_bytes()
+        r = subprocess.run([*lsbx, "cp", str(src), str(tmp_path / "x")], capture_output=True,
+                           text=True)
+        assert r.returncode == 1 and "ID:/" in r.stderr
     finally:
         subprocess.run([*lsbx, "terminate", sid], capture_output=True)
     ls = subprocess.run([*lsbx, "ls", "--json"], capture_output=True, text=True, check=True)
     assert sid not in ls.stdout
     r = subprocess.run([*lsbx, "exec", sid, "--", "true"], capture_output=True, text=True)
     assert r.returncode == 1 and "no sandbox" in r.stderr
+
+
+def test_detached_sandbox_stops_at_its_timeout(main_image):
+    from .conftest import qemu_pids
+
+    exe = str(Path(sys.executable).with_name("localsbx"))
+    sid = subprocess.run([exe, "new", "--image", main_image, "--timeout", "4"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert qemu_pids(sid)
+    deadline = time.monotonic() + 30
+    while qemu_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not qemu_pids(sid)
+    ls = subprocess.run([exe, "ls", "--json"], capture_output=True, text=True, check=True)
+    assert sid not in ls.stdout
+    assert not store.sandbox_dir(sid).exists()

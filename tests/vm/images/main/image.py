@@ -13,4 +13,8 @@ image = (
     .run('echo "built in $(pwd) as $(id -un) mode=$APP_MODE" > /srv/app/built.txt && (sleep 300 &) && echo started-background')
     .workdir("sub")
     .run("pwd > /tmp/build-pwd.txt")
+    .run('echo "shell=$0" > /tmp/b18.txt')
+    .run('[ "$(readlink -f /proc/$$/exe)" = "$(readlink -f /bin/sh)" ] && echo runs-under-bin-sh >> /tmp/b18.txt')
+    .run('["/bin/bash", "-c", "echo exec-form:$0 >> /tmp/b18.txt"]')
+    .run('["sh", "-c", "echo literal:\'$HOME\' >> /tmp/b18.txt"]')
 )
