@@ -55,6 +55,20 @@ class _CliReporter:
             sys.stderr.buffer.flush()
 
 
+def _pairs(option: str, values: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` option values as a dict.
+
+    :raises ConfigError: a value without ``=``.
+    """
+    out = {}
+    for item in values:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise ConfigError(f"{option} {item!r}: expected KEY=VALUE")
+        out[k] = v
+    return out
+
+
 def _esc(text: str) -> str:
     return text.replace("[", r"\[")
 
@@ -140,12 +154,7 @@ def image_build(
 
     if not path.exists():
         raise ConfigError(f"{path}: no such file", hint="give the path of a Dockerfile or .py file")
-    args = {}
-    for a in build_arg:
-        k, sep, v = a.partition("=")
-        if not sep:
-            raise ConfigError(f"--build-arg {a!r}: expected KEY=VALUE")
-        args[k] = v
+    args = _pairs("--build-arg", build_arg)
     definition = _load_definition(path, name, args)
     ctx = context if context is not None else path.resolve().parent
     t = time.monotonic()
@@ -231,12 +240,7 @@ def exec_(
     from localsbx._loop import run_sync
     from localsbx.sandbox import AsyncSandbox
 
-    envd = {}
-    for e in env:
-        k, sep, v = e.partition("=")
-        if not sep:
-            raise ConfigError(f"--env {e!r}: expected KEY=VALUE")
-        envd[k] = v
+    envd = _pairs("--env", env)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
