@@ -14,7 +14,7 @@ def test_pip_install_with_break_system_packages(base_ready):
     build(IMAGES / "net" / "Dockerfile", "t-net")
     try:
         with Sandbox.create("t-net") as sb:
-            r = sb.run("python3 -c 'import six; print(\\"six\\", six.__version__)'")
+            r = sb.run("python3", ["-c", "import six; print('six', six.__version__)"])
             assert r.exit_code == 0, r.stderr
             assert r.stdout.startswith("six 1.")
             assert sb.run("ls /usr/lib/python3*/EXTERNALLY-MANAGED").exit_code == 0
