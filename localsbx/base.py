@@ -468,6 +468,29 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+#: Where Debian/Ubuntu hosts keep locally added CA certificates (update-ca-certificates).
+HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
+
+
+def host_ca_certificates() -> list[Path]:
+    """The host's locally added CA certificates (``/usr/local/share/ca-certificates/**/*.crt``).
+
+    A base trusts them too, so guests work behind the same TLS-inspecting proxy as the host
+    (``pip install`` and ``apt-get`` over https in a RUN step). ``LOCALSBX_HOST_CA=0`` turns
+    this off.
+    """
+    if os.environ.get("LOCALSBX_HOST_CA", "1") == "0" or not HOST_CA_DIR.is_dir():
+        return []
+    return sorted(p for p in HOST_CA_DIR.rglob("*.crt") if p.is_file() and os.access(p, os.R_OK))
+
+
+def _ca_hook(certs: list[Path]) -> str:
+    q = shlex.quote
+    dest = '"$1"/usr/local/share/ca-certificates/localsbx-host'
+    return (f"mkdir -p {dest} && cp {' '.join(q(str(c)) for c in certs)} {dest}/ && "
+            'chroot "$1" update-ca-certificates >/dev/null')
+
+
 def _mmdebstrap_argv(recipe: Recipe, *, mode: str, stage: Path, agent: Path, ext4: Path,
                      mirror: str, security: str | None) -> list[str]:
     q = shlex.quote
@@ -489,6 +512,9 @@ def _mmdebstrap_argv(recipe: Recipe, *, mode: str, stage: Path, agent: Path, ext
     ]
     if recipe.customize is not None:
         argv.append(f"--customize-hook=sh {q(str(recipe.customize))} \"$1\"")
+    certs = host_ca_certificates()
+    if certs:
+        argv.append(f"--customize-hook={_ca_hook(certs)}")
     argv += [f"--customize-hook={mkfs}", recipe.suite, "/dev/null"]
     comps = " ".join(recipe.components)
     for suite in (recipe.suite, *recipe.extra_suites):
@@ -602,6 +628,7 @@ def _build_into(recipe: Recipe, tmp: Path, work: Path, *, mirror: str, security:
         "security_mirror": security if recipe.security else None,
         "mmdebstrap_mode": mode,
         "recipe_digest": recipe.digest,
+        "host_ca_certificates": [c.name for c in host_ca_certificates()],
         "build_seconds": round(time.monotonic() - t0, 1),
         "rootfs_seconds": round(t_rootfs, 1),
         "built_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
