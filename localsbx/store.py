@@ -24,8 +24,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import asyncssh
-
 from localsbx import paths
 from localsbx.errors import ConfigError, ImageNotFound, SandboxNotFound
 from localsbx.vm.qemu import kill_pid, pid_alive
@@ -86,8 +84,10 @@ def read_json(path: Path) -> dict:
 
 # --------------------------------------------------------------------------- keys
 
-def management_key() -> asyncssh.SSHKey:
-    """The store's management SSH key (ed25519), created on first use (mode 0600)."""
+def management_key():
+    """The store's management SSH key (ed25519, an ``asyncssh.SSHKey``), created on first
+    use (mode 0600)."""
+    import asyncssh  # lazy: keeps `localsbx ls` and the pytest plugin quick to start
     kdir = paths.keys_dir()
     key_path = kdir / "id_ed25519"
     with locked(kdir / ".lock"):
