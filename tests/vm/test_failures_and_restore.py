@@ -101,7 +101,9 @@ def test_damaged_or_missing_snapshot_is_a_clear_error(b28_image, tmp_path):  # B
 
 
 def test_no_qemu_left_behind():
+    """Every QEMU of this store's sandboxes belongs to a listed, live sandbox."""
     out = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True).stdout
-    ours = [line for line in out.splitlines() if "localsbx" in line and "sandboxes" in line]
+    root = str(store.paths.sandboxes_dir())
+    ours = [line for line in out.splitlines() if root in line]
     alive = {r.id for r in store.list_sandboxes()}
     assert all(any(a in line for a in alive) for line in ours), ours
