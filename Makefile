@@ -42,7 +42,7 @@ base: apt venv
 	  || $(LSBX) base build $(BASE)
 
 demo: setup
-	$(LSBX) image build images/examples/hello/Dockerfile -n hello
+	$(LSBX) image build images/examples/hello/Dockerfile -n hello >/dev/null
 	@id=$$($(LSBX) new --image hello) && echo "== sandbox $$id" && \
 	  $(LSBX) exec $$id -- ./hello.sh; rc=$$?; $(LSBX) terminate $$id; exit $$rc
 

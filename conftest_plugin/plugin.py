@@ -51,7 +51,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--sandbox-keep", dest="sandbox_keep", default=None, choices=KEEP_CHOICES,
         help="leave sandboxes running after their tests: 'failed' (those of failing tests), "
-             "'always', or 'never' (default); prints `localsbx exec ID -- sh` for each. Kept "
+             "'always', or 'never' (default); prints `localsbx exec -it ID -- sh` for each. Kept "
              "sandboxes stop at their timeout_secs (default 600). ini: sandbox_keep")
     group.addoption(
         "--sandbox-project", dest="sandbox_project", default=None, metavar="PROJECT",
@@ -220,7 +220,7 @@ class _ReportHooks:
         if self.kept:
             terminalreporter.section("localsbx: kept sandboxes", sep="-")
             for sid, nodeid in self.kept:
-                terminalreporter.write_line(f"{nodeid}: localsbx exec {sid} -- sh   "
+                terminalreporter.write_line(f"{nodeid}: localsbx exec -it {sid} -- sh   "
                                             f"(stop: localsbx terminate {sid})")
             terminalreporter.write_line("kept sandboxes stop by themselves at their timeout "
                                         "(timeout_secs, default 600 s)")

@@ -82,6 +82,6 @@ def format_sandbox(sandbox_id: str, image: str, history, *, alive: bool, serial_
         out.append(f"serial log tail ({serial_log}):")
         out.extend(f"  | {ln}" for ln in serial_tail(serial_log).splitlines())
     if kept:
-        out.append(f"kept running: localsbx exec {sandbox_id} -- sh   "
+        out.append(f"kept running: localsbx exec -it {sandbox_id} -- sh   "
                    f"(stop it: localsbx terminate {sandbox_id})")
     return "\n".join(out)

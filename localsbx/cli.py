@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from localsbx import store
-from localsbx.errors import ConfigError, DefinitionError, LocalsbxError
+from localsbx.errors import ConfigError, DefinitionError, LocalsbxError, SourceLocation
 
 app = typer.Typer(help="Local, offline Tensorlake-style sandboxes on QEMU microVMs.",
                   no_args_is_help=True, add_completion=False,
@@ -33,12 +33,16 @@ image_app = typer.Typer(help="Images built from Dockerfiles or the Python DSL.",
 app.add_typer(base_app, name="base")
 app.add_typer(image_app, name="image")
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
 
 ProjectOpt = Annotated[Optional[str], typer.Option(
     "--project", "-p", help="Project (default: $LOCALSBX_PROJECT or 'default').")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+#: Step output was already shown live (so an error need not repeat its tail).
+_streamed_output = False
 
 
 class _CliReporter:
@@ -50,7 +54,9 @@ class _CliReporter:
         err.print(f"[{style}]{_esc(text)}[/]")
 
     def output(self, chunk: bytes) -> None:
+        global _streamed_output
         if not self.quiet:
+            _streamed_output = True
             sys.stderr.buffer.write(chunk)
             sys.stderr.buffer.flush()
 
@@ -114,7 +120,19 @@ def _load_definition(path: Path, name: str | None, build_args: dict[str, str]):
     if path.suffix == ".py":
         from localsbx.definition.dsl import Image
 
-        ns = runpy.run_path(str(path))
+        try:
+            ns = runpy.run_path(str(path))
+        except SyntaxError as exc:
+            raise DefinitionError(f"{exc.msg}", location=SourceLocation(str(path), exc.lineno),
+                                  hint="fix the Python syntax error") from None
+        except Exception as exc:
+            import traceback
+
+            tb = traceback.extract_tb(exc.__traceback__)
+            line = next((f.lineno for f in reversed(tb) if f.filename == str(path)), None)
+            raise DefinitionError(f"running it raised {type(exc).__name__}: {exc}",
+                                  location=SourceLocation(str(path), line),
+                                  hint="the file must define an Image without errors") from None
         images = [v for v in ns.values() if isinstance(v, Image)]
         if name:
             match = [i for i in images if i.name == name]
@@ -152,8 +170,11 @@ def image_build(
     """Build an image and register it in the project."""
     from localsbx.build.builder import build_image
 
+    if path.is_dir():  # like `docker build DIR`: DIR/Dockerfile, DIR is the context
+        path = path / "Dockerfile"
     if not path.exists():
-        raise ConfigError(f"{path}: no such file", hint="give the path of a Dockerfile or .py file")
+        raise ConfigError(f"{path}: no such file",
+                          hint="give a Dockerfile, a folder holding one, or a .py file")
     args = _pairs("--build-arg", build_arg)
     definition = _load_definition(path, name, args)
     ctx = context if context is not None else path.resolve().parent
@@ -235,6 +256,8 @@ def exec_(
     workdir: Annotated[Optional[str], typer.Option("--workdir", "-w")] = None,
     timeout: Annotated[Optional[float], typer.Option(help="Seconds; kills the process tree.")] = None,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Pass stdin.")] = False,
+    tty: Annotated[bool, typer.Option("--tty", "-t", help="Allocate a terminal (with -i: an "
+                                      "interactive session, like docker exec -it).")] = False,
 ):
     """Run a command in a sandbox, streaming its output; exit with its exit code."""
     from localsbx._loop import run_sync
@@ -245,6 +268,8 @@ def exec_(
         command = command[1:]
     if not command:
         raise ConfigError("exec: no command given", hint="localsbx exec ID -- CMD [ARGS...]")
+    if tty:
+        raise typer.Exit(_exec_tty(sandbox_id, command, envd, workdir))
     data = sys.stdin.buffer.read() if interactive else None
 
     def w(stream):
@@ -268,6 +293,63 @@ def exec_(
     raise typer.Exit(res.shell_code)
 
 
+def _exec_tty(sandbox_id: str, command: list[str], env: dict, workdir: str | None) -> int:
+    """``exec -it``: the command on a guest PTY, this terminal in raw mode."""
+    import asyncio
+    import shutil
+    import termios
+    import tty as _tty
+
+    from localsbx._loop import run_sync
+    from localsbx.build.builder import runtime_env
+    from localsbx.guest.ssh import agent_command
+    from localsbx.sandbox import AsyncSandbox
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+
+    async def go() -> int:
+        sb = await AsyncSandbox.connect(sandbox_id)
+        term = os.environ.get("TERM", "xterm")
+        full_env = {**runtime_env(sb.record.env), "TERM": term, **env}
+        opts = ["--stdin", "--cwd", workdir or sb.record.workdir]
+        for k, v in full_env.items():
+            opts += ["--env", f"{k}={v}"]
+        size = shutil.get_terminal_size()
+        conn = sb._guest._require()
+        proc = await conn.create_process(agent_command("exec", *opts, "--", *command),
+                                         term_type=term, term_size=(size.columns, size.lines),
+                                         encoding=None)
+        loop = asyncio.get_running_loop()
+
+        def on_input() -> None:
+            data = os.read(fd, 4096)
+            if data:
+                proc.stdin.write(data)
+            else:
+                loop.remove_reader(fd)
+                proc.stdin.write_eof()
+
+        loop.add_reader(fd, on_input)
+        try:
+            while chunk := await proc.stdout.read(65536):
+                os.write(1, chunk)
+            await proc.wait_closed()
+        finally:
+            loop.remove_reader(fd)
+            await sb.close()
+        return proc.returncode if proc.returncode is not None and proc.returncode >= 0 \
+            else 128 + abs(proc.returncode or 0)
+
+    try:
+        if saved is not None:
+            _tty.setraw(fd)
+        return run_sync(go())
+    finally:
+        if saved is not None:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
 @app.command("ls")
 def ls(as_json: JsonOpt = False):
     """List running sandboxes."""
@@ -275,13 +357,13 @@ def ls(as_json: JsonOpt = False):
     if as_json:
         out.print_json(data=[_sandbox_json(r) for r in recs])
         return
-    t = Table("ID", "IMAGE", "PROJECT", "STATUS", "CPUS", "MEMORY", "AGE", "EXPIRES IN", "SSH PORT")
     now = time.time()
+    rows = [("ID", "IMAGE", "NAME", "PROJECT", "CPUS", "MEMORY", "AGE", "EXPIRES IN")]
     for r in recs:
-        t.add_row(r.id, r.image, r.project, "running", str(r.cpus), f"{r.memory_mb} MiB",
-                  f"{now - r.created_at:.0f} s",
-                  f"{r.deadline - now:.0f} s" if r.deadline else "never", str(r.ssh_port))
-    out.print(t)
+        rows.append((r.id, r.image, r.name or "-", r.project, str(r.cpus), f"{r.memory_mb} MiB",
+                     f"{now - r.created_at:.0f} s",
+                     f"{r.deadline - now:.0f} s" if r.deadline else "never"))
+    _print_columns(rows)
 
 
 def _sandbox_json(r: store.SandboxRecord) -> dict:
@@ -309,7 +391,7 @@ def terminate(sandbox_ids: Annotated[list[str], typer.Argument(help="Sandbox ids
         try:
             rec = store.read_sandbox(sid)
         except LocalsbxError as exc:
-            err.print(f"[red]{_esc(str(exc))}[/]")
+            err.print(f"[red]error:[/] {_esc(str(exc))}")
             code = 1
             continue
         asyncio.run(_stop_pid(rec))
@@ -365,23 +447,27 @@ async def _upload(sb, src: Path, dest: str) -> None:
 
 
 async def _download(sb, src: str, dest: Path) -> None:
+    probe = await sb.exec(["test", "-d", src])
+    if probe.exit_status != 0:  # a file, or a symlink to one (followed, like `cat`)
+        data = await sb.read_file(src)
+        target = dest / os.path.basename(src.rstrip("/")) if dest.is_dir() else dest
+        target.write_bytes(data)
+        return
     res = await sb.exec(["tar", "-C", os.path.dirname(src.rstrip("/")) or "/", "-cf", "-",
                          os.path.basename(src.rstrip("/"))])
     if res.exit_status != 0:
         raise LocalsbxError(f"cp: cannot read {src} in the sandbox: "
                             + res.stderr.decode(errors="replace").strip())
+    name = os.path.basename(src.rstrip("/"))
+    root = dest / name if dest.exists() else dest
+    root.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(res.stdout)) as tf:
-        members = tf.getmembers()
-        if len(members) == 1 and members[0].isfile():
-            target = dest / members[0].name if dest.is_dir() else dest
-            target.write_bytes(tf.extractfile(members[0]).read())
-            os.chmod(target, members[0].mode & 0o7777)
-        else:
-            root = dest if not dest.exists() else dest / os.path.basename(src.rstrip("/"))
-            root.mkdir(parents=True, exist_ok=True)
-            for m in members:
-                m.name = os.path.relpath(m.name, os.path.basename(src.rstrip("/")))
-            tf.extractall(root, members=[m for m in members if m.name != "."], filter="data")
+        members = []
+        for m in tf.getmembers():
+            m.name = os.path.relpath(m.name, name)
+            if m.name != ".":
+                members.append(m)
+        tf.extractall(root, members=members, filter="data")
 
 
 # ----------------------------------------------------------------------------- doctor / gc
@@ -403,7 +489,12 @@ def doctor(refresh: Annotated[bool, typer.Option("--refresh", help="Probe KVM ag
         out.print(f"{'[green]ok[/]' if found else '[red]missing[/]':>20}  {tool}")
     with_version = qemu_version() if shutil.which("qemu-system-x86_64") else "-"
     out.print(f"{'':>11}QEMU: {with_version}")
-    built = [b for b in list_bases() if _base_json(b).get("state") == "built"]
+    bases = list_bases()
+    for b in bases:
+        j = _base_json(b)
+        mark = "[green]built[/]" if j.get("state") == "built" else f"[yellow]{j.get('state')}[/]"
+        out.print(f"{'base':>20}  {j['name']}: {mark} {j.get('kernel_version') or ''}")
+    built = [b for b in bases if _base_json(b).get("state") == "built"]
     if not built:
         out.print("[yellow]no base image built[/]: run `localsbx base build debian-minimal`")
         raise typer.Exit(1)
@@ -420,10 +511,18 @@ def doctor(refresh: Annotated[bool, typer.Option("--refresh", help="Probe KVM ag
 def gc():
     """Reap sandboxes whose QEMU or owner is gone and half-written builds."""
     n = store.reap()
-    err.print(f"reaped {n} sandbox(es)")
+    gone = store.gc_images()
+    err.print(f"reaped {n} sandbox(es); removed {len(gone)} unused image folder(s)")
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _print_columns(rows: list[tuple[str, ...]]) -> None:
+    """Plain aligned columns (like ``docker ps``): never truncated, easy to cut/awk."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
 
 def _size(n) -> str:
     if not n:
@@ -456,7 +555,7 @@ def main() -> None:
         sys.exit(rc if isinstance(rc, int) else 0)
     except LocalsbxError as exc:
         err.print(f"[red]error:[/] {_esc(exc.message)}")
-        if getattr(exc, "output_tail", ""):
+        if getattr(exc, "output_tail", "") and not _streamed_output:
             err.print("[dim]--- output (tail) ---[/]")
             err.print(_esc(exc.output_tail))
         if exc.hint:
@@ -467,14 +566,17 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")
         sys.exit(130)
-    except Exception as exc:  # click usage errors etc.
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:
+        # Usage errors come from click, which typer may vendor (typer._click): match by name.
+        names = {c.__name__ for c in type(exc).__mro__}
+        if "ClickException" in names:
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if "Abort" in names:
+            err.print("[red]interrupted[/]")
             sys.exit(130)
+        if "Exit" in names:
+            sys.exit(getattr(exc, "exit_code", 0))
         raise
 
 

@@ -210,13 +210,38 @@ def remove_image(name: str, *, project: str | None = None) -> None:
             raise ImageNotFound(f"no image named {name!r} in project {project!r}")
         digest = table.pop(name)["digest"]
         write_json_atomic(pf, {"images": table})
-    used = any(
-        e.get("digest") == digest
-        for proj in (paths.projects_dir().iterdir() if paths.projects_dir().exists() else [])
-        for e in _read_table(proj.name).values()
-    ) or any(s.image_digest == digest for s in list_sandboxes())
-    if not used:
-        _rmtree(image_dir(digest))
+    drop_image_if_unused(digest)
+
+
+def gc_images(*, min_age: float = 60.0) -> list[str]:
+    """Delete image folders that no project names and no live sandbox uses.
+
+    :param min_age: seconds; younger folders are kept (a build registers its name just
+        after renaming its folder into place).
+    :returns: the digests deleted.
+    """
+    root = paths.images_dir()
+    if not root.exists():
+        return []
+    named = set()
+    if paths.projects_dir().exists():
+        for proj in paths.projects_dir().iterdir():
+            if proj.is_dir():
+                named |= {e.get("digest") for e in _read_table(proj.name).values()}
+    in_use = {s.image_digest for s in list_sandboxes(reap_dead=False)}
+    gone = []
+    now = time.time()
+    for d in root.iterdir():
+        if d.name.startswith(".") or d.name in named or d.name in in_use:
+            continue
+        try:
+            age = now - (d / "image.json").stat().st_mtime
+        except OSError:
+            age = min_age
+        if age >= min_age:
+            _rmtree(d)
+            gone.append(d.name)
+    return gone
 
 
 def _rmtree(path: Path) -> None:
@@ -334,7 +359,8 @@ def read_sandbox(sandbox_id: str) -> SandboxRecord:
 
 
 def cleanup_sandbox(rec: SandboxRecord) -> None:
-    """Kill the sandbox's QEMU if still there and remove its folder."""
+    """Kill the sandbox's QEMU if still there and remove its folder (and the image folder
+    it used, if it was the last user of an unregistered image)."""
     kill_pid(rec.pid, start_time=rec.pid_start)
     if rec.qemu_pid != rec.pid:
         # the QEMU under a `timeout` wrapper; only if it still looks like ours
@@ -342,6 +368,24 @@ def cleanup_sandbox(rec: SandboxRecord) -> None:
             if str(rec.dir) in Path(f"/proc/{rec.qemu_pid}/cmdline").read_bytes().decode(errors="replace"):
                 kill_pid(rec.qemu_pid)
     _rmtree(rec.dir)
+    drop_image_if_unused(rec.image_digest)
+
+
+def drop_image_if_unused(digest: str) -> bool:
+    """Delete ``images/<digest>`` when no project names it and no live sandbox uses it."""
+    if image_is_named(digest) or any(s.image_digest == digest
+                                     for s in list_sandboxes(reap_dead=False)):
+        return False
+    _rmtree(image_dir(digest))
+    return True
+
+
+def image_is_named(digest: str) -> bool:
+    """Whether any project registers an image with this digest."""
+    if not paths.projects_dir().exists():
+        return False
+    return any(e.get("digest") == digest for proj in paths.projects_dir().iterdir()
+               if proj.is_dir() for e in _read_table(proj.name).values())
 
 
 def list_sandboxes(*, reap_dead: bool = True) -> list[SandboxRecord]:

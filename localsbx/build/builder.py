@@ -243,10 +243,10 @@ async def _run_ops(vm: Machine, defn: ImageDefinition, ctx, rep: Reporter) -> tu
             env[op.key] = op.value
         elif isinstance(op, Workdir):
             res = await vm.guest.exec(["mkdir", "-p", op.path], env=runtime_env(env), cwd="/")
-            _check(op, res, _Tail(None), what="creating WORKDIR")
+            _check(op, res, _Tail(None), what="creating WORKDIR", source=defn.source)
             workdir = op.path
         elif isinstance(op, Run):
-            await _run(vm, op, env, workdir, rep)
+            await _run(vm, op, env, workdir, rep, defn.source)
         elif isinstance(op, Copy):
             if ctx is None:
                 raise DefinitionError(f"{op.describe()}: no build context")
@@ -259,13 +259,14 @@ async def _run_ops(vm: Machine, defn: ImageDefinition, ctx, rep: Reporter) -> tu
             data = ctx.make_tar(op, passwd=passwd.decode(errors="replace"),
                                 group=group.decode(errors="replace"), dest_is_dir=dest_is_dir)
             res = await vm.guest.extract_tar(data, timeout=step_timeout())
-            _check(op, res, _Tail(None), what="extracting files")
+            _check(op, res, _Tail(None), what="extracting files", source=defn.source)
         else:  # pragma: no cover - the IR has five ops
             raise DefinitionError(f"unknown op {op!r}")
     return env, workdir
 
 
-async def _run(vm: Machine, op: Run, env: dict, workdir: str, rep: Reporter) -> None:
+async def _run(vm: Machine, op: Run, env: dict, workdir: str, rep: Reporter,
+               source: str) -> None:
     argv = list(op.argv)
     if op.script is not None:
         path = f"/tmp/.localsbx-run-{time.time_ns()}"
@@ -278,22 +279,23 @@ async def _run(vm: Machine, op: Run, env: dict, workdir: str, rep: Reporter) -> 
     if op.script is not None:
         with contextlib.suppress(Exception):
             await vm.guest.exec(["rm", "-f", argv[-1]], env=runtime_env(env))
-    _check(op, res, tail)
+    _check(op, res, tail, source=source)
 
 
-def _check(op: Op, res: ExecResult, tail: _Tail, *, what: str = "") -> None:
+def _check(op: Op, res: ExecResult, tail: _Tail, *, what: str = "", source: str = "") -> None:
     if res.exit_status == 0 and not res.timed_out:
         return
     if not tail.buf:
         tail(res.stdout + res.stderr)
     hint = None
     if res.timed_out:
-        hint = ("the step exceeded LOCALSBX_STEP_TIMEOUT; it may be waiting for input - "
-                "set DEBIAN_FRONTEND=noninteractive or pass -y")
+        hint = (f"the step ran past LOCALSBX_STEP_TIMEOUT ({step_timeout():.0f} s); it may be "
+                "waiting for input - set DEBIAN_FRONTEND=noninteractive or pass -y")
     elif res.exit_status == 127:
         hint = "command not found (shell-form RUN uses /bin/sh, which is dash: no `source`, use `.`)"
+    where = f"{source}, " if source and not source.startswith("<") else ""
     raise ImageBuildError(
-        f"build failed at {op.describe()}: {what + ': ' if what else ''}{res.describe()}",
+        f"build failed at {where}{op.describe()}: {what + ': ' if what else ''}{res.describe()}",
         step=op.describe(), exit_code=res.shell_code, output_tail=tail.text(), hint=hint)
 
 

@@ -304,6 +304,12 @@ class GuestConnection:
         except CommandTimeout as exc:
             await self.kill_cgroup(cgroup)
             return ExecResult(None, int(_signal.SIGKILL), exc.stdout, exc.stderr, timed_out=True)
+        except asyncio.CancelledError:
+            # Ctrl-C on the host: the command must not run on in the guest.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                async with asyncio.timeout(KILL_GRACE):
+                    await self.kill_cgroup(cgroup)
+            raise
         if kill_tree:
             await self.kill_cgroup(cgroup)
         return res

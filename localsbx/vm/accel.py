@@ -65,8 +65,14 @@ async def probe_kvm(kernel: Path, initrd: Path, *, timeout: float = PROBE_TIMEOU
             await vm.wait_for_serial(PROBE_MARKER, timeout=timeout)
             return True, f"KVM probe guest reached init in {time.monotonic() - start:.1f} s"
         except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
-            first = str(exc).splitlines()[0]
-            return False, f"KVM probe guest did not reach init ({first})"
+            rc = vm.proc.returncode if vm.proc is not None else None
+            if rc is not None:
+                why = f"QEMU exited with status {rc} under -accel kvm"
+                if rc < 0:
+                    why += f" (signal {-rc}: this host's /dev/kvm cannot run the guest)"
+            else:
+                why = str(exc).splitlines()[0].rstrip(".")
+            return False, f"the KVM probe guest did not reach init: {why}"
         finally:
             await vm.shutdown(graceful=False, timeout=2.0)
 
@@ -91,10 +97,10 @@ async def choose_accel(kernel: Path, initrd: Path, *, refresh: bool = False) -> 
             data = json.loads(cache.read_text())
             if data["key"] == key:
                 if data["kind"] == "kvm":
-                    return Accel("kvm", None, data["reason"] + " (cached)")
-                return _tcg(data["reason"] + " (cached)")
+                    return Accel("kvm", None, data["reason"] + " [cached verdict]")
+                return _tcg(data["reason"] + " [cached verdict; `localsbx doctor --refresh` probes again]")
     ok, reason = await probe_kvm(kernel, initrd)
-    accel = Accel("kvm", None, reason) if ok else _tcg(reason + "; using TCG (software emulation)")
+    accel = Accel("kvm", None, reason) if ok else _tcg(reason + " - using TCG (software emulation)")
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps({"key": key, "kind": accel.kind, "reason": accel.reason,

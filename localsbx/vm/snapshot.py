@@ -59,7 +59,11 @@ def key_mismatch(saved: dict, wanted: dict) -> list[str]:
               "cpus": "vCPUs", "kernel": "kernel", "machine": "machine arguments"}
     out = []
     for k, label in labels.items():
-        if saved.get(k) != wanted.get(k):
+        if saved.get(k) == wanted.get(k):
+            continue
+        if k in ("kernel", "machine"):  # digests mean nothing to a reader
+            out.append(f"{label}: not the snapshot's")
+        else:
             out.append(f"{label}: snapshot {saved.get(k)!r}, now {wanted.get(k)!r}")
     return out
 

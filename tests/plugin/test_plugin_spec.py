@@ -115,4 +115,4 @@ def test_report_section_text():
     assert "killed by SIGKILL (exit 137)" in text
     assert "timed out" in text and "| y49" in text and "(38 earlier lines)" in text
     assert "serial log tail (/nonexistent/s)" in text and "is gone" in text
-    assert "localsbx exec abc123 -- sh" in text
+    assert "localsbx exec -it abc123 -- sh" in text

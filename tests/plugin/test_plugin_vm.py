@@ -181,9 +181,9 @@ def test_keep_failed_keeps_only_the_failing_sandbox(inner):
     pass_id, fail_id = read_ids(inner.path)
     try:
         res.stdout.fnmatch_lines([
-            f"kept running: localsbx exec {fail_id} -- sh   (stop it: localsbx terminate {fail_id})",
+            f"kept running: localsbx exec -it {fail_id} -- sh   (stop it: localsbx terminate {fail_id})",
             "*localsbx: kept sandboxes*",
-            f"test_keep.py::test_fails: localsbx exec {fail_id} -- sh*",
+            f"test_keep.py::test_fails: localsbx exec -it {fail_id} -- sh*",
         ])
         assert_gone(pass_id)
         # the inner pytest has exited; the kept sandbox still runs and has the test's state
@@ -223,8 +223,8 @@ def test_keep_always_keeps_function_and_module_sandboxes(inner):
         assert len(ids) == 2
         res.stdout.fnmatch_lines([
             "*localsbx: kept sandboxes*",
-            f"test_always.py::test_fn: localsbx exec {ids[0]} -- sh*",
-            f"test_always.py::test_mod: localsbx exec {ids[1]} -- sh*",
+            f"test_always.py::test_fn: localsbx exec -it {ids[0]} -- sh*",
+            f"test_always.py::test_mod: localsbx exec -it {ids[1]} -- sh*",
         ])
         for sid in ids:
             assert sandbox_procs(sid)

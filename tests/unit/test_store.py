@@ -107,3 +107,17 @@ def test_json_writes_are_atomic(home):
     store.write_json_atomic(p, {"a": 1})
     assert json.loads(p.read_text()) == {"a": 1}
     assert [f for f in os.listdir(home) if f.endswith(".tmp")] == []
+
+
+def test_unregistered_image_goes_with_its_last_sandbox():
+    path = _fake_image()
+    store.register_image("default", "a", "d" * 32)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    rec = _record(child.pid, image_digest="d" * 32)
+    store.write_sandbox(rec)
+    store.remove_image("a")
+    assert path.exists()  # a sandbox still uses it
+    child.kill()
+    child.wait()
+    store.cleanup_sandbox(rec)
+    assert not path.exists()
