@@ -20,7 +20,6 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from localsbx import store
 from localsbx.errors import ConfigError, DefinitionError, LocalsbxError, SourceLocation
@@ -100,12 +99,12 @@ def base_ls(as_json: JsonOpt = False):
     if as_json:
         out.print_json(data=[_base_json(b) for b in bases])
         return
-    t = Table("NAME", "STATE", "KERNEL", "SIZE", "BUILT")
+    rows = [("NAME", "STATE", "KERNEL", "SIZE", "BUILT")]
     for b in bases:
         j = _base_json(b)
-        t.add_row(j["name"], j["state"], j.get("kernel_version") or "-",
-                  _size(j.get("size_bytes")), _when(j.get("built_at")))
-    out.print(t)
+        rows.append((j["name"], j["state"], j.get("kernel_version") or "-",
+                     _size(j.get("size_bytes")), _when(j.get("built_at"))))
+    _print_columns(rows)
 
 
 def _base_json(b) -> dict:
@@ -193,11 +192,11 @@ def image_ls(as_json: JsonOpt = False, project: ProjectOpt = None):
     if as_json:
         out.print_json(data=[_image_json(i) for i in imgs])
         return
-    t = Table("NAME", "BASE", "DIGEST", "CREATED", "BUILD")
+    rows = [("NAME", "BASE", "DIGEST", "CREATED", "BUILD")]
     for i in imgs:
-        t.add_row(i.name, i.meta.get("base", "?"), i.digest[:12], _when(i.meta.get("created_at")),
-                  f"{i.meta.get('build_seconds', '?')} s")
-    out.print(t)
+        rows.append((i.name, i.meta.get("base", "?"), i.digest[:12],
+                     _when(i.meta.get("created_at")), f"{i.meta.get('build_seconds', '?')} s"))
+    _print_columns(rows)
 
 
 def _image_json(i: store.ImageRecord) -> dict:
