@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -85,6 +86,17 @@ def runtime_env(image_env: dict[str, str], user_home: str = "/root") -> dict[str
     """The environment of a command: ``HOME`` (as Docker sets it at run time), then the
     image ENV (which may override it)."""
     return {"HOME": user_home, **image_env}
+
+
+class StderrReporter(Reporter):
+    """Progress lines and live step output on stderr (``Image.build(verbose=True)``)."""
+
+    def say(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def output(self, chunk: bytes) -> None:
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.buffer.flush()
 
 
 def _uses_context(defn: ImageDefinition) -> bool:

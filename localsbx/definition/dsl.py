@@ -247,6 +247,7 @@ class Image:
         memory_mb: int = 4096,
         project: str | None = None,
         build_args: dict[str, str] | None = None,
+        verbose: bool = False,
         **ignored: Any,
     ) -> Any:
         """Build the image in a local VM and register it (Tensorlake's ``Image.build``).
@@ -257,16 +258,18 @@ class Image:
         :param memory_mb: RAM of the build VM in MiB (default 4096).
         :param project: localsbx project to register in (default project when ``None``).
         :param build_args: build-time variables (see :meth:`to_definition`).
+        :param verbose: print build progress and step output to stderr (as Tensorlake's).
         :param ignored: Tensorlake-only options (``disk_mb``, ``is_public``, ``cas``, ...),
             accepted and ignored.
         :returns: the ``ImageRecord`` of the registered image.
         :raises DefinitionError: the definition is invalid.
         :raises ImageBuildError: a build step failed.
         """
-        from localsbx.build.builder import build_image
+        from localsbx.build.builder import StderrReporter, build_image
 
         cpu_count = int(cpus) if float(cpus).is_integer() else int(cpus) + 1
         definition = replace(self.to_definition(build_args), build_cpus=max(1, cpu_count),
                              build_memory_mb=int(memory_mb))
         return build_image(definition, context_dir=context_dir, project=project,
-                           name=registered_name or self._name)
+                           name=registered_name or self._name,
+                           reporter=StderrReporter() if verbose else None)
