@@ -265,11 +265,13 @@ class Image:
         :raises DefinitionError: the definition is invalid.
         :raises ImageBuildError: a build step failed.
         """
-        from localsbx.build.builder import StderrReporter, build_image
+        import importlib
+
+        builder = importlib.import_module("localsbx.build.builder")  # lazy: no VM code before
 
         cpu_count = int(cpus) if float(cpus).is_integer() else int(cpus) + 1
         definition = replace(self.to_definition(build_args), build_cpus=max(1, cpu_count),
                              build_memory_mb=int(memory_mb))
-        return build_image(definition, context_dir=context_dir, project=project,
-                           name=registered_name or self._name,
-                           reporter=StderrReporter() if verbose else None)
+        return builder.build_image(definition, context_dir=context_dir, project=project,
+                                   name=registered_name or self._name,
+                                   **({"reporter": builder.StderrReporter()} if verbose else {}))
