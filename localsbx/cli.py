@@ -8,7 +8,6 @@ SIGHUP are turned into KeyboardInterrupt so every cleanup runs.
 from __future__ import annotations
 
 import io
-import json
 import os
 import runpy
 import signal

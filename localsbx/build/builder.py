@@ -78,7 +78,7 @@ class Reporter:
     def say(self, text: str) -> None:
         log.info("%s", text)
 
-    def output(self, chunk: bytes) -> None:  # noqa: B027 - optional hook
+    def output(self, chunk: bytes) -> None:  # an optional hook: the default drops output
         pass
 
 
