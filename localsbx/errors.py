@@ -6,6 +6,7 @@ Library code never calls ``sys.exit``; it raises one of these::
 
     LocalsbxError
      +-- ConfigError              bad option, environment or host set-up
+     +-- HostCommandError         a host tool (qemu-img, zstd...) failed or timed out
      +-- DefinitionError          a Dockerfile / DSL definition is wrong (file, line)
      +-- BaseImageError           a base image is unknown, missing or not built
      +-- ImageNotFound            no image of that name in the project
@@ -49,6 +50,47 @@ class LocalsbxError(Exception):
 
 class ConfigError(LocalsbxError):
     """A bad option, environment variable or host set-up (missing qemu-system-x86_64, ...)."""
+
+
+class HostCommandError(LocalsbxError):
+    """A command run on the host (``qemu-img``, a decompressor...) exited non-zero or ran
+    past its timeout (it was killed then). Raised by :mod:`localsbx._proc`.
+
+    :param argv: the command as run.
+    :param returncode: its exit status (negative N: killed by signal N), or ``None`` when
+        it timed out.
+    :param stderr_tail: the last lines of its stderr (text, possibly empty).
+    :param timeout: the timeout in seconds it ran past, or ``None``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        argv: list[str],
+        returncode: int | None,
+        stderr_tail: str = "",
+        timeout: float | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        self.timeout = timeout
+
+    @property
+    def timed_out(self) -> bool:
+        """The command was killed because it ran past its timeout."""
+        return self.returncode is None
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.stderr_tail:
+            text += "\n--- stderr (tail) ---\n" + self.stderr_tail.rstrip("\n")
+        if self.hint:
+            text += f"\nhint: {self.hint}"
+        return text
 
 
 @dataclass(frozen=True)
