@@ -10,7 +10,6 @@ guest kernel in ``<data>/accel.json``; ``LOCALSBX_ACCEL=kvm|tcg`` overrides it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from localsbx import paths
 from localsbx.errors import ConfigError
+from localsbx.vm.disk import create_empty
 from localsbx.vm.qemu import Accel, QemuProcess, VMSpec, host_tsc_khz, qemu_version
 
 PROBE_MARKER = b"LOCALSBX-PROBE-OK"
@@ -52,9 +52,7 @@ async def probe_kvm(kernel: Path, initrd: Path, *, timeout: float = PROBE_TIMEOU
     with tempfile.TemporaryDirectory(prefix="lsbx-probe-") as tmp:
         t = Path(tmp)
         disk = t / "empty.qcow2"
-        proc = await asyncio.create_subprocess_exec(
-            "qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M")
-        await proc.wait()
+        await create_empty(disk, "16M")
         spec = VMSpec(kernel=kernel, initrd=initrd, disk=disk, serial_log=t / "serial.log",
                       qmp_socket=t / "qmp.sock", accel=Accel("kvm"), memory_mib=256,
                       extra_cmdline=("localsbx.probe=1",), name="localsbx-kvm-probe")

@@ -25,13 +25,13 @@ import re
 import shutil
 import stat
 import struct
-import subprocess
 import tempfile
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from localsbx._proc import run_sync_cmd
 from localsbx.errors import BaseImageError
 
 __all__ = [
@@ -161,6 +161,9 @@ _MAGICS: tuple[tuple[str, bytes], ...] = (
     ("zstd", b"\x28\xb5\x2f\xfd"),
 )
 
+#: Seconds a decompressor CLI may take on one kernel or module (tens of MB at most).
+DECOMPRESS_TIMEOUT = 120.0
+
 _ELF_MAGIC = b"\x7fELF"
 _PT_INTERP = 3
 _PT_NOTE = 4
@@ -176,13 +179,18 @@ def _stream_decompress(decomp: object, blob: bytes) -> bytes | None:
 
 def _cli_decompress(argv: list[str], blob: bytes) -> bytes | None:
     """Run a decompressor CLI; the kernel appends data after the stream, so a
-    non-zero exit after a complete stream is expected and the output still counts."""
+    non-zero exit after a complete stream is expected and the output still counts.
+
+    :returns: the decompressed bytes, or ``None`` when there are none.
+    :raises BaseImageError: the tool is not installed.
+    :raises HostCommandError: it ran past ``DECOMPRESS_TIMEOUT`` seconds (killed).
+    """
     if shutil.which(argv[0]) is None:
         raise BaseImageError(
             f"the kernel is {argv[0]}-compressed but `{argv[0]}` is not installed",
             hint=f"install it (Debian: apt-get install {argv[0]})",
         )
-    proc = subprocess.run(argv, input=blob, capture_output=True, check=False)
+    proc = run_sync_cmd(argv, input=blob, timeout=DECOMPRESS_TIMEOUT, check=False)
     return proc.stdout or None
 
 
