@@ -14,7 +14,7 @@ BASE ?= debian-minimal
 
 # Host packages: QEMU, the rootfs/initramfs tools, a C compiler for the static guest agent.
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs busybox-static cpio uidmap \
-	debian-archive-keyring lz4 zstd xz-utils gcc libc6-dev python3-venv coreutils tar
+	debian-archive-keyring lz4 zstd xz-utils gcc libc6-dev python3-venv coreutils tar passt
 
 .PHONY: setup apt venv base demo test test-unit bench lint clean-stamps
 

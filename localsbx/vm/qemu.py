@@ -1,9 +1,10 @@
 """QEMU ``-M microvm``: the argv (a pure function) and the owned QEMU process.
 
 The argv follows the measured recipe (``shared/notes/microvm-recipe.md`` §2): PVH
-``vmlinux`` + a tiny initramfs, ACPI on (virtio-mmio is found through ACPI), user
-networking with a ``hostfwd`` on port 0 (the real port is read back through QMP
-``info usernet``), ``-accel tcg,tb-size=64`` plus ``tsc_early_khz`` under TCG. Guest RAM may
+``vmlinux`` + a tiny initramfs, ACPI on (virtio-mmio is found through ACPI), the network
+of :mod:`localsbx.vm.net` (passt through ``-netdev stream`` with internet, restricted user
+networking without; the helper is started by :meth:`QemuProcess.start` before QEMU and
+stopped by :meth:`QemuProcess.shutdown`), ``-accel tcg,tb-size=64`` plus ``tsc_early_khz`` under TCG. Guest RAM may
 live in a ``memory-backend-file`` so a snapshot can keep it in a file (method C).
 
 :class:`QemuProcess` owns one QEMU: it is started with :meth:`start` and always stopped by
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import logging
 import os
@@ -31,6 +33,8 @@ from pathlib import Path
 from qemu.qmp import QMPClient
 
 from localsbx.errors import VMError, VMLaunchError
+from localsbx.vm import net as vmnet
+from localsbx.vm.net import NetHandle, NetSpec
 
 log = logging.getLogger("localsbx.vm")
 
@@ -71,6 +75,11 @@ class VMSpec:
     :param ram_file: when set, guest RAM is a ``memory-backend-file`` at this path
         (``ram_share=True`` while building a snapshot, ``False`` = copy-on-write for clones).
     :param incoming: start with ``-incoming defer`` (a snapshot restore).
+    :param net: the guest's network (host side; not part of the snapshot key).
+    :param net_socket: passt's UNIX socket, filled in by :meth:`QemuProcess.start`
+        (``build_argv`` stays pure).
+    :param ssh_host_port: the host port (127.0.0.1) forwarded to the guest's SSH port, filled
+        in by :meth:`QemuProcess.start`; 0 = QEMU picks it (read back with ``info usernet``).
     """
 
     kernel: Path
@@ -86,6 +95,9 @@ class VMSpec:
     incoming: bool = False
     extra_cmdline: tuple[str, ...] = ()
     name: str = "localsbx"
+    net: NetSpec = field(default_factory=NetSpec)
+    net_socket: Path | None = None
+    ssh_host_port: int = 0
 
 
 def opts(*positional: str, **props: object) -> str:
@@ -110,8 +122,27 @@ def kernel_cmdline(spec: VMSpec) -> str:
 
 
 def machine_shape(spec: VMSpec) -> list[str]:
-    """The argv items that a snapshot's device state depends on (part of the snapshot key)."""
-    return [a for a in build_argv(spec) if "serial" not in a and "qmp" not in a]
+    """What the guest sees of the machine, as an explicit list (part of the snapshot key).
+
+    Only guest-visible things: machine type and RAM backing, accelerator and CPU model, RAM
+    size, vCPUs, kernel command line and the devices in order. Nothing of the host side of the
+    network (backend, options, ports, sockets), of paths or of ``-incoming``/``share``: a
+    snapshot taken with internet on restores with internet off.
+    """
+    kvm = spec.accel.kind == "kvm"
+    return [
+        "machine=microvm" + (",memory-backend=mem" if spec.ram_file is not None else ""),
+        "ram=" + ("memory-backend-file" if spec.ram_file is not None else "anonymous"),
+        "accel=" + ("kvm" if kvm else "tcg"),
+        "cpu=" + ("host" if kvm else "max"),
+        f"memory={spec.memory_mib}M",
+        f"smp={spec.cpus}",
+        "cmdline=" + kernel_cmdline(spec),
+        "serial=ttyS0",
+        "device=virtio-blk-device,drive=root",
+        "device=" + vmnet.device_arg(),
+        "device=virtio-rng-device",
+    ]
 
 
 def build_argv(spec: VMSpec) -> list[str]:
@@ -147,14 +178,21 @@ def build_argv(spec: VMSpec) -> list[str]:
         "-append", kernel_cmdline(spec),
         "-drive", opts(f"file={spec.disk}", "if=none", id="root", format="qcow2", discard="unmap"),
         "-device", "virtio-blk-device,drive=root",
-        "-netdev", opts("user", id="n0", hostfwd=f"tcp:127.0.0.1:0-:{GUEST_SSH_PORT}"),
-        "-device", "virtio-net-device,netdev=n0",
+        "-netdev", _netdev(spec),
+        "-device", vmnet.device_arg(),
         "-device", "virtio-rng-device",
         "-qmp", opts(f"unix:{spec.qmp_socket}", server=True, wait=False),
     ]  # fmt: skip
     if spec.incoming:
         argv += ["-incoming", "defer"]
     return argv
+
+
+def _netdev(spec: VMSpec) -> str:
+    arg = vmnet.netdev_arg(spec.net, socket_path=spec.net_socket)
+    if spec.net.kind == "slirp" and spec.ssh_host_port:
+        arg = arg.replace("hostfwd=tcp:127.0.0.1:0-", f"hostfwd=tcp:127.0.0.1:{spec.ssh_host_port}-")
+    return arg
 
 
 def host_tsc_khz() -> int | None:
@@ -219,6 +257,7 @@ class QemuProcess:
     proc: asyncio.subprocess.Process | None = field(default=None, init=False)
     qmp: QMPClient | None = field(default=None, init=False)
     pid: int | None = field(default=None, init=False)
+    net: NetHandle | None = field(default=None, init=False)
 
     @property
     def argv(self) -> list[str]:
@@ -233,11 +272,25 @@ class QemuProcess:
         return None
 
     async def start(self, *, timeout: float = 30.0) -> None:
-        """Spawn QEMU and connect QMP.
+        """Start the VM's network helper (:func:`localsbx.vm.net.start_network`), spawn QEMU
+        and connect QMP. ``spec`` then carries the helper's socket and host port.
 
         :param timeout: seconds to wait for the QMP socket; default 30.
-        :raises VMLaunchError: QEMU exited or QMP never came up (QEMU is killed).
+        :raises VMLaunchError: the network helper or QEMU failed, or QMP never came up
+            (QEMU and the helper are stopped).
         """
+        self.spec.serial_log.parent.mkdir(parents=True, exist_ok=True)
+        self.net = await vmnet.start_network(self.spec.net, workdir=self.spec.serial_log.parent,
+                                             detached=self.detached)
+        try:
+            self.spec = dataclasses.replace(self.spec, net_socket=self.net.socket_path,
+                                            ssh_host_port=self.net.host_port)
+            await self._spawn(timeout)
+        except BaseException:
+            await self.shutdown(graceful=False)
+            raise
+
+    async def _spawn(self, timeout: float) -> None:
         argv = self.argv
         log.debug("+ %s", shlex.join(argv))
         with contextlib.suppress(FileNotFoundError):
@@ -262,11 +315,7 @@ class QemuProcess:
         pid_file = self.spec.serial_log.parent / "qemu.pid"
         with contextlib.suppress(OSError):
             pid_file.write_text(f"{self.pid} {proc_start_time(self.pid)}")
-        try:
-            await self._connect_qmp(timeout)
-        except BaseException:
-            await self.shutdown(graceful=False)
-            raise
+        await self._connect_qmp(timeout)
 
     async def _connect_qmp(self, timeout: float) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
@@ -311,11 +360,14 @@ class QemuProcess:
         return str(await self.execute("human-monitor-command", {"command-line": command_line}))
 
     async def host_ssh_port(self) -> int:
-        """The host port of the ``hostfwd`` to the guest SSH port, from ``info usernet``
-        (libslirp reports the real port behind port 0).
+        """The host port (on 127.0.0.1) forwarded to the guest SSH port: known up front with
+        passt; with user networking read from ``info usernet`` (libslirp reports the real
+        port behind port 0).
 
         :raises VMError: no forward found.
         """
+        if self.spec.ssh_host_port:
+            return self.spec.ssh_host_port
         text = await self.hmp("info usernet")
         m = re.search(rf"HOST_FORWARD\]?\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+{GUEST_SSH_PORT}", text)
         if not m:
@@ -394,6 +446,7 @@ class QemuProcess:
             await self.disconnect_qmp()
             with contextlib.suppress(FileNotFoundError):
                 self.spec.qmp_socket.unlink()
+            await vmnet.stop_network(self.net)
 
     async def __aenter__(self) -> QemuProcess:
         await self.start()

@@ -11,7 +11,7 @@ P = Path
 def spec(**kw):
     base = dict(kernel=P("/b/vmlinux"), initrd=P("/b/initrd"), disk=P("/s/overlay.qcow2"),
                 serial_log=P("/s/serial.log"), qmp_socket=P("/s/qmp.sock"),
-                accel=Accel("tcg", 2445404))
+                accel=Accel("tcg", 2445404), net_socket=P("/s/net/passt.sock"))
     base.update(kw)
     return VMSpec(**base)
 
@@ -30,7 +30,8 @@ def test_tcg_argv_follows_recipe():
     assert value(argv, "-smp") == "1"
     assert "tsc_early_khz=2445404" in value(argv, "-append")
     assert "acpi=off" not in " ".join(argv)  # pitfall 2: virtio-mmio needs ACPI
-    assert value(argv, "-netdev") == "user,id=n0,hostfwd=tcp:127.0.0.1:0-:10022"
+    assert value(argv, "-netdev") == (
+        "stream,id=n0,server=off,addr.type=unix,addr.path=/s/net/passt.sock")
     assert value(argv, "-device") == "virtio-blk-device,drive=root"
     assert "-incoming" not in argv
 
