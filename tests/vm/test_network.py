@@ -20,3 +20,173 @@ def test_pip_install_with_break_system_packages(base_ready):
             assert sb.run("ls /usr/lib/python3*/EXTERNALLY-MANAGED").exit_code == 0
     finally:
         store.remove_image("t-net")
+
+
+# ---- host-side isolation (localsbx/vm/net.py) ---------------------------------------------
+
+HTTP_PROBE = r"""
+import sys, urllib.request
+for url in sys.argv[1:]:
+    try:
+        body = urllib.request.urlopen(url, timeout=5).read().decode(errors="replace")
+        print(url, "BODY", body[:200])
+    except Exception as exc:
+        print(url, "ERROR", type(exc).__name__, exc)
+"""
+PYPI = "https://pypi.org/simple/six/"
+
+
+@pytest.fixture
+def loopback_service(tmp_path):
+    """``python3 -m http.server --bind 127.0.0.1 PORT`` on the host serving a secret token;
+    yields ``(port, token, log_path)``."""
+    import secrets
+    import socket
+    import subprocess
+    import time
+
+    token = secrets.token_hex(16)
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "token").write_text(token)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "http.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["python3", "-m", "http.server", "--bind", "127.0.0.1", str(port)],
+                                cwd=root, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # up, and really serving the token to the host itself
+            try:
+                import urllib.request
+                assert urllib.request.urlopen(f"http://127.0.0.1:{port}/token",
+                                              timeout=2).read().decode() == token
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield port, token, log
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _boot(base, workdir, net, client_key):
+    """Cold-boot the base with ``net`` (Machine.cold_boot has no ``net=`` yet: its VMSpec is
+    given the NetSpec)."""
+    import functools
+    from unittest import mock
+
+    from localsbx.vm import machine
+    from localsbx.vm.accel import choose_accel
+
+    async def go():
+        accel = await choose_accel(base.kernel, base.initrd)
+        workdir.mkdir(parents=True, exist_ok=True)
+        disk = workdir / "overlay.qcow2"
+        machine.qemu_img_create(disk, base.rootfs)
+        with mock.patch.object(machine, "VMSpec", functools.partial(machine.VMSpec, net=net)):
+            return await machine.Machine.cold_boot(
+                kernel=base.kernel, initrd=base.initrd, disk=disk, workdir=workdir, accel=accel,
+                client_key=client_key, cpus=1, memory_mib=1024, name="localsbx-nettest")
+    return go()
+
+
+def _run(m, script, *args, timeout=60):
+    async def go():
+        r = await m.guest.exec(["python3", "-c", script, *args], timeout=timeout)
+        return r.exit_status, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+    return go()
+
+
+def test_guest_cannot_reach_host_loopback_but_reaches_pypi(base_ready, tmp_path, loopback_service):
+    import asyncio
+
+    import asyncssh
+
+    from localsbx.vm.net import NetSpec
+
+    port, token, log = loopback_service
+
+    async def go():
+        m = await _boot(base_ready, tmp_path / "vm", NetSpec(), asyncssh.generate_private_key("ssh-ed25519"))
+        try:
+            assert m.qemu.spec.net.kind == "passt"
+            rc, out, err = await _run(m, HTTP_PROBE, f"http://10.0.2.2:{port}/token",
+                                      f"http://127.0.0.1:{port}/token", PYPI)
+            assert rc == 0, err
+            # /dev/tcp as well (bash is not in the base; python's raw socket connect instead)
+            raw = await _run(m, "import socket,sys\n"
+                                      "try:\n socket.create_connection(('10.0.2.2', int(sys.argv[1])),"
+                                      " 3).sendall(b'GET /token HTTP/1.0\\r\\n\\r\\n'); print('sent')\n"
+                                      "except OSError as e: print('refused', e)", str(port))
+            return out, raw
+        finally:
+            await m.stop()
+    out, raw = asyncio.run(go())
+    assert raw[0] == 0, raw
+    assert token not in out, out
+    lines = {ln.split(" ", 1)[0]: ln for ln in out.splitlines()}
+    assert "BODY" in lines[PYPI], out  # the default guest still has the internet
+    assert "ERROR" in lines[f"http://127.0.0.1:{port}/token"], out
+    # the host's loopback service never saw a request from the guest (only our own probe)
+    hits = [ln for ln in log.read_text().splitlines() if "GET /token" in ln]
+    assert len(hits) == 1, hits
+
+
+def test_no_internet_guest_has_no_egress_nor_dns(base_ready, tmp_path, loopback_service):
+    import asyncio
+
+    import asyncssh
+
+    from localsbx.vm.net import NetSpec
+
+    port, _token, log = loopback_service
+
+    async def go():
+        m = await _boot(base_ready, tmp_path / "vm", NetSpec(internet=False),
+                        asyncssh.generate_private_key("ssh-ed25519"))
+        try:
+            assert m.qemu.spec.net.kind == "slirp"
+            r = await m.guest.exec(["/bin/sh", "-c", "echo managed; uname -s"], timeout=30)
+            assert (r.exit_status, r.stdout) == (0, b"managed\nLinux\n")  # the management port works
+            web = await _run(m, HTTP_PROBE, PYPI, "http://151.101.0.223/",
+                             f"http://10.0.2.2:{port}/token")
+            dns = await _run(m, "import socket\ntry:\n print(socket.gethostbyname('pypi.org'))\n"
+                             "except OSError as e:\n print('NODNS', e)")
+            udp = await _run(m, "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+                             "s.settimeout(3)\nq=bytes.fromhex('12340100000100000000000004707970"
+                             "69036f72670000010001')\ns.sendto(q,('10.0.2.3',53))\n"
+                             "try:\n s.recv(512); print('ANSWER')\nexcept OSError as e:\n print('NOANSWER', e)")
+            return web, dns, udp
+        finally:
+            await m.stop()
+    web, dns, udp = asyncio.run(go())
+    assert web[0] == 0, web
+    assert web[1].count("ERROR") == 3 and "BODY" not in web[1], web[1]
+    assert "NODNS" in dns[1], dns
+    assert "NOANSWER" in udp[1], udp  # a raw query to the guest's resolver gets nothing back
+    assert len([ln for ln in log.read_text().splitlines() if "GET /token" in ln]) == 1
+
+
+def test_no_helper_left_after_vms(base_ready, tmp_path):
+    """Every passt this test started is gone once its VM stops (and after a failed start)."""
+    import asyncio
+
+    import asyncssh
+
+    from localsbx.vm.net import NetSpec
+    from localsbx.vm.qemu import pid_alive
+
+    async def go():
+        m = await _boot(base_ready, tmp_path / "vm", NetSpec(), asyncssh.generate_private_key("ssh-ed25519"))
+        h = m.qemu.net
+        assert h is not None and pid_alive(h.proc.pid)
+        await m.stop()
+        return h
+    h = asyncio.run(go())
+    assert not pid_alive(h.proc.pid)
+    assert not h.own_dir.exists()
