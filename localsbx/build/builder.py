@@ -23,20 +23,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from localsbx import store
-from localsbx.definition.ops import DEFAULT_PATH, Copy, Env, ImageDefinition, Op, Run, Workdir
-from localsbx.errors import DefinitionError, ImageBuildError
-from localsbx.guest.ssh import ExecResult
-from localsbx.vm import snapshot
+from localsbx.build.steps import TAIL_BYTES, run_ops, runtime_env
+from localsbx.definition.ops import Copy, ImageDefinition
+from localsbx.errors import ConfigError, DefinitionError, ImageBuildError
+from localsbx.vm import disk, snapshot
 from localsbx.vm.accel import choose_accel
-from localsbx.vm.machine import Machine, qemu_img_create
+from localsbx.vm.machine import Machine
+
+__all__ = ["TAIL_BYTES", "Reporter", "StderrReporter", "build_image", "build_image_async",
+           "runtime_env", "step_timeout"]
 
 log = logging.getLogger("localsbx.build")
 
@@ -45,30 +47,23 @@ SANDBOX_CPUS = 1
 SANDBOX_MEMORY_MIB = 1024
 #: Bumped when the snapshot procedure changes, so old snapshots are not reused.
 SNAPSHOT_FORMAT = 2
-#: Bytes of step output kept for error messages.
-TAIL_BYTES = 16384
 
 
 def step_timeout() -> float | None:
-    """Seconds one build step may run (``LOCALSBX_STEP_TIMEOUT``, default 3600; 0 = none)."""
-    v = float(os.environ.get("LOCALSBX_STEP_TIMEOUT", "3600"))
+    """Seconds one build step may run: ``LOCALSBX_STEP_TIMEOUT`` (default 3600; ``0`` =
+    no limit, returned as ``None``).
+
+    :raises ConfigError: the variable is not a finite number >= 0 (names it and the value).
+    """
+    raw = os.environ.get("LOCALSBX_STEP_TIMEOUT", "3600")
+    try:
+        v = float(raw)
+    except ValueError:
+        v = -1.0
+    if not math.isfinite(v) or v < 0:
+        raise ConfigError(f"LOCALSBX_STEP_TIMEOUT={raw!r} is not a number of seconds",
+                          hint="set it to seconds per build step, e.g. 3600, or 0 for no limit")
     return v or None
-
-
-class _Tail:
-    def __init__(self, echo: Callable[[bytes], None] | None) -> None:
-        self.buf = bytearray()
-        self.echo = echo
-
-    def __call__(self, chunk: bytes) -> None:
-        self.buf.extend(chunk)
-        if len(self.buf) > 2 * TAIL_BYTES:
-            del self.buf[:-TAIL_BYTES]
-        if self.echo is not None:
-            self.echo(chunk)
-
-    def text(self, lines: int = 25) -> str:
-        return "\n".join(bytes(self.buf).decode(errors="replace").splitlines()[-lines:])
 
 
 class Reporter:
@@ -80,12 +75,6 @@ class Reporter:
 
     def output(self, chunk: bytes) -> None:  # an optional hook: the default drops output
         pass
-
-
-def runtime_env(image_env: dict[str, str], user_home: str = "/root") -> dict[str, str]:
-    """The environment of a command: ``HOME`` (as Docker sets it at run time), then the
-    image ENV (which may override it)."""
-    return {"HOME": user_home, **image_env}
 
 
 class StderrReporter(Reporter):
@@ -121,7 +110,9 @@ async def build_image_async(
     :param force: build even if an identical image exists.
     :raises DefinitionError: the definition needs a context it was not given, or a COPY
         source is missing.
+    :raises ConfigError: ``LOCALSBX_STEP_TIMEOUT`` is not a number (before any VM boots).
     :raises BaseImageError: the base image is not built.
+    :raises HostCommandError: ``qemu-img`` failed or timed out.
     :raises ImageBuildError: a step failed (which, its exit code, its output tail); nothing
         is registered and no QEMU is left.
     """
@@ -129,6 +120,7 @@ async def build_image_async(
     from localsbx.definition.context import BuildContext
 
     rep = reporter or Reporter()
+    timeout = step_timeout()
     project = store.current_project(project)
     name = store.check_name("image", name or definition.name)
     for w in definition.warnings:
@@ -144,7 +136,7 @@ async def build_image_async(
     context_digest = ""
     if ctx is not None:
         copies = [op for op in definition.ops if isinstance(op, Copy)]
-        context_digest = ctx.digest(copies)
+        context_digest = await asyncio.to_thread(ctx.digest, copies)  # reads every source
     digest = definition.digest(
         f"{context_digest}|base={base.digest}|snap={SNAPSHOT_FORMAT}:{SANDBOX_CPUS}:{SANDBOX_MEMORY_MIB}"
         f"|build={definition.build_cpus}:{definition.build_memory_mb}")[:32]
@@ -163,7 +155,7 @@ async def build_image_async(
     try:
         # ---- 1. build VM
         build_disk = tmp / "build.qcow2"
-        qemu_img_create(build_disk, base.rootfs)
+        await disk.create_overlay(build_disk, base.rootfs)
         rep.say(f"booting build VM ({definition.build_cpus} vCPU, {definition.build_memory_mb} MiB) "
                 f"from base {base.name}")
         async with await Machine.cold_boot(
@@ -171,17 +163,18 @@ async def build_image_async(
             accel=accel, client_key=client_key, cpus=definition.build_cpus,
             memory_mib=definition.build_memory_mb, name=f"localsbx-build-{name}",
         ) as vm:
-            env, workdir = await _run_ops(vm, definition, ctx, rep)
+            state = await run_ops(vm.guest, definition, ctx, rep, timeout=timeout)
+            env, workdir = state.env, state.workdir
             rep.say("build steps done; syncing and powering off the build VM")
             if not await vm.poweroff():
                 rep.say("warning: the build VM did not power off in time; it was killed")
-        os.chmod(build_disk, 0o444)
+        disk.freeze(build_disk)
 
         # ---- 2. snapshot VM at the sandbox shape
         snap = tmp / "snap"
         snap.mkdir()
         snap_disk = snap / "disk.qcow2"
-        qemu_img_create(snap_disk, build_disk)
+        await disk.create_overlay(snap_disk, build_disk)
         rep.say(f"booting snapshot VM ({SANDBOX_CPUS} vCPU, {SANDBOX_MEMORY_MIB} MiB)")
         vm = await Machine.cold_boot(
             kernel=base.kernel, initrd=base.initrd, disk=snap_disk, workdir=snap, accel=accel,
@@ -203,13 +196,12 @@ async def build_image_async(
             await vm.stop()
         host_key = vm.host_key.export_public_key("openssh").decode().strip()
         for f in (snap_disk, snap / "ram", snap / "state.mig"):
-            os.chmod(f, 0o444)
+            disk.freeze(f)
         (snap / "serial.log").unlink(missing_ok=True)
 
         # ---- 3. metadata, commit, register
         final = store.image_dir(digest)
-        subprocess.run(["qemu-img", "rebase", "-u", "-F", "qcow2", "-b",
-                        str(final / "build.qcow2"), str(snap_disk)], check=True)
+        await disk.rebase_unsafe(snap_disk, final / "build.qcow2")
         meta = {
             "name": name,
             "digest": digest,
@@ -220,7 +212,7 @@ async def build_image_async(
             "warnings": list(definition.warnings),
             "env": env,
             "workdir": workdir,
-            "user": None,
+            "user": state.user,
             "created_at": time.time(),
             "build_seconds": round(time.monotonic() - started, 1),
             "accel": accel.kind,
@@ -243,72 +235,6 @@ async def build_image_async(
     rep.say(f"image {name} registered in project {project} "
             f"({meta['build_seconds']} s, digest {digest[:12]})")
     return rec
-
-
-async def _run_ops(vm: Machine, defn: ImageDefinition, ctx, rep: Reporter) -> tuple[dict, str]:
-    env = {"PATH": DEFAULT_PATH}  # the image ENV, step by step (Docker's default PATH first)
-    workdir = "/"
-    total = len(defn.ops)
-    for i, op in enumerate(defn.ops, 1):
-        rep.say(f"[{i}/{total}] {op.describe()}")
-        if isinstance(op, Env):
-            env[op.key] = op.value
-        elif isinstance(op, Workdir):
-            res = await vm.guest.exec(["mkdir", "-p", op.path], env=runtime_env(env), cwd="/")
-            _check(op, res, _Tail(None), what="creating WORKDIR", source=defn.source)
-            workdir = op.path
-        elif isinstance(op, Run):
-            await _run(vm, op, env, workdir, rep, defn.source)
-        elif isinstance(op, Copy):
-            if ctx is None:
-                raise DefinitionError(f"{op.describe()}: no build context")
-            passwd = await vm.guest.get_file("/etc/passwd")
-            group = await vm.guest.get_file("/etc/group")
-            dest_is_dir = False
-            if not op.dest.endswith("/"):  # Docker: `COPY f /opt` into an existing dir
-                probe = await vm.guest.exec(["test", "-d", op.dest], env=runtime_env(env))
-                dest_is_dir = probe.exit_status == 0
-            data = ctx.make_tar(op, passwd=passwd.decode(errors="replace"),
-                                group=group.decode(errors="replace"), dest_is_dir=dest_is_dir)
-            res = await vm.guest.extract_tar(data, timeout=step_timeout())
-            _check(op, res, _Tail(None), what="extracting files", source=defn.source)
-        else:  # pragma: no cover - the IR has five ops
-            raise DefinitionError(f"unknown op {op!r}")
-    return env, workdir
-
-
-async def _run(vm: Machine, op: Run, env: dict, workdir: str, rep: Reporter,
-               source: str) -> None:
-    argv = list(op.argv)
-    if op.script is not None:
-        path = f"/tmp/.localsbx-run-{time.time_ns()}"
-        await vm.guest.put_file(path, op.script.encode(), mode=0o755)
-        argv = [*argv, path]
-    tail = _Tail(rep.output)
-    res = await vm.guest.exec(argv, env={**runtime_env(env), **dict(op.build_env)}, cwd=workdir,
-                              timeout=step_timeout(), stdout_cb=tail, stderr_cb=tail,
-                              kill_tree=True)
-    if op.script is not None:
-        with contextlib.suppress(Exception):
-            await vm.guest.exec(["rm", "-f", argv[-1]], env=runtime_env(env))
-    _check(op, res, tail, source=source)
-
-
-def _check(op: Op, res: ExecResult, tail: _Tail, *, what: str = "", source: str = "") -> None:
-    if res.exit_status == 0 and not res.timed_out:
-        return
-    if not tail.buf:
-        tail(res.stdout + res.stderr)
-    hint = None
-    if res.timed_out:
-        hint = (f"the step ran past LOCALSBX_STEP_TIMEOUT ({step_timeout():.0f} s); it may be "
-                "waiting for input - set DEBIAN_FRONTEND=noninteractive or pass -y")
-    elif res.exit_status == 127:
-        hint = "command not found (shell-form RUN uses /bin/sh, which is dash: no `source`, use `.`)"
-    where = f"{source}, " if source and not source.startswith("<") else ""
-    raise ImageBuildError(
-        f"build failed at {where}{op.describe()}: {what + ': ' if what else ''}{res.describe()}",
-        step=op.describe(), exit_code=res.shell_code, output_tail=tail.text(), hint=hint)
 
 
 def build_image(definition: ImageDefinition, *, context_dir: str | Path | None = None,

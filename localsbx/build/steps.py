@@ -1,0 +1,201 @@
+"""Run an image definition's ops against a guest: the build loop, without any VM.
+
+:func:`run_ops` is what the builder does inside the build VM, written against the small
+:class:`Guest` protocol (:class:`localsbx.guest.ssh.GuestConnection` is one; the unit tests
+use an in-memory fake), so the step semantics are testable without QEMU::
+
+    state = await run_ops(vm.guest, definition, ctx, reporter, timeout=3600.0)
+    state.env, state.workdir      # what sandboxes of the image start with
+
+Per op:
+
+* ``Env`` sets a variable for every later step (and the image).
+* ``Workdir`` runs ``mkdir -p PATH`` (as root, cwd ``/``), then later steps run in it.
+* ``Run`` runs its argv with the runtime env (``HOME``, the image ENV, then the step's
+  ARG values), cwd = the current WORKDIR, as the current user (root: there is no USER op
+  yet), stdin at EOF, bounded by ``timeout``, and ``kill_tree`` (its background processes
+  end with it). A ``#!`` heredoc is first written to ``/tmp/.localsbx-run-<ns>`` (0755) and
+  removed afterwards.
+* ``Copy``/``Add`` read the guest's ``/etc/passwd`` and ``/etc/group`` (for ``--chown``
+  names), probe ``test -d DEST`` when DEST has no trailing ``/``, build one tar stream on
+  the host (in a worker thread: it reads the context and may download ADD URLs) and
+  extract it at ``/``.
+
+A failing step raises :class:`~localsbx.errors.ImageBuildError` with the step (line and
+instruction), its exit code and the tail of its output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from localsbx.definition.ops import DEFAULT_PATH, Copy, Env, ImageDefinition, Op, Run, Workdir
+from localsbx.errors import DefinitionError, ImageBuildError
+from localsbx.guest.ssh import ExecResult
+
+if TYPE_CHECKING:
+    from localsbx.definition.context import BuildContext
+
+#: Bytes of step output kept for error messages.
+TAIL_BYTES = 16384
+#: Lines of step output an ImageBuildError shows.
+TAIL_LINES = 25
+
+
+class Guest(Protocol):
+    """What the build loop needs from a guest (:class:`~localsbx.guest.ssh.GuestConnection`
+    has it). Semantics are those of ``GuestConnection``: ``exec`` runs argv without a shell
+    with exactly ``env``; a non-zero status is a result, not an error; timeouts are seconds
+    (``None`` = no limit)."""
+
+    async def exec(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                   cwd: str | None = None, user: str | None = None,
+                   stdin: bytes | None = None, timeout: float | None = None,
+                   stdout_cb: Callable[[bytes], None] | None = None,
+                   stderr_cb: Callable[[bytes], None] | None = None,
+                   kill_tree: bool = False) -> ExecResult: ...
+
+    async def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None: ...
+
+    async def get_file(self, path: str) -> bytes: ...
+
+    async def extract_tar(self, tar_bytes: bytes, *,
+                          timeout: float | None = None) -> ExecResult: ...
+
+
+class Reporter(Protocol):
+    """Where build progress goes (see :class:`localsbx.build.builder.Reporter`)."""
+
+    def say(self, text: str) -> None: ...
+
+    def output(self, chunk: bytes) -> None: ...
+
+
+@dataclass
+class BuildState:
+    """What later steps (and the image's sandboxes) see.
+
+    :param env: the image ENV so far (Docker's default ``PATH`` first).
+    :param workdir: the current WORKDIR (absolute; ``/`` by default).
+    :param user: the current user (``None`` = root; the IR has no USER op yet).
+    """
+
+    env: dict[str, str] = field(default_factory=lambda: {"PATH": DEFAULT_PATH})
+    workdir: str = "/"
+    user: str | None = None
+
+
+def runtime_env(image_env: Mapping[str, str], user_home: str = "/root") -> dict[str, str]:
+    """The environment of a command: ``HOME`` (as Docker sets it at run time), then the
+    image ENV (which may override it)."""
+    return {"HOME": user_home, **image_env}
+
+
+class _Tail:
+    """Keeps the last ``TAIL_BYTES`` of a step's output, echoing each chunk to ``echo``."""
+
+    def __init__(self, echo: Callable[[bytes], None] | None) -> None:
+        self.buf = bytearray()
+        self.echo = echo
+
+    def __call__(self, chunk: bytes) -> None:
+        self.buf.extend(chunk)
+        if len(self.buf) > 2 * TAIL_BYTES:
+            del self.buf[:-TAIL_BYTES]
+        if self.echo is not None:
+            self.echo(chunk)
+
+    def text(self, lines: int = TAIL_LINES) -> str:
+        return "\n".join(bytes(self.buf).decode(errors="replace").splitlines()[-lines:])
+
+
+async def run_ops(guest: Guest, defn: ImageDefinition, ctx: BuildContext | None,
+                  rep: Reporter, *, timeout: float | None) -> BuildState:
+    """Run every op of ``defn`` in ``guest``, in order.
+
+    :param ctx: the build context COPY/ADD read from (``None``: a COPY is an error).
+    :param rep: gets one ``[i/n] <op>`` line per op, and RUN output as it arrives.
+    :param timeout: seconds one RUN (or one COPY's extraction) may take; ``None`` = none.
+    :returns: the final :class:`BuildState`.
+    :raises ImageBuildError: a step failed or timed out (step, exit code, output tail).
+    :raises DefinitionError: a COPY without a context, a missing source, an unknown
+        ``--chown`` name.
+    :raises GuestError: the guest connection failed.
+    """
+    state = BuildState()
+    total = len(defn.ops)
+    for i, op in enumerate(defn.ops, 1):
+        rep.say(f"[{i}/{total}] {op.describe()}")
+        if isinstance(op, Env):
+            state.env[op.key] = op.value
+        elif isinstance(op, Workdir):
+            res = await guest.exec(["mkdir", "-p", op.path], env=runtime_env(state.env), cwd="/")
+            _check(op, res, _Tail(None), what="creating WORKDIR", source=defn.source,
+                   timeout=timeout)
+            state.workdir = op.path
+        elif isinstance(op, Run):
+            await _run(guest, op, state, rep, defn.source, timeout)
+        elif isinstance(op, Copy):
+            await _copy(guest, op, state, ctx, defn.source, timeout)
+        else:  # pragma: no cover - the IR has five ops
+            raise DefinitionError(f"unknown op {op!r}")
+    return state
+
+
+async def _copy(guest: Guest, op: Copy, state: BuildState, ctx: BuildContext | None,
+                source: str, timeout: float | None) -> None:
+    if ctx is None:
+        raise DefinitionError(f"{op.describe()}: no build context")
+    passwd = await guest.get_file("/etc/passwd")
+    group = await guest.get_file("/etc/group")
+    dest_is_dir = False
+    if not op.dest.endswith("/"):  # Docker: `COPY f /opt` into an existing dir
+        probe = await guest.exec(["test", "-d", op.dest], env=runtime_env(state.env))
+        dest_is_dir = probe.exit_status == 0
+    # Reads the context and may download ADD URLs (up to a minute): not in the loop.
+    data = await asyncio.to_thread(
+        ctx.make_tar, op, passwd=passwd.decode(errors="replace"),
+        group=group.decode(errors="replace"), dest_is_dir=dest_is_dir)
+    res = await guest.extract_tar(data, timeout=timeout)
+    _check(op, res, _Tail(None), what="extracting files", source=source, timeout=timeout)
+
+
+async def _run(guest: Guest, op: Run, state: BuildState, rep: Reporter, source: str,
+               timeout: float | None) -> None:
+    argv = list(op.argv)
+    if op.script is not None:
+        path = f"/tmp/.localsbx-run-{time.time_ns()}"
+        await guest.put_file(path, op.script.encode(), mode=0o755)
+        argv = [*argv, path]
+    tail = _Tail(rep.output)
+    res = await guest.exec(argv, env={**runtime_env(state.env), **dict(op.build_env)},
+                           cwd=state.workdir, user=state.user, timeout=timeout,
+                           stdout_cb=tail, stderr_cb=tail, kill_tree=True)
+    if op.script is not None:
+        with contextlib.suppress(Exception):
+            await guest.exec(["rm", "-f", argv[-1]], env=runtime_env(state.env))
+    _check(op, res, tail, source=source, timeout=timeout)
+
+
+def _check(op: Op, res: ExecResult, tail: _Tail, *, what: str = "", source: str = "",
+           timeout: float | None = None) -> None:
+    """Raise :class:`ImageBuildError` unless ``res`` is a clean exit 0."""
+    if res.exit_status == 0 and not res.timed_out:
+        return
+    if not tail.buf:
+        tail(res.stdout + res.stderr)
+    hint = None
+    if res.timed_out:
+        hint = (f"the step ran past LOCALSBX_STEP_TIMEOUT ({timeout or 0:.0f} s); it may be "
+                "waiting for input - set DEBIAN_FRONTEND=noninteractive or pass -y")
+    elif res.exit_status == 127:
+        hint = "command not found (shell-form RUN uses /bin/sh, which is dash: no `source`, use `.`)"
+    where = f"{source}, " if source and not source.startswith("<") else ""
+    raise ImageBuildError(
+        f"build failed at {where}{op.describe()}: {what + ': ' if what else ''}{res.describe()}",
+        step=op.describe(), exit_code=res.shell_code, output_tail=tail.text(), hint=hint)
