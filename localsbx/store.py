@@ -13,20 +13,28 @@ Layout (under :func:`localsbx.paths.data_dir`) is drawn in docs/ARCHITECTURE.md.
 from __future__ import annotations
 
 import contextlib
+import enum
 import fcntl
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from localsbx import paths
-from localsbx.errors import ConfigError, ImageNotFound, SandboxNotFound
-from localsbx.vm.qemu import kill_pid, pid_alive
+from localsbx.errors import (
+    ConfigError,
+    ImageNotFound,
+    SandboxNotFound,
+    SandboxStateError,
+    SnapshotError,
+)
+from localsbx.vm.qemu import kill_pid, pid_alive, proc_start_time
 
 log = logging.getLogger("localsbx.store")
 
@@ -229,6 +237,7 @@ def gc_images(*, min_age: float = 60.0) -> list[str]:
             if proj.is_dir():
                 named |= {e.get("digest") for e in _read_table(proj.name).values()}
     in_use = {s.image_digest for s in list_sandboxes(reap_dead=False)}
+    in_use |= {c.image_digest for c in list_checkpoints()}
     gone = []
     now = time.time()
     for d in root.iterdir():
@@ -286,95 +295,299 @@ def discard_tmpdir(tmp: Path) -> None:
 
 # --------------------------------------------------------------------------- sandboxes
 
+class SandboxState(enum.StrEnum):
+    """A sandbox's status, with Tensorlake's names (``SandboxStatus``)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUSPENDED = "suspended"
+    TERMINATED = "terminated"
+    FAILED = "failed"
+
+
+#: Version of ``sandbox.json``. 1: the first release (no ``schema`` key, ``pid`` = the QEMU or
+#: its coreutils ``timeout`` wrapper, no state). 2: state, supervisor, ports, time accounting.
+SANDBOX_SCHEMA = 2
+
+
 @dataclass
 class SandboxRecord:
-    """What ``sandboxes/<id>/sandbox.json`` holds.
+    """What ``sandboxes/<id>/sandbox.json`` holds; this module alone reads and writes it.
 
-    Times are UNIX seconds; ``pid`` is the process to signal to stop the sandbox (QEMU, or
-    the ``timeout`` wrapper of a detached sandbox), ``pid_start`` its start time (guards
-    against pid reuse). ``owner_pid`` is set when the sandbox must die with that process
-    (pytest); ``None`` for sandboxes that outlive their creator (``localsbx new``).
+    Times are UNIX seconds, sizes MiB. ``qemu_pid``/``qemu_start`` (``/proc`` start time,
+    a guard against pid reuse) is the guest's QEMU, ``None`` while suspended;
+    ``supervisor_pid``/``supervisor_start`` the process that owns it and serves
+    ``control_socket`` (see :mod:`localsbx.supervisor`). ``owner_pid`` is set when the sandbox
+    must die with that process (pytest, a library caller); ``None`` for sandboxes that
+    outlive their creator (``localsbx new``). The timeout counts running time only:
+    ``used_secs`` before the current run, which began at ``running_since``.
+
+    Boot fields (``kernel``, ``initrd``, ``ram_file``, ``disk``) say how to start its QEMU
+    again (resume); ``source`` is ``image``, ``checkpoint:<id>`` or ``legacy``. Unknown keys
+    from a newer localsbx are kept in ``extra`` and written back.
     """
 
     id: str
     image: str
     project: str
     image_digest: str
-    pid: int
-    pid_start: int | None
-    qemu_pid: int
-    ssh_port: int
-    host_key: str
-    env: dict
-    workdir: str
-    user: str | None
-    cpus: int
-    memory_mb: int
-    created_at: float
-    timeout_secs: int
-    restored: bool
+    state: SandboxState = SandboxState.PENDING
+    name: str | None = None
+    created_at: float = 0.0
+    cpus: int = 1
+    memory_mb: int = 1024
+    timeout_secs: int = 0
+    used_secs: float = 0.0
+    running_since: float | None = None
+    env: dict = field(default_factory=dict)
+    workdir: str = "/"
+    user: str | None = None
+    restored: bool = False
+    source: str = "image"
+    kernel: str = ""
+    initrd: str = ""
+    base_initrd: str = ""
+    ram_file: str | None = None
+    state_file: str | None = None
+    disk_backing: str = ""
+    cold_boot: bool = False
+    internet: bool = True
+    host_key: str = ""
+    ssh_port: int = 0
+    qemu_pid: int | None = None
+    qemu_start: int | None = None
+    supervisor_pid: int | None = None
+    supervisor_start: int | None = None
+    control_socket: str = ""
+    qmp_socket: str = ""
     owner_pid: int | None = None
     owner_start: int | None = None
-    name: str | None = None
+    creator_pid: int | None = None
+    creator_start: int | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+    notice: str | None = None
+    error: str | None = None
+    schema: int = SANDBOX_SCHEMA
+    extra: dict = field(default_factory=dict)
 
     @property
     def dir(self) -> Path:
         return paths.sandboxes_dir() / self.id
 
     @property
+    def sandbox_id(self) -> str:
+        return self.id
+
+    def remaining_secs(self, now: float | None = None) -> float | None:
+        """Seconds of running time left before the timeout, ``None`` = no timeout."""
+        if not self.timeout_secs:
+            return None
+        used = self.used_secs
+        if self.running_since is not None:
+            used += (now or time.time()) - self.running_since
+        return self.timeout_secs - used
+
+    @property
     def deadline(self) -> float | None:
-        return self.created_at + self.timeout_secs if self.timeout_secs else None
+        """Wall time the timeout fires if the sandbox keeps running (``None``: never, or
+        suspended)."""
+        left = self.remaining_secs()
+        if left is None or self.running_since is None:
+            return None
+        return time.time() + left
+
+    def qemu_alive(self) -> bool:
+        return self.qemu_pid is not None and pid_alive(self.qemu_pid, self.qemu_start)
+
+    def supervisor_alive(self) -> bool:
+        return (self.supervisor_pid is not None
+                and pid_alive(self.supervisor_pid, self.supervisor_start))
+
+    def owner_gone(self) -> bool:
+        return self.owner_pid is not None and not pid_alive(self.owner_pid, self.owner_start)
 
     def alive(self) -> bool:
-        return pid_alive(self.pid, self.pid_start)
+        """Whether the sandbox still exists: its QEMU runs, it is suspended (no QEMU by
+        design), or it is being started by a live supervisor."""
+        if self.state is SandboxState.SUSPENDED:
+            return True
+        if self.state is SandboxState.PENDING:
+            return (self.supervisor_alive() or self.qemu_alive()
+                    or (self.creator_pid is not None
+                        and pid_alive(self.creator_pid, self.creator_start)))
+        if self.state is SandboxState.RUNNING:
+            return self.qemu_alive()
+        return False
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["state"] = self.state.value
+        extra = d.pop("extra")
+        return {**extra, **d}
+
+    @classmethod
+    def from_json(cls, data: dict) -> SandboxRecord:
+        """Read a record of any schema (1 is migrated; unknown keys go to ``extra``).
+
+        :raises ValueError: not a sandbox record (no ``id``).
+        """
+        data = dict(data)
+        if "id" not in data:
+            raise ValueError("not a sandbox record (no id)")
+        if data.get("schema") is None:
+            data = _migrate_v1(data)
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kw = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        kw["state"] = SandboxState(kw.get("state", "running"))
+        kw["ports"] = {str(k): int(v) for k, v in (kw.get("ports") or {}).items()}
+        return cls(**kw, extra=extra)
+
+
+def _migrate_v1(d: dict) -> dict:
+    """Schema 1 → 2: a running sandbox whose ``pid`` is QEMU or its ``timeout`` wrapper; it
+    has no supervisor yet (one attaches on first use)."""
+    out = dict(d)
+    pid, start = out.pop("pid", None), out.pop("pid_start", None)
+    qpid = out.get("qemu_pid") or pid
+    out["qemu_pid"] = qpid
+    out["qemu_start"] = start if qpid == pid else proc_start_time(qpid) if qpid else None
+    if pid is not None and pid != qpid:
+        out["legacy_wrapper_pid"] = [pid, start]
+    created = float(out.get("created_at") or time.time())
+    out.update(schema=SANDBOX_SCHEMA, state="running", source="legacy", running_since=created,
+               used_secs=0.0)
+    return out
 
 
 def sandbox_dir(sandbox_id: str) -> Path:
     return paths.sandboxes_dir() / sandbox_id
 
 
+@contextlib.contextmanager
+def sandbox_locked(sandbox_id: str) -> Iterator[None]:
+    """The per-sandbox record lock (``sandboxes/<id>/.lock``): hold it for read-modify-write."""
+    with locked(sandbox_dir(sandbox_id) / ".lock"):
+        yield
+
+
 def write_sandbox(rec: SandboxRecord) -> None:
-    write_json_atomic(rec.dir / "sandbox.json", rec.to_json())
+    """Write the whole record (the supervisor, or a creator before it starts)."""
+    with sandbox_locked(rec.id):
+        write_json_atomic(rec.dir / "sandbox.json", rec.to_json())
 
 
-def read_sandbox(sandbox_id: str) -> SandboxRecord:
-    """The record of a live sandbox.
+def update_sandbox(sandbox_id: str, **changes) -> SandboxRecord:
+    """Change some fields of a record under its lock and return the new record (the other
+    fields keep what other processes wrote).
 
-    :raises SandboxNotFound: no such id, or its QEMU is gone (the record is then removed).
+    :raises SandboxNotFound: no such record.
+    """
+    with sandbox_locked(sandbox_id):
+        rec = load_sandbox(sandbox_id)
+        for k, v in changes.items():
+            if not hasattr(rec, k):
+                raise AttributeError(f"SandboxRecord has no field {k!r}")
+            setattr(rec, k, v)
+        write_json_atomic(rec.dir / "sandbox.json", rec.to_json())
+    return rec
+
+
+def load_sandbox(sandbox_id: str) -> SandboxRecord:
+    """The record as stored, whatever its state (no liveness check).
+
+    :raises SandboxNotFound: no such record, or it cannot be read.
     """
     d = sandbox_dir(sandbox_id)
     try:
-        rec = SandboxRecord(**read_json(d / "sandbox.json"))
-    except (FileNotFoundError, ValueError, TypeError) as exc:
+        return SandboxRecord.from_json(read_json(d / "sandbox.json"))
+    except (FileNotFoundError, NotADirectoryError) as exc:
         raise SandboxNotFound(f"no sandbox {sandbox_id!r}",
-                              hint="`localsbx ls` lists the running sandboxes") from exc
+                              hint="`localsbx ls` lists the sandboxes") from exc
+    except (ValueError, TypeError) as exc:
+        raise SandboxNotFound(f"sandbox {sandbox_id!r}: its record {d / 'sandbox.json'} "
+                              f"cannot be read ({exc})",
+                              hint="`localsbx gc` removes it once its QEMU is gone") from exc
+
+
+def read_sandbox(id_or_name: str, *, project: str | None = None) -> SandboxRecord:
+    """The record of a live sandbox, by id or by name (names are unique per project;
+    Tensorlake's ``connect(sandbox_id or name)``).
+
+    :raises SandboxNotFound: no such id or name, or its QEMU is gone (the record is then
+        removed).
+    """
+    try:
+        rec = load_sandbox(id_or_name) if _ID_RE.match(id_or_name) else None
+    except SandboxNotFound:
+        rec = None
+    if rec is None:
+        proj = current_project(project)
+        named = [r for r in list_sandboxes() if r.name == id_or_name and r.project == proj]
+        if not named:
+            raise SandboxNotFound(f"no sandbox {id_or_name!r} (no such id, and no sandbox of "
+                                  f"that name in project {proj!r})",
+                                  hint="`localsbx ls` lists the sandboxes")
+        rec = named[0]
     if not rec.alive():
         cleanup_sandbox(rec)
-        raise SandboxNotFound(f"sandbox {sandbox_id} is not running any more "
+        raise SandboxNotFound(f"sandbox {rec.id} is not running any more "
                               "(it was terminated, timed out or its QEMU died)")
     return rec
 
 
-def cleanup_sandbox(rec: SandboxRecord) -> None:
-    """Kill the sandbox's QEMU if still there and remove its folder (and the image folder
-    it used, if it was the last user of an unregistered image)."""
-    kill_pid(rec.pid, start_time=rec.pid_start)
-    if rec.qemu_pid != rec.pid:
-        # the QEMU under a `timeout` wrapper; only if it still looks like ours
-        with contextlib.suppress(OSError):
-            if str(rec.dir) in Path(f"/proc/{rec.qemu_pid}/cmdline").read_bytes().decode(errors="replace"):
-                kill_pid(rec.qemu_pid)
+_ID_RE = re.compile(r"^[a-z0-9]{12}$")
+
+
+def stop_pid(pid: int | None, start: int | None, *, grace: float = 5.0) -> None:
+    """Stop a process we started, if it is still that process: SIGTERM, then SIGKILL after
+    ``grace`` seconds. Bounded (at most ``grace`` + 1 s). The one way localsbx stops a
+    QEMU or a supervisor from outside its owner."""
+    if pid is None or not pid_alive(pid, start):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not pid_alive(pid, start):
+            return
+        time.sleep(0.02)
+    kill_pid(pid, start_time=start)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline and pid_alive(pid, start):
+        time.sleep(0.02)
+
+
+def cleanup_sandbox(rec: SandboxRecord, *, grace: float = 0.0) -> None:
+    """Stop the sandbox's supervisor and QEMU if still there and remove its folder (and the
+    image folder it used, if it was its last user). Synchronous: works without an event
+    loop (last-chance cleanup)."""
+    stop_pid(rec.supervisor_pid, rec.supervisor_start, grace=grace)
+    stop_pid(rec.qemu_pid, rec.qemu_start, grace=grace)
+    wrapper = rec.extra.get("legacy_wrapper_pid")
+    if wrapper:
+        stop_pid(wrapper[0], wrapper[1], grace=grace)
+    _kill_recorded_qemu(rec.dir)
     _rmtree(rec.dir)
     drop_image_if_unused(rec.image_digest)
 
 
+def _kill_recorded_qemu(d: Path) -> None:
+    """Kill the QEMU and its network helper recorded in ``<dir>/qemu.pid`` and
+    ``passt.pid`` at spawn time (a creation cut short, a supervisor killed)."""
+    for name in ("qemu.pid", "passt.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            pid, start = (int(x) for x in (d / name).read_text().split())
+            kill_pid(pid, start_time=start)
+
+
 def drop_image_if_unused(digest: str) -> bool:
-    """Delete ``images/<digest>`` when no project names it and no live sandbox uses it."""
+    """Delete ``images/<digest>`` when no project names it and no live sandbox or
+    checkpoint uses it."""
     if image_is_named(digest) or any(s.image_digest == digest
                                      for s in list_sandboxes(reap_dead=False)):
+        return False
+    if any(c.image_digest == digest for c in list_checkpoints()):
         return False
     _rmtree(image_dir(digest))
     return True
@@ -388,32 +601,53 @@ def image_is_named(digest: str) -> bool:
                if proj.is_dir() for e in _read_table(proj.name).values())
 
 
-def list_sandboxes(*, reap_dead: bool = True) -> list[SandboxRecord]:
-    """Live sandboxes, oldest first. Records whose QEMU is gone, and sandboxes whose owning
-    process died, are cleaned up on the way (``reap_dead``)."""
+def list_sandboxes(*, reap_dead: bool = True, project: str | None = None) -> list[SandboxRecord]:
+    """Live sandboxes (pending, running, suspended), oldest first. With ``reap_dead``,
+    records whose QEMU is gone and sandboxes whose owning process died are cleaned up on the
+    way. A record that cannot be read is never deleted while a QEMU recorded for it runs.
+
+    :param project: only this project's (``None``: all).
+    """
     root = paths.sandboxes_dir()
     out = []
     if not root.exists():
         return out
     for d in root.iterdir():
+        if not d.is_dir():
+            continue
         try:
-            rec = SandboxRecord(**read_json(d / "sandbox.json"))
+            rec = SandboxRecord.from_json(read_json(d / "sandbox.json"))
         except FileNotFoundError:
             # a sandbox being created, or a crashed creation: reap if the creator is gone
             if reap_dead:
                 _reap_incomplete(d)
             continue
-        except (ValueError, TypeError):
+        except (ValueError, TypeError) as exc:
             if reap_dead:
-                _rmtree(d)
+                _reap_unreadable(d, exc)
             continue
-        owner_gone = rec.owner_pid is not None and not pid_alive(rec.owner_pid, rec.owner_start)
-        if not rec.alive() or owner_gone:
+        if not rec.alive() or rec.owner_gone():
             if reap_dead:
                 cleanup_sandbox(rec)
             continue
-        out.append(rec)
+        if project is None or rec.project == project:
+            out.append(rec)
     return sorted(out, key=lambda r: r.created_at)
+
+
+def _reap_unreadable(d: Path, exc: Exception) -> None:
+    """A record that does not parse: keep it while its QEMU runs (say so); otherwise remove
+    the folder once it is old enough not to be a write in progress."""
+    with contextlib.suppress(OSError, ValueError):
+        qpid, qstart = (int(x) for x in (d / "qemu.pid").read_text().split())
+        if pid_alive(qpid, qstart):
+            log.warning("sandbox folder %s: record unreadable (%s) but its QEMU (pid %s) "
+                        "runs; left alone", d, exc, qpid)
+            return
+    with contextlib.suppress(OSError):
+        if time.time() - (d / "sandbox.json").stat().st_mtime < 60:
+            return
+    _rmtree(d)
 
 
 def _reap_incomplete(d: Path) -> None:
@@ -430,17 +664,24 @@ def _reap_incomplete(d: Path) -> None:
         with contextlib.suppress(OSError):
             if time.time() - d.stat().st_mtime < 60:
                 return
-    with contextlib.suppress(OSError, ValueError):
-        qpid, qstart = (int(x) for x in (d / "qemu.pid").read_text().split())
-        kill_pid(qpid, start_time=qstart)
+    _kill_recorded_qemu(d)
     _rmtree(d)
 
 
 def reap() -> int:
-    """Clean up dead sandboxes and orphaned build folders; returns how many sandboxes were
-    reaped. Called at the start of every localsbx entry point."""
+    """Clean up dead sandboxes, sandboxes past their timeout whose supervisor is gone, and
+    orphaned build folders; returns how many sandboxes were reaped. Called at the start of
+    every localsbx entry point."""
     before = len(list(paths.sandboxes_dir().iterdir())) if paths.sandboxes_dir().exists() else 0
-    alive = len(list_sandboxes(reap_dead=True))
+    alive = 0
+    for rec in list_sandboxes(reap_dead=True):
+        left = rec.remaining_secs()
+        if (rec.state is SandboxState.RUNNING and left is not None and left <= 0
+                and not rec.supervisor_alive()):
+            log.warning("sandbox %s ran past its timeout with no supervisor; stopping it", rec.id)
+            cleanup_sandbox(rec)
+            continue
+        alive += 1
     root = paths.images_dir()
     if root.exists():
         for d in root.glob(".tmp-*"):
@@ -451,3 +692,107 @@ def reap() -> int:
             if owner is None or not pid_alive(owner):
                 _rmtree(d)
     return max(0, before - alive)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+@dataclass
+class CheckpointRecord:
+    """A checkpoint of a sandbox (``checkpoints/<id>/checkpoint.json``; Tensorlake's
+    snapshot). ``kind`` is ``memory`` (``state.mig`` holds the whole guest RAM and device
+    state, ``disk.qcow2`` the disk at that instant) or ``filesystem`` (disk only; clones
+    cold-boot on it). Its disk is backed by the image's snapshot disk, so the image folder
+    stays while the checkpoint exists. The boot fields copy the sandbox's."""
+
+    id: str
+    sandbox_id: str
+    image: str
+    project: str
+    image_digest: str
+    kind: str
+    created_at: float
+    cpus: int
+    memory_mb: int
+    env: dict
+    workdir: str
+    user: str | None
+    kernel: str
+    initrd: str
+    ram_file: str | None
+    host_key: str
+    base_initrd: str = ""
+    size_bytes: int = 0
+    status: str = "completed"
+    schema: int = 1
+
+    @property
+    def dir(self) -> Path:
+        return paths.data_dir() / "checkpoints" / self.id
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> CheckpointRecord:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def checkpoints_dir() -> Path:
+    return paths.data_dir() / "checkpoints"
+
+
+def new_checkpoint_tmpdir() -> Path:
+    """A fresh ``checkpoints/.tmp-*`` folder for a checkpoint being written."""
+    root = checkpoints_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    d = root / f".tmp-{os.getpid()}-{time.time_ns()}"
+    d.mkdir()
+    return d
+
+
+def commit_checkpoint(tmp: Path, rec: CheckpointRecord) -> CheckpointRecord:
+    """Write the record into ``tmp`` and rename it to ``checkpoints/<id>`` (atomic)."""
+    write_json_atomic(tmp / "checkpoint.json", rec.to_json())
+    os.rename(tmp, rec.dir)
+    return rec
+
+
+def read_checkpoint(checkpoint_id: str) -> CheckpointRecord:
+    """:raises SandboxNotFound: no such checkpoint (Tensorlake: snapshot not found)."""
+    try:
+        return CheckpointRecord.from_json(
+            read_json(checkpoints_dir() / checkpoint_id / "checkpoint.json"))
+    except (OSError, ValueError, TypeError) as exc:
+        raise SnapshotError(f"no checkpoint {checkpoint_id!r}",
+                            hint="`localsbx checkpoint ls` lists them") from exc
+
+
+def list_checkpoints(sandbox_id: str | None = None) -> list[CheckpointRecord]:
+    """All complete checkpoints (optionally of one sandbox), oldest first."""
+    root = checkpoints_dir()
+    out = []
+    if root.exists():
+        for d in root.iterdir():
+            if d.name.startswith("."):
+                continue
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                c = CheckpointRecord.from_json(read_json(d / "checkpoint.json"))
+                if sandbox_id is None or c.sandbox_id == sandbox_id:
+                    out.append(c)
+    return sorted(out, key=lambda c: c.created_at)
+
+
+def delete_checkpoint(checkpoint_id: str) -> None:
+    """Delete a checkpoint.
+
+    :raises SnapshotError: no such checkpoint.
+    :raises SandboxStateError: a live sandbox restored from it still uses its disk.
+    """
+    c = read_checkpoint(checkpoint_id)
+    users = [s.id for s in list_sandboxes() if s.source == f"checkpoint:{checkpoint_id}"]
+    if users:
+        raise SandboxStateError(f"checkpoint {checkpoint_id} is the disk of running sandboxes "
+                                f"{', '.join(users)}", hint="terminate them first")
+    _rmtree(c.dir)
+    drop_image_if_unused(c.image_digest)

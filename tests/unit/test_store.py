@@ -72,12 +72,14 @@ def test_remove_image_deletes_unused_files():
 
 
 def _record(pid, **kw):
-    base = dict(id="abc", image="i", project="default", image_digest="d", pid=pid,
-                pid_start=proc_start_time(pid), qemu_pid=pid, ssh_port=1, host_key="k", env={},
-                workdir="/", user=None, cpus=1, memory_mb=1024, created_at=time.time(),
-                timeout_secs=600, restored=True)
+    base = dict(id="abc", image="i", project="default", image_digest="d",
+                state=store.SandboxState.RUNNING, qemu_pid=pid, qemu_start=proc_start_time(pid),
+                ssh_port=1, host_key="k", created_at=time.time(), timeout_secs=600,
+                running_since=time.time(), restored=True)
     base.update(kw)
-    return store.SandboxRecord(**base)
+    rec = store.SandboxRecord(**base)
+    rec.dir.mkdir(parents=True, exist_ok=True)
+    return rec
 
 
 def test_dead_sandbox_is_never_listed_and_is_cleaned_up():
@@ -99,7 +101,7 @@ def test_sandbox_of_a_dead_owner_is_killed():
     vm = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     store.write_sandbox(_record(vm.pid, owner_pid=owner.pid, owner_start=12345))
     assert store.list_sandboxes() == []
-    assert vm.wait(timeout=10) == -9
+    assert vm.wait(timeout=10) in (-9, -15)  # SIGTERM first (store.stop_pid)
 
 
 def test_json_writes_are_atomic(home):
@@ -121,3 +123,93 @@ def test_unregistered_image_goes_with_its_last_sandbox():
     child.wait()
     store.cleanup_sandbox(rec)
     assert not path.exists()
+
+
+#: A record as localsbx 0.1 (schema 1, before the supervisor) wrote it.
+V1_RECORD = {
+    "id": "abcdefghijkl", "image": "web", "project": "default", "image_digest": "d" * 32,
+    "pid": 0, "pid_start": None, "qemu_pid": 0, "ssh_port": 40022,
+    "host_key": "ssh-ed25519 AAAA", "env": {"A": "1"}, "workdir": "/app", "user": None,
+    "cpus": 1, "memory_mb": 1024, "created_at": 1000.0, "timeout_secs": 600,
+    "restored": True, "owner_pid": None, "owner_start": None, "name": "old",
+}
+
+
+def test_a_schema_1_record_is_read_without_loss_while_its_qemu_runs():
+    vm = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        d = store.sandbox_dir(V1_RECORD["id"])
+        d.mkdir(parents=True)
+        old = {**V1_RECORD, "pid": vm.pid, "pid_start": proc_start_time(vm.pid),
+               "qemu_pid": vm.pid, "future_field": [1, 2]}
+        store.write_json_atomic(d / "sandbox.json", old)
+        [rec] = store.list_sandboxes()
+        assert rec.state is store.SandboxState.RUNNING
+        assert (rec.qemu_pid, rec.qemu_start) == (vm.pid, proc_start_time(vm.pid))
+        assert (rec.ssh_port, rec.env, rec.workdir, rec.name) == (40022, {"A": "1"}, "/app", "old")
+        assert rec.source == "legacy" and rec.schema == store.SANDBOX_SCHEMA
+        assert rec.extra["future_field"] == [1, 2]
+        assert store.read_sandbox("old").id == V1_RECORD["id"]  # by name too
+        # written back with the unknown key kept and the folder untouched
+        store.update_sandbox(rec.id, name="renamed")
+        again = store.read_json(d / "sandbox.json")
+        assert again["future_field"] == [1, 2] and again["name"] == "renamed"
+        assert vm.poll() is None
+    finally:
+        vm.kill()
+        vm.wait()
+
+
+def test_an_unreadable_record_is_kept_while_its_qemu_runs():
+    vm = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        d = store.sandbox_dir("zzzzzzzzzzzz")
+        d.mkdir(parents=True)
+        (d / "sandbox.json").write_text("{not json")
+        (d / "qemu.pid").write_text(f"{vm.pid} {proc_start_time(vm.pid)}")
+        os.utime(d / "sandbox.json", (0, 0))  # old: not a write in progress
+        assert store.list_sandboxes() == []
+        assert d.exists() and vm.poll() is None
+        vm.kill()
+        vm.wait()
+        store.list_sandboxes()
+        assert not d.exists()
+    finally:
+        vm.kill()
+
+
+def test_timeout_counts_running_time_only():
+    rec = store.SandboxRecord(id="t", image="i", project="p", image_digest="d",
+                              timeout_secs=100, used_secs=30.0, running_since=None,
+                              state=store.SandboxState.SUSPENDED)
+    assert rec.remaining_secs(now=10_000) == 70.0  # suspended: the clock stands still
+    assert rec.deadline is None
+    rec.running_since = 1000.0
+    assert rec.remaining_secs(now=1010.0) == 60.0
+    rec.timeout_secs = 0
+    assert rec.remaining_secs() is None
+
+
+def test_update_keeps_what_other_processes_wrote():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        store.write_sandbox(_record(child.pid))
+        store.update_sandbox("abc", owner_pid=123)
+        store.update_sandbox("abc", ports={"80": 4000})
+        rec = store.load_sandbox("abc")
+        assert rec.owner_pid == 123 and rec.ports == {"80": 4000}
+        with pytest.raises(AttributeError):
+            store.update_sandbox("abc", no_such_field=1)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_suspended_sandbox_is_listed_without_a_qemu():
+    rec = store.SandboxRecord(id="sssssssssssss"[:12], image="i", project="default",
+                              image_digest="d", state=store.SandboxState.SUSPENDED,
+                              created_at=time.time())
+    rec.dir.mkdir(parents=True)
+    store.write_sandbox(rec)
+    assert [r.id for r in store.list_sandboxes()] == [rec.id]
+    assert store.read_sandbox(rec.id).state is store.SandboxState.SUSPENDED
