@@ -46,7 +46,7 @@ log = logging.getLogger("localsbx.build")
 SANDBOX_CPUS = 1
 SANDBOX_MEMORY_MIB = 1024
 #: Bumped when the snapshot procedure changes, so old snapshots are not reused.
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 3
 
 
 def step_timeout() -> float | None:

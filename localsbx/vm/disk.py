@@ -77,3 +77,19 @@ def freeze(path: Path) -> None:
     :raises OSError: ``path`` does not exist or cannot be changed.
     """
     os.chmod(path, FROZEN_MODE)
+
+
+#: Seconds a sparse copy of an overlay may take (a checkpoint's disk: the guest's writes).
+COPY_TIMEOUT = 600.0
+
+
+async def copy_sparse(src: Path, dest: Path, *, timeout: float = COPY_TIMEOUT) -> None:
+    """Copy a qcow2 file as it is (same backing reference), keeping holes and sharing
+    blocks where the file system can (``cp --sparse=always --reflink=auto``). The image
+    must not be written meanwhile (QEMU stopped, or its guest paused: QMP ``stop``
+    flushes every block device).
+
+    :raises HostCommandError: cp failed or timed out.
+    """
+    await _proc.run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dest)],
+                    timeout=timeout)

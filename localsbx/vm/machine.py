@@ -28,6 +28,7 @@ import asyncssh
 from localsbx.errors import GuestError, SnapshotError, VMLaunchError
 from localsbx.guest.ssh import GuestConnection
 from localsbx.vm import snapshot
+from localsbx.vm.net import NetSpec
 from localsbx.vm.qemu import READY_MARKER, Accel, QemuProcess, VMSpec
 
 log = logging.getLogger("localsbx.vm")
@@ -82,6 +83,7 @@ class Machine:
         detached: bool = False,
         wrapper: list[str] | None = None,
         name: str = "localsbx",
+        net: NetSpec = NetSpec(),
     ) -> Machine:
         """Boot a guest and connect to it.
 
@@ -106,7 +108,7 @@ class Machine:
         spec = VMSpec(kernel=kernel, initrd=vm_initrd, disk=disk,
                       serial_log=workdir / "serial.log", qmp_socket=_qmp_path(workdir),
                       accel=accel, memory_mib=memory_mib, cpus=cpus, ram_file=ram_file,
-                      ram_share=ram_share, name=name)
+                      ram_share=ram_share, name=name, net=net)
         qemu = QemuProcess(spec, detached=detached, wrapper=wrapper or [])
         await qemu.start()
         m = cls(qemu, GuestConnection("127.0.0.1", 0, client_key, host_key), host_key)
@@ -124,8 +126,10 @@ class Machine:
     async def restore(
         cls,
         *,
-        snap_dir: Path,
         kernel: Path,
+        initrd: Path,
+        ram_file: Path | None,
+        state_file: Path,
         disk: Path,
         workdir: Path,
         accel: Accel,
@@ -137,10 +141,14 @@ class Machine:
         wrapper: list[str] | None = None,
         name: str = "localsbx",
         lazy_fixup: bool = False,
+        net: NetSpec = NetSpec(),
     ) -> Machine:
-        """Restore a clone of the snapshot in ``snap_dir`` (``ram``, ``state.mig``,
-        ``initrd.cpio``) on the overlay ``disk`` (created by the caller over the snapshot's
-        frozen disk), then fix its clock and CRNG.
+        """Restore a guest from a migration stream: ``state_file`` holds the device state (an
+        image snapshot, RAM in ``ram_file``) or the whole guest (a suspend or a memory
+        checkpoint; RAM in the stream). ``ram_file`` is mapped copy-on-write (``share=off``);
+        ``None`` = anonymous RAM (a guest that was cold-booted). ``initrd`` and the shape must
+        be the ones the guest was started with. ``disk`` is the new overlay (created by the
+        caller over the frozen disk of that moment). Then the clock and CRNG are fixed.
 
         :param lazy_fixup: leave the clock/CRNG fixup to the first guest command (it runs
             before that command, in the same round trip); otherwise it runs here.
@@ -148,19 +156,19 @@ class Machine:
         :raises SnapshotError: a snapshot file is missing or does not load (QEMU stopped).
         """
         t0 = time.monotonic()
-        for f in ("ram", "state.mig", "initrd.cpio"):
-            if not (snap_dir / f).exists():
-                raise SnapshotError(f"snapshot file {snap_dir / f} is missing")
-        spec = VMSpec(kernel=kernel, initrd=snap_dir / "initrd.cpio", disk=disk,
+        for f in (ram_file, state_file, initrd):
+            if f is not None and not f.exists():
+                raise SnapshotError(f"snapshot file {f} is missing")
+        spec = VMSpec(kernel=kernel, initrd=initrd, disk=disk,
                       serial_log=workdir / "serial.log", qmp_socket=_qmp_path(workdir),
                       accel=accel, memory_mib=memory_mib, cpus=cpus,
-                      ram_file=snap_dir / "ram", ram_share=False, incoming=True, name=name)
+                      ram_file=ram_file, ram_share=False, incoming=True, name=name, net=net)
         qemu = QemuProcess(spec, detached=detached, wrapper=wrapper or [])
         pub = asyncssh.import_public_key(host_key_public)
         await qemu.start()
         m = cls(qemu, GuestConnection("127.0.0.1", 0, client_key, pub), pub)
         try:
-            await snapshot.restore(qemu, snap_dir / "state.mig")
+            await snapshot.restore(qemu, state_file)
             m.timings["loaded"] = time.monotonic() - t0
             await m._connect()
             m.timings["connected"] = time.monotonic() - t0

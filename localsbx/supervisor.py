@@ -1,0 +1,640 @@
+"""The per-sandbox supervisor: one small process per sandbox that owns its QEMU, QMP, the
+guest SSH session, the timeout and the exposed ports, and serves every other process
+(CLI, library, pytest, the HTTP server) on a unix control socket (:mod:`localsbx.control`).
+
+Why this shape (containerd-shim, conmon): a sandbox must outlive the process that made it
+and be driven by any other, yet a QMP connection, an SSH session, a timer that pauses while
+suspended and port listeners all need a process that is there for the sandbox's whole life.
+One supervisor per sandbox keeps failures apart (a crash loses one control process, never the
+others' sandboxes) and needs no daemon to start or upgrade. QEMU is *not* tied to it: QEMU
+runs in its own session, so a SIGKILL of the supervisor leaves the guest running, and the
+next client that finds the control socket dead starts a new supervisor that re-attaches
+(QMP socket, SSH port and host key are in the record). A sandbox with an owner (pytest, a
+library caller) is terminated by its supervisor within half a second of the owner's death;
+if both die, ``store.reap()`` kills the QEMU recorded for it.
+
+Run as ``python -m localsbx.supervisor MODE SANDBOX_ID [--ready-fd N]``, MODE one of
+``create`` (boot the sandbox described by its pending record), ``resume`` (load a suspended
+sandbox), ``attach`` (take over a running QEMU). On ``--ready-fd`` it writes one JSON line,
+``{"ok": true}`` or an error frame, once it serves or has failed.
+
+Operations (request ``op``): ``info``, ``exec`` (streams ``stdout``/``stderr`` frames),
+``put``/``get`` (files), ``terminate``, ``suspend``, ``checkpoint``, ``expose``,
+``unexpose``, ``refresh`` (re-read the record: owner, timeout, name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from localsbx import control, store
+from localsbx.errors import (
+    GuestError,
+    LocalsbxError,
+    SandboxStateError,
+    SnapshotError,
+    VMError,
+)
+from localsbx.store import SandboxRecord, SandboxState
+
+log = logging.getLogger("localsbx.supervisor")
+
+#: Seconds between checks of the owner, the QEMU and the record.
+WATCH_INTERVAL = 0.5
+#: Seconds a client waits for a new supervisor to be ready (a TCG cold boot takes 5-10 s).
+READY_TIMEOUT = 240.0
+
+
+def control_socket_path(sandbox_dir: Path) -> Path:
+    """``<sandbox>/ctl.sock``, or a short path under ``/tmp`` when that is too long for
+    ``AF_UNIX`` (108 bytes)."""
+    p = sandbox_dir / "ctl.sock"
+    if len(str(p)) < 100:
+        return p
+    return Path("/tmp") / f"localsbx-{os.getuid()}-{sandbox_dir.name}.ctl"
+
+
+def spawn(sandbox_id: str, mode: str, *, ready_fd: int | None = None) -> subprocess.Popen:
+    """Start a supervisor for ``sandbox_id`` in its own session (it outlives the caller).
+
+    :param mode: ``create``, ``resume`` or ``attach``.
+    :param ready_fd: a pipe's write end; the supervisor reports readiness on it.
+    :returns: the process (the caller need not wait for it; it is reaped by init).
+    """
+    d = store.sandbox_dir(sandbox_id)
+    argv = [sys.executable, "-m", "localsbx.supervisor", mode, sandbox_id]
+    if ready_fd is not None:
+        argv += ["--ready-fd", str(ready_fd)]
+    with open(d / "supervisor.log", "ab") as logf:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                start_new_session=True, close_fds=True,
+                                pass_fds=(ready_fd,) if ready_fd is not None else ())
+
+
+async def start_and_wait(sandbox_id: str, mode: str, *, timeout: float = READY_TIMEOUT) -> None:
+    """Spawn a supervisor and wait until it serves.
+
+    :raises LocalsbxError: the error it reported (its own class: ``VMLaunchError``,
+        ``SnapshotError``...), or ``VMLaunchError`` with its log tail when it died.
+    """
+    from localsbx.errors import VMLaunchError
+
+    r, w = os.pipe()
+    try:
+        proc = spawn(sandbox_id, mode, ready_fd=w)
+    finally:
+        os.close(w)
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(_read_line, r), timeout)
+    except TimeoutError:
+        proc.kill()
+        raise VMLaunchError(f"sandbox {sandbox_id}: its supervisor was not ready within "
+                            f"{timeout:.0f} s", log_tail=_log_tail(sandbox_id)) from None
+    except BaseException:
+        # interrupted: the supervisor must not boot a sandbox nobody will use
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        raise
+    finally:
+        os.close(r)
+    if not line:
+        await asyncio.to_thread(proc.wait, 10)
+        raise VMLaunchError(f"sandbox {sandbox_id}: its supervisor exited during {mode} "
+                            f"(status {proc.returncode})", returncode=proc.returncode,
+                            log_tail=_log_tail(sandbox_id))
+    frame = json.loads(line)
+    if not frame.get("ok"):
+        control.raise_error(frame.get("error") or {})
+
+
+def _read_line(fd: int) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def _log_tail(sandbox_id: str, lines: int = 30) -> str:
+    d = store.sandbox_dir(sandbox_id)
+    out = []
+    for name in ("supervisor.log", "serial.log", "serial.qemu.log"):
+        with contextlib.suppress(OSError):
+            text = (d / name).read_bytes().decode(errors="replace").splitlines()
+            if text:
+                out.append(f"[{name}]")
+                out.extend(text[-lines:])
+    return "\n".join(out)
+
+
+class Supervisor:
+    """The state of one sandbox's supervisor (see the module docstring)."""
+
+    def __init__(self, rec: SandboxRecord) -> None:
+        self.rec = rec
+        self.machine = None  # localsbx.vm.machine.Machine
+        self.server: asyncio.AbstractServer | None = None
+        self.done = asyncio.Event()
+        self.forwards: dict[int, object] = {}
+        self._fixup: asyncio.Task | None = None
+        self._lock = asyncio.Lock()  # lifecycle operations, one at a time
+        self._stopping = False
+
+    # ------------------------------------------------------------------ start
+
+    async def boot(self, mode: str) -> None:
+        """Bring the guest up (``create``/``resume``) or take it over (``attach``), then
+        record it as running."""
+        from localsbx.vm.machine import Machine
+
+        rec = self.rec
+        if mode == "attach":
+            await self._attach()
+        else:
+            from localsbx.vm.accel import choose_accel
+            from localsbx.vm.disk import create_overlay
+            from localsbx.vm.net import NetSpec
+
+            accel = await choose_accel(Path(rec.kernel), Path(rec.base_initrd or rec.initrd))
+            key = store.management_key()
+            d = rec.dir
+            overlay = d / "overlay.qcow2"
+            if mode == "create":
+                await create_overlay(overlay, Path(rec.disk_backing))
+            common = {"kernel": Path(rec.kernel), "disk": overlay, "workdir": d, "accel": accel,
+                          "client_key": key, "cpus": rec.cpus, "memory_mib": rec.memory_mb,
+                          "detached": True, "name": f"localsbx-{rec.id}",
+                          "net": NetSpec(internet=rec.internet)}
+            if mode == "create" and rec.cold_boot:
+                self.machine = await Machine.cold_boot(initrd=Path(rec.initrd), **common)
+                rec.initrd = str(d / "initrd.cpio")  # with this VM's identity appended
+                rec.host_key = self.machine.host_key.export_public_key("openssh").decode().strip()
+            else:
+                state_file = Path(rec.state_file or "")
+                self.machine = await Machine.restore(
+                    initrd=Path(rec.initrd), ram_file=Path(rec.ram_file) if rec.ram_file else None,
+                    state_file=state_file, host_key_public=rec.host_key, lazy_fixup=True,
+                    **common)
+            self._fixup = asyncio.create_task(self._post_boot(fresh=mode == "create"))
+        m = self.machine
+        ports = {}
+        for guest_port, host_port in rec.ports.items():
+            try:
+                ports[guest_port] = await self._forward(int(guest_port), int(host_port or 0))
+            except Exception as exc:  # noqa: BLE001 - the sandbox is usable without it
+                log.warning("cannot forward guest port %s: %s", guest_port, exc)
+        rec.ports = ports
+        now = time.time()
+        with store.sandbox_locked(rec.id):
+            disk = store.load_sandbox(rec.id)
+            # fields other processes may have changed since we read the record
+            rec.owner_pid, rec.owner_start, rec.name = disk.owner_pid, disk.owner_start, disk.name
+            rec.timeout_secs = disk.timeout_secs
+            rec.state = SandboxState.RUNNING
+            rec.ssh_port = m.ssh_port
+            rec.qemu_pid = m.qemu.pid
+            rec.qemu_start = _start_time(m.qemu.pid)
+            rec.qmp_socket = str(m.qemu.spec.qmp_socket)
+            rec.supervisor_pid, rec.supervisor_start = os.getpid(), _start_time(os.getpid())
+            if rec.running_since is None:
+                rec.running_since = now
+            if mode == "resume":
+                rec.state_file = None
+            rec.error = None
+            store.write_json_atomic(rec.dir / "sandbox.json", rec.to_json())
+        if mode == "resume":
+            with contextlib.suppress(OSError):
+                (rec.dir / "suspend.mig").unlink()
+
+    async def _attach(self) -> None:
+        """Take over a running QEMU: QMP on its socket, SSH on its port."""
+        import asyncssh
+
+        from localsbx.guest.ssh import GuestConnection
+        from localsbx.vm.machine import Machine
+        from localsbx.vm.qemu import Accel, QemuProcess, VMSpec
+
+        rec = self.rec
+        if not rec.qemu_alive():
+            raise VMError(f"sandbox {rec.id}: its QEMU (pid {rec.qemu_pid}) is gone")
+        p = Path("/nonexistent")
+        spec = VMSpec(kernel=Path(rec.kernel or p), initrd=Path(rec.initrd or p), disk=p,
+                      serial_log=rec.dir / "serial.log",
+                      qmp_socket=Path(rec.qmp_socket or rec.dir / "qmp.sock"),
+                      accel=Accel("unknown"), memory_mib=rec.memory_mb, cpus=rec.cpus,
+                      ram_file=Path(rec.ram_file) if rec.ram_file else None,
+                      name=f"localsbx-{rec.id}")
+        qemu = QemuProcess(spec, detached=True)
+        qemu.pid = rec.qemu_pid
+        if rec.qmp_socket and Path(rec.qmp_socket).exists():
+            with contextlib.suppress(VMError, LocalsbxError):
+                await qemu._connect_qmp(10)
+        host_key = asyncssh.import_public_key(rec.host_key)
+        guest = GuestConnection("127.0.0.1", rec.ssh_port, store.management_key(), host_key)
+        await guest.connect(timeout=30, alive=rec.qemu_alive)
+        self.machine = Machine(qemu, guest, host_key, rec.ssh_port)
+
+    async def _post_boot(self, *, fresh: bool) -> None:
+        """After a restore: the clock and CRNG (every time), and for a new sandbox its own
+        machine-id and hostname (the snapshot's are shared by every clone otherwise)."""
+        guest = self.machine.guest
+        await guest.fixup()
+        if not fresh:
+            return
+        script = ('printf "%s\\n" "$1" > /run/localsbx/machine-id && '
+                  'printf "%s\\n" "$2" > /run/localsbx/hostname && hostname "$2" && '
+                  'sed -i "s/^127.0.1.1\\t.*/127.0.1.1\\t$2/" /run/localsbx/hosts')
+        res = await guest.exec(["/bin/sh", "-c", script, "sh", secrets.token_hex(16),
+                                self.rec.id], env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                               timeout=30)
+        if res.exit_status != 0:
+            log.warning("identity fixup failed: %s", res.stderr.decode(errors="replace"))
+
+    async def ready(self) -> None:
+        """Wait for the post-restore fixup (every operation that touches the guest does)."""
+        if self._fixup is not None:
+            try:
+                await self._fixup
+            except Exception as exc:  # noqa: BLE001 - reported, the guest still runs
+                log.warning("post-restore fixup failed: %s", exc)
+            self._fixup = None
+
+    # ------------------------------------------------------------------ serve
+
+    async def serve(self) -> None:
+        path = control_socket_path(self.rec.dir)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        old = os.umask(0o077)
+        try:
+            self.server = await asyncio.start_unix_server(self._client, str(path),
+                                                          limit=control.MAX_LINE)
+        finally:
+            os.umask(old)
+        store.update_sandbox(self.rec.id, control_socket=str(path),
+                             supervisor_pid=os.getpid(), supervisor_start=_start_time(os.getpid()))
+        self.rec.control_socket = str(path)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            frame = await control.read_frame(reader)
+            if frame is None:
+                return
+            header, payload = frame
+            op = header.get("op")
+            handler = getattr(self, f"op_{op}", None)
+            if handler is None:
+                raise SandboxStateError(f"unknown control operation {op!r}")
+            result = await handler(header, payload, reader, writer)
+            writer.write(control.encode_frame({"ok": True, "result": result}))
+        except (ConnectionError, control.ProtocolError):
+            return
+        except Exception as exc:
+            if not isinstance(exc, LocalsbxError):
+                log.exception("control operation failed")
+            with contextlib.suppress(Exception):
+                writer.write(control.encode_frame(control.error_frame(exc)))
+        finally:
+            with contextlib.suppress(Exception):
+                await writer.drain()
+                writer.close()
+
+    def _require_running(self) -> None:
+        if self._stopping or self.machine is None:
+            raise SandboxStateError(f"sandbox {self.rec.id} is stopping")
+
+    # ------------------------------------------------------------------ operations
+
+    async def op_info(self, h, payload, reader, writer) -> dict:
+        return self.rec.to_json()
+
+    async def op_refresh(self, h, payload, reader, writer) -> dict:
+        self.rec = _merge_shared(self.rec, store.load_sandbox(self.rec.id))
+        return self.rec.to_json()
+
+    async def op_exec(self, h, payload, reader, writer) -> dict:
+        """Run argv in the guest; output streams back as frames while it runs. If the client
+        goes away (Ctrl-C), the command's process tree is killed."""
+        from localsbx.build.builder import runtime_env
+
+        self._require_running()
+        await self.ready()
+        rec = self.rec
+        env = {**runtime_env(rec.env), **(h.get("env") or {})}
+
+        def cb(stream: str):
+            def send(chunk: bytes) -> None:
+                writer.write(control.encode_frame({"stream": stream}, chunk))
+            return send
+
+        task = asyncio.create_task(self.machine.guest.exec(
+            list(h["argv"]), env=env, cwd=h.get("cwd") or rec.workdir,
+            user=h.get("user") or rec.user, stdin=payload if h.get("stdin") else None,
+            timeout=h.get("timeout"), stdout_cb=cb("stdout"), stderr_cb=cb("stderr")))
+        gone = asyncio.create_task(reader.read(1))
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise ConnectionError("client went away")
+        gone.cancel()
+        try:
+            res = task.result()
+        except GuestError:
+            if not rec.qemu_alive():
+                raise SandboxStateError(f"sandbox {rec.id} is gone: its QEMU exited "
+                                        f"(serial log: {rec.dir / 'serial.log'})") from None
+            raise
+        return {"exit_status": res.exit_status, "signal": res.signal, "timed_out": res.timed_out}
+
+    async def op_put(self, h, payload, reader, writer) -> None:
+        self._require_running()
+        await self.ready()
+        await self.machine.guest.put_file(h["path"], payload, mode=int(h.get("mode", 0o644)))
+
+    async def op_get(self, h, payload, reader, writer) -> dict:
+        self._require_running()
+        await self.ready()
+        data = await self.machine.guest.get_file(h["path"])
+        for i in range(0, len(data), control.CHUNK):
+            writer.write(control.encode_frame({"stream": "file"}, data[i:i + control.CHUNK]))
+            await writer.drain()
+        return {"size": len(data)}
+
+    async def op_terminate(self, h, payload, reader, writer) -> None:
+        await self.terminate(reason=h.get("reason") or "terminated")
+
+    async def op_expose(self, h, payload, reader, writer) -> dict:
+        self._require_running()
+        await self.ready()
+        async with self._lock:
+            port = int(h["port"])
+            host_port = await self._forward(port, int(h.get("host_port") or 0))
+            ports = {**self.rec.ports, str(port): host_port}
+            self.rec.ports = ports
+            store.update_sandbox(self.rec.id, ports=ports)
+            return {"port": port, "host_port": host_port}
+
+    async def op_unexpose(self, h, payload, reader, writer) -> None:
+        async with self._lock:
+            port = int(h["port"])
+            listener = self.forwards.pop(port, None)
+            if listener is not None:
+                listener.close()
+            ports = {k: v for k, v in self.rec.ports.items() if k != str(port)}
+            self.rec.ports = ports
+            store.update_sandbox(self.rec.id, ports=ports)
+
+    async def _forward(self, guest_port: int, host_port: int = 0) -> int:
+        """Listen on 127.0.0.1 and tunnel each connection to ``guest_port`` in the guest
+        through the SSH session (``direct-tcpip``); returns the host port."""
+        conn = self.machine.guest._require()
+        try:
+            listener = await conn.forward_local_port("127.0.0.1", host_port, "127.0.0.1",
+                                                     guest_port)
+        except OSError:
+            if not host_port:
+                raise
+            listener = await conn.forward_local_port("127.0.0.1", 0, "127.0.0.1", guest_port)
+        self.forwards[guest_port] = listener
+        return listener.get_port()
+
+    async def op_suspend(self, h, payload, reader, writer) -> dict:
+        """Save the whole guest (RAM + devices) to ``suspend.mig`` and stop QEMU; the
+        sandbox then uses no CPU and no RAM, and its timeout stops counting."""
+        self._require_running()
+        await self.ready()
+        async with self._lock:
+            rec = self.rec
+            target = rec.dir / "suspend.mig"
+            t0 = time.monotonic()
+            await self._save_state(target)
+            await self._stop_machine()
+            now = time.time()
+            used = rec.used_secs + (now - rec.running_since if rec.running_since else 0.0)
+            self.rec = store.update_sandbox(
+                rec.id, state=SandboxState.SUSPENDED, state_file=str(target), used_secs=used,
+                running_since=None, qemu_pid=None, qemu_start=None, ssh_port=0,
+                supervisor_pid=None, supervisor_start=None, control_socket="")
+            self._stopping = True
+            seconds = time.monotonic() - t0
+            self.done.set()
+            return {"seconds": seconds, "state_bytes": target.stat().st_size}
+
+    async def op_checkpoint(self, h, payload, reader, writer) -> dict:
+        """Checkpoint the running sandbox (Tensorlake ``checkpoint``/snapshot): ``memory``
+        saves RAM + devices + disk at one instant, ``filesystem`` the disk only; the
+        sandbox goes on running either way."""
+        from localsbx.vm import disk
+
+        self._require_running()
+        await self.ready()
+        kind = h.get("kind") or "memory"
+        if kind not in ("memory", "filesystem"):
+            raise SandboxStateError(f"checkpoint type {kind!r}: use 'memory' or 'filesystem'")
+        async with self._lock:
+            rec = self.rec
+            tmp = store.new_checkpoint_tmpdir()
+            qemu = self.machine.qemu
+            t0 = time.monotonic()
+            try:
+                if kind == "filesystem":
+                    with contextlib.suppress(GuestError):
+                        await self.machine.guest.agent("sync", timeout=60)
+                    await qemu.execute("stop")  # flushes every block device
+                else:
+                    await self._save_state(tmp / "state.mig", stop_only=True)
+                try:
+                    await disk.copy_sparse(rec.dir / "overlay.qcow2", tmp / "disk.qcow2")
+                finally:
+                    await qemu.execute("cont")
+                    self.machine.guest.fixup_pending = True  # the clock stood still meanwhile
+                disk.freeze(tmp / "disk.qcow2")
+                cid = "ck" + secrets.token_hex(8)
+                # the initrd (with the guest's identity) must outlive this sandbox's folder
+                await asyncio.to_thread(shutil.copyfile, rec.initrd, tmp / "initrd.cpio")
+                size = sum(f.stat().st_size for f in tmp.iterdir())
+                crec = store.CheckpointRecord(
+                    id=cid, sandbox_id=rec.id, image=rec.image, project=rec.project,
+                    image_digest=rec.image_digest, kind=kind, created_at=time.time(),
+                    cpus=rec.cpus, memory_mb=rec.memory_mb, env=rec.env, workdir=rec.workdir,
+                    user=rec.user, kernel=rec.kernel,
+                    initrd=str(store.checkpoints_dir() / cid / "initrd.cpio"),
+                    base_initrd=rec.base_initrd, ram_file=rec.ram_file,
+                    host_key=rec.host_key, size_bytes=size)
+                store.commit_checkpoint(tmp, crec)
+            except BaseException:
+                store._rmtree(tmp)
+                raise
+            return {**crec.to_json(), "seconds": time.monotonic() - t0}
+
+    async def _save_state(self, target: Path, *, stop_only: bool = False) -> None:
+        """Stop the guest and migrate its whole state to ``target`` (the guest stays
+        stopped; ``stop_only`` is a reminder that the caller resumes it)."""
+        from localsbx.vm import snapshot
+
+        qemu = self.machine.qemu
+        if qemu.qmp is None:
+            raise SandboxStateError(f"sandbox {self.rec.id}: no QMP connection to its QEMU",
+                                    hint="it was started by an older localsbx; recreate it")
+        await qemu.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+        await qemu.execute("stop")
+        part = target.with_suffix(".part")
+        await qemu.execute("migrate", {"uri": "exec:" + shlex.join(
+            ["dd", "status=none", "bs=1M", f"of={part}"])})
+        try:
+            await snapshot._wait_migration(qemu, f"saving sandbox {self.rec.id}")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await qemu.execute("cont")
+            with contextlib.suppress(OSError):
+                part.unlink()
+            raise
+        os.replace(part, target)
+
+    # ------------------------------------------------------------------ end
+
+    async def _stop_machine(self) -> None:
+        for listener in self.forwards.values():
+            with contextlib.suppress(Exception):
+                listener.close()
+        self.forwards.clear()
+        m = self.machine
+        if m is None:
+            return
+        with contextlib.suppress(Exception):
+            await m.guest.close()
+        await m.qemu.shutdown(graceful=m.qemu.proc is not None)
+        # attached (not our child): by pid
+        await asyncio.to_thread(store.stop_pid, self.rec.qemu_pid, self.rec.qemu_start, grace=3)
+
+    async def terminate(self, *, reason: str) -> None:
+        """Stop QEMU and remove the sandbox (folder, and its image folder if unused)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("terminating sandbox %s: %s", self.rec.id, reason)
+        with contextlib.suppress(Exception):
+            await self._stop_machine()
+        rec = self.rec
+        rec.supervisor_pid = None  # it is us: do not signal ourselves
+        await asyncio.to_thread(store.cleanup_sandbox, rec)
+        with contextlib.suppress(OSError):
+            Path(rec.control_socket).unlink()
+        self.done.set()
+
+    async def watch(self) -> None:
+        """Every ``WATCH_INTERVAL``: the owner, the QEMU, the timeout, the record."""
+        while not self.done.is_set():
+            await asyncio.sleep(WATCH_INTERVAL)
+            if self._stopping:
+                continue
+            with contextlib.suppress(LocalsbxError, OSError):
+                self.rec = _merge_shared(self.rec, store.load_sandbox(self.rec.id))
+            rec = self.rec
+            if rec.owner_gone():
+                await self.terminate(reason=f"its owner (pid {rec.owner_pid}) exited")
+            elif not rec.qemu_alive() and not self._lock.locked():
+                log.warning("sandbox %s: QEMU exited; serial log tail:\n%s", rec.id,
+                            _log_tail(rec.id, 10))
+                with contextlib.suppress(LocalsbxError):
+                    store.update_sandbox(rec.id, state=SandboxState.FAILED,
+                                         error="its QEMU exited (guest powered off or crashed)")
+                self._stopping = True
+                self.done.set()
+            elif (left := rec.remaining_secs()) is not None and left <= 0:
+                await self.terminate(reason=f"timeout of {rec.timeout_secs} s reached")
+
+
+def _merge_shared(mine: SandboxRecord, disk: SandboxRecord) -> SandboxRecord:
+    """Take the fields other processes may change (owner, name, timeout) from ``disk``."""
+    mine.owner_pid, mine.owner_start = disk.owner_pid, disk.owner_start
+    mine.name, mine.timeout_secs = disk.name, disk.timeout_secs
+    return mine
+
+
+def _start_time(pid: int | None) -> int | None:
+    from localsbx.vm.qemu import proc_start_time
+
+    return proc_start_time(pid) if pid else None
+
+
+async def run(mode: str, sandbox_id: str, ready_fd: int | None) -> int:
+    """The supervisor's life: boot, report ready, serve until terminated or suspended."""
+    def report(frame: dict) -> None:
+        nonlocal ready_fd
+        if ready_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, json.dumps(frame).encode() + b"\n")
+            os.close(ready_fd)
+        ready_fd = None
+
+    rec = store.load_sandbox(sandbox_id)
+    sup = Supervisor(rec)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, lambda s=sig: asyncio.ensure_future(
+            sup.terminate(reason=f"signal {signal.Signals(s).name}")))
+    try:
+        await sup.boot(mode)
+        await sup.serve()
+    except BaseException as exc:
+        log.exception("supervisor %s of %s failed", mode, sandbox_id)
+        with contextlib.suppress(Exception):
+            if sup.machine is not None:
+                await sup.machine.stop()
+        if mode == "create":
+            with contextlib.suppress(Exception):
+                rec.supervisor_pid = None
+                await asyncio.to_thread(store.cleanup_sandbox, rec)
+        elif mode == "resume":
+            with contextlib.suppress(Exception):
+                store.update_sandbox(sandbox_id, supervisor_pid=None, supervisor_start=None,
+                                     error=f"resume failed: {exc}")
+        report(control.error_frame(exc) if isinstance(exc, Exception)
+               else {"ok": False, "error": {"type": "LocalsbxError", "message": "interrupted"}})
+        return 1
+    report({"ok": True})
+    watcher = asyncio.create_task(sup.watch())
+    await sup.done.wait()
+    watcher.cancel()
+    if sup.server is not None:
+        sup.server.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m localsbx.supervisor")
+    p.add_argument("mode", choices=("create", "resume", "attach"))
+    p.add_argument("sandbox_id")
+    p.add_argument("--ready-fd", type=int)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LOCALSBX_LOG", "INFO").upper(),
+                        format=f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(message)s")
+    try:
+        return asyncio.run(run(a.mode, a.sandbox_id, a.ready_fd))
+    except SnapshotError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
