@@ -7,12 +7,10 @@ SIGHUP are turned into KeyboardInterrupt so every cleanup runs.
 
 from __future__ import annotations
 
-import io
 import os
 import runpy
 import signal
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -30,6 +28,9 @@ base_app = typer.Typer(help="Base images (root filesystems + kernels).", no_args
 image_app = typer.Typer(help="Images built from Dockerfiles or the Python DSL.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
 app.add_typer(image_app, name="image")
+snapshot_app = typer.Typer(help="Checkpoints of sandboxes (Tensorlake's snapshots).",
+                           no_args_is_help=True)
+app.add_typer(snapshot_app, name="snapshot")
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -75,6 +76,22 @@ def _pairs(option: str, values: list[str]) -> dict[str, str]:
 
 def _esc(text: str) -> str:
     return text.replace("[", r"\[")
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option(
+        "--debug", help="Log what localsbx does (QEMU argv, QMP, SSH) to stderr; sandbox "
+        "supervisors log at debug level to their supervisor.log.")] = False) -> None:
+    if debug or os.environ.get("LOCALSBX_LOG"):
+        import logging
+
+        from rich.logging import RichHandler
+
+        level = "DEBUG" if debug else os.environ["LOCALSBX_LOG"].upper()
+        os.environ["LOCALSBX_LOG"] = level  # inherited by the supervisors this starts
+        logging.basicConfig(level=level, format="%(name)s: %(message)s",
+                            handlers=[RichHandler(console=err, show_time=False, show_path=False)])
+        logging.getLogger("asyncssh").setLevel("WARNING" if level != "DEBUG" else "INFO")
 
 
 # ----------------------------------------------------------------------------- base
@@ -222,33 +239,43 @@ def image_rm(name: str, project: ProjectOpt = None):
 
 @app.command("new")
 def new(
-    image: Annotated[str, typer.Option("--image", "-i", help="Image name.")],
+    image: Annotated[Optional[str], typer.Option(
+        "--image", "-i", help="Image or base name (default: the default base).")] = None,
     cpus: Annotated[Optional[int], typer.Option(help="vCPUs (default 1).")] = None,
     memory: Annotated[Optional[int], typer.Option("--memory", "-m", help="RAM in MiB (default 1024).")] = None,
-    timeout: Annotated[int, typer.Option("--timeout", "-t", help="Seconds until it stops (0 = never).")] = 600,
-    name: Annotated[Optional[str], typer.Option(help="A label shown by ls.")] = None,
+    timeout: Annotated[int, typer.Option("--timeout", "-t",
+                                         help="Seconds of running time until it stops (0 = never).")] = 600,
+    name: Annotated[Optional[str], typer.Option(help="A name, unique in the project.")] = None,
+    snapshot: Annotated[Optional[str], typer.Option(
+        "--snapshot", "-s", help="Start from a checkpoint (its id) instead of an image.")] = None,
+    expose: Annotated[list[int], typer.Option("--expose", help="Guest TCP port to forward to "
+                                              "127.0.0.1 (repeatable).")] = [],
+    no_internet: Annotated[bool, typer.Option("--no-internet", help="No egress at all, DNS "
+                                              "included.")] = False,
     project: ProjectOpt = None,
 ):
-    """Start a sandbox from an image (restored from its snapshot) and print its id."""
+    """Start a sandbox (restored from its image's snapshot) and print its id."""
     from localsbx.sandbox import Sandbox
 
     t = time.monotonic()
     sb = Sandbox.create(image, cpus=cpus, memory_mb=memory, timeout_secs=timeout,
-                        project=project, detached=True, name=name)
+                        project=project, detached=True, name=name, snapshot_id=snapshot,
+                        exposed_ports=expose, allow_internet_access=not no_internet)
     if sb.notice:
         err.print(f"[yellow]note:[/] {_esc(sb.notice)}")
-    sb.close()
+    for gport, hport in sorted(sb.ports.items()):
+        err.print(f"port {gport} -> 127.0.0.1:{hport}")
     if sys.stdout.isatty():
         how = "restored from snapshot" if sb.record.restored else "cold boot"
-        out.print(f"{sb.sandbox_id}  [dim](image {image}, {how}, {time.monotonic() - t:.2f} s; "
-                  f"timeout {timeout} s)[/]")
+        out.print(f"{sb.sandbox_id}  [dim](image {sb.image}, {how}, "
+                  f"{time.monotonic() - t:.2f} s; timeout {timeout} s)[/]")
     else:
         print(sb.sandbox_id)
 
 
 @app.command("exec", context_settings={"allow_interspersed_args": False})
 def exec_(
-    sandbox_id: Annotated[str, typer.Argument(help="Sandbox id.")],
+    sandbox_id: Annotated[str, typer.Argument(help="Sandbox id or name.")],
     command: Annotated[list[str], typer.Argument(help="Command and arguments (after --).")],
     env: Annotated[list[str], typer.Option("--env", "-e", help="KEY=VALUE, repeatable.")] = [],
     workdir: Annotated[Optional[str], typer.Option("--workdir", "-w")] = None,
@@ -256,6 +283,7 @@ def exec_(
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Pass stdin.")] = False,
     tty: Annotated[bool, typer.Option("--tty", "-t", help="Allocate a terminal (with -i: an "
                                       "interactive session, like docker exec -it).")] = False,
+    project: ProjectOpt = None,
 ):
     """Run a command in a sandbox, streaming its output; exit with its exit code."""
     from localsbx._loop import run_sync
@@ -266,8 +294,13 @@ def exec_(
         command = command[1:]
     if not command:
         raise ConfigError("exec: no command given", hint="localsbx exec ID -- CMD [ARGS...]")
+    if timeout is not None and timeout <= 0:
+        raise ConfigError(f"exec: --timeout must be positive seconds (got {timeout})")
     if tty:
-        raise typer.Exit(_exec_tty(sandbox_id, command, envd, workdir))
+        if not os.isatty(sys.stdin.fileno()):
+            raise ConfigError("exec -t: stdin is not a terminal",
+                              hint="drop -t to pipe data in (-i alone passes stdin)")
+        raise typer.Exit(_interactive(sandbox_id, command, envd, workdir, project))
     data = sys.stdin.buffer.read() if interactive else None
 
     def w(stream):
@@ -277,13 +310,10 @@ def exec_(
         return cb
 
     async def go():
-        sb = await AsyncSandbox.connect(sandbox_id)
-        try:
-            return await sb.exec(command, env=envd, working_dir=workdir, timeout=timeout,
-                                 stdin=data, stdout_cb=w(sys.stdout.buffer),
-                                 stderr_cb=w(sys.stderr.buffer))
-        finally:
-            await sb.close()
+        sb = await AsyncSandbox.connect(sandbox_id, project=project)
+        return await sb.exec(command, env=envd, working_dir=workdir, timeout=timeout,
+                             stdin=data, stdout_cb=w(sys.stdout.buffer),
+                             stderr_cb=w(sys.stderr.buffer))
 
     res = run_sync(go())
     if res.timed_out:
@@ -291,118 +321,195 @@ def exec_(
     raise typer.Exit(res.shell_code)
 
 
-def _exec_tty(sandbox_id: str, command: list[str], env: dict, workdir: str | None) -> int:
-    """``exec -it``: the command on a guest PTY, this terminal in raw mode."""
-    import asyncio
+def _interactive(sandbox_id: str, command: list[str], env: dict, workdir: str | None,
+                 project: str | None) -> int:
+    """A command on a guest PTY with this terminal in raw mode."""
     import shutil
     import termios
     import tty as _tty
 
     from localsbx._loop import run_sync
-    from localsbx.build.builder import runtime_env
-    from localsbx.guest.ssh import agent_command
     from localsbx.sandbox import AsyncSandbox
 
     fd = sys.stdin.fileno()
-    saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    saved = termios.tcgetattr(fd)
+    size = shutil.get_terminal_size()
 
     async def go() -> int:
-        sb = await AsyncSandbox.connect(sandbox_id)
-        term = os.environ.get("TERM", "xterm")
-        full_env = {**runtime_env(sb.record.env), "TERM": term, **env}
-        opts = ["--stdin", "--cwd", workdir or sb.record.workdir]
-        for k, v in full_env.items():
-            opts += ["--env", f"{k}={v}"]
-        size = shutil.get_terminal_size()
-        conn = sb._guest._require()
-        proc = await conn.create_process(agent_command("exec", *opts, "--", *command),
-                                         term_type=term, term_size=(size.columns, size.lines),
-                                         encoding=None)
-        loop = asyncio.get_running_loop()
-
-        def on_input() -> None:
-            data = os.read(fd, 4096)
-            if data:
-                proc.stdin.write(data)
-            else:
-                loop.remove_reader(fd)
-                proc.stdin.write_eof()
-
-        loop.add_reader(fd, on_input)
-        try:
-            while chunk := await proc.stdout.read(65536):
-                os.write(1, chunk)
-            await proc.wait_closed()
-        finally:
-            loop.remove_reader(fd)
-            await sb.close()
-        return proc.returncode if proc.returncode is not None and proc.returncode >= 0 \
-            else 128 + abs(proc.returncode or 0)
+        sb = await AsyncSandbox.connect(sandbox_id, project=project)
+        return await sb.interactive(command, env=env, working_dir=workdir,
+                                    term=os.environ.get("TERM", "xterm"),
+                                    size=(size.columns, size.lines))
 
     try:
-        if saved is not None:
-            _tty.setraw(fd)
+        _tty.setraw(fd)
         return run_sync(go())
     finally:
-        if saved is not None:
-            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+@app.command("ssh")
+def ssh(sandbox_id: Annotated[str, typer.Argument(help="Sandbox id or name.")],
+        shell: Annotated[str, typer.Option(help="The shell to run.")] = "/bin/sh",
+        project: ProjectOpt = None):
+    """An interactive shell in a sandbox (a real PTY; exits with the shell's code)."""
+    if not os.isatty(sys.stdin.fileno()):
+        raise ConfigError("ssh: stdin is not a terminal",
+                          hint="use `localsbx exec -i ID -- CMD` to pipe data in")
+    raise typer.Exit(_interactive(sandbox_id, [shell, "-l"] if shell.endswith("sh") else [shell],
+                                  {}, None, project))
 
 
 @app.command("ls")
-def ls(as_json: JsonOpt = False):
-    """List running sandboxes."""
-    recs = store.list_sandboxes()
+def ls(as_json: JsonOpt = False, project: ProjectOpt = None):
+    """List sandboxes (running, suspended, pending)."""
+    from localsbx.sandbox import list_sandboxes
+
+    recs = list_sandboxes(project)
     if as_json:
         out.print_json(data=[_sandbox_json(r) for r in recs])
         return
     now = time.time()
-    rows = [("ID", "IMAGE", "NAME", "PROJECT", "CPUS", "MEMORY", "AGE", "EXPIRES IN")]
+    rows = [("ID", "STATUS", "IMAGE", "NAME", "PROJECT", "CPUS", "MEMORY", "PORTS", "AGE",
+             "TIME LEFT")]
     for r in recs:
-        rows.append((r.id, r.image, r.name or "-", r.project, str(r.cpus), f"{r.memory_mb} MiB",
-                     f"{now - r.created_at:.0f} s",
-                     f"{r.deadline - now:.0f} s" if r.deadline else "never"))
+        left = r.remaining_secs()
+        ports = ",".join(f"{g}->{h}" for g, h in sorted(r.ports.items())) or "-"
+        rows.append((r.id, r.state.value, r.image, r.name or "-", r.project, str(r.cpus),
+                     f"{r.memory_mb} MiB", ports, f"{now - r.created_at:.0f} s",
+                     "never" if left is None else f"{max(0.0, left):.0f} s"))
     _print_columns(rows)
 
 
 def _sandbox_json(r: store.SandboxRecord) -> dict:
     d = r.to_json()
-    d["status"] = "running"
+    d["status"] = r.state.value
     d["expires_at"] = r.deadline
+    d["time_left_secs"] = r.remaining_secs()
     return d
 
 
 @app.command("describe")
-def describe(sandbox_id: str):
+def describe(sandbox_id: str, project: ProjectOpt = None):
     """Show a sandbox (JSON)."""
-    out.print_json(data=_sandbox_json(store.read_sandbox(sandbox_id)))
+    out.print_json(data=_sandbox_json(store.read_sandbox(sandbox_id, project=project)))
 
 
-@app.command("terminate")
-def terminate(sandbox_ids: Annotated[list[str], typer.Argument(help="Sandbox ids.")]):
-    """Stop sandboxes and delete their overlays."""
-    import asyncio
-
-    from localsbx.sandbox import _stop_pid
+def _each(ids: list[str], project: str | None, verb: str, act) -> None:
+    """Run ``act(AsyncSandbox)`` for every id; report each; exit 1 if any failed."""
+    from localsbx._loop import run_sync
+    from localsbx.sandbox import AsyncSandbox
 
     code = 0
-    for sid in sandbox_ids:
+    for sid in ids:
         try:
-            rec = store.read_sandbox(sid)
+            async def go(sid=sid):
+                sb = await AsyncSandbox.connect(sid, project=project)
+                return sb, await act(sb)
+            sb, res = run_sync(go())
         except LocalsbxError as exc:
             err.print(f"[red]error:[/] {_esc(str(exc))}")
             code = 1
             continue
-        asyncio.run(_stop_pid(rec))
-        store.cleanup_sandbox(rec)
-        err.print(f"terminated {sid}")
+        err.print(f"{verb} {sb.sandbox_id}" + (f" ({res})" if res else ""))
     raise typer.Exit(code)
 
 
+@app.command("terminate")
+def terminate(sandbox_ids: Annotated[list[str], typer.Argument(help="Sandbox ids or names.")],
+              project: ProjectOpt = None):
+    """Stop sandboxes and delete them."""
+    _each(sandbox_ids, project, "terminated", lambda sb: sb.terminate())
+
+
+@app.command("suspend")
+def suspend(sandbox_ids: Annotated[list[str], typer.Argument(help="Sandbox ids or names.")],
+            project: ProjectOpt = None):
+    """Save sandboxes to disk and stop their QEMU (no CPU, no RAM; the timeout pauses)."""
+    async def act(sb):
+        res = await sb.suspend()
+        return f"{res['seconds']:.1f} s, {_size(res['state_bytes'])} of state"
+    _each(sandbox_ids, project, "suspended", act)
+
+
+@app.command("resume")
+def resume(sandbox_ids: Annotated[list[str], typer.Argument(help="Sandbox ids or names.")],
+           project: ProjectOpt = None):
+    """Resume suspended sandboxes."""
+    _each(sandbox_ids, project, "resumed", lambda sb: sb.resume())
+
+
+@app.command("checkpoint")
+def checkpoint(sandbox_id: str,
+               checkpoint_type: Annotated[str, typer.Option(
+                   "--type", help="memory (RAM, processes and disk) or filesystem (disk).")] = "memory",
+               project: ProjectOpt = None):
+    """Checkpoint a running sandbox and print the checkpoint id (for `new --snapshot`)."""
+    from localsbx.sandbox import Sandbox
+
+    c = Sandbox.connect(sandbox_id, project=project).checkpoint(checkpoint_type)
+    err.print(f"checkpoint {c.id} of {c.sandbox_id} ({c.kind}, {_size(c.size_bytes)})")
+    print(c.id)
+
+
+@snapshot_app.command("ls")
+def snapshot_ls(sandbox_id: Annotated[Optional[str], typer.Argument(
+        help="Only this sandbox's.")] = None, as_json: JsonOpt = False):
+    """List checkpoints."""
+    cks = store.list_checkpoints(sandbox_id)
+    if as_json:
+        out.print_json(data=[c.to_json() for c in cks])
+        return
+    rows = [("ID", "SANDBOX", "IMAGE", "TYPE", "SIZE", "CREATED")]
+    for c in cks:
+        rows.append((c.id, c.sandbox_id, c.image, c.kind, _size(c.size_bytes), _when(c.created_at)))
+    _print_columns(rows)
+
+
+@snapshot_app.command("rm")
+def snapshot_rm(checkpoint_ids: list[str]):
+    """Delete checkpoints (not while a sandbox restored from one runs)."""
+    for cid in checkpoint_ids:
+        store.delete_checkpoint(cid)
+        err.print(f"deleted {cid}")
+
+
+@app.command("expose")
+def expose(sandbox_id: str, port: int,
+           host_port: Annotated[int, typer.Option(help="Host port (default: any free one).")] = 0,
+           project: ProjectOpt = None):
+    """Forward a guest TCP port to 127.0.0.1 on the host; prints the host port."""
+    from localsbx.sandbox import Sandbox
+
+    hp = Sandbox.connect(sandbox_id, project=project).expose_port(port, host_port=host_port)
+    err.print(f"port {port} -> 127.0.0.1:{hp}")
+    print(hp)
+
+
+@app.command("unexpose")
+def unexpose(sandbox_id: str, port: int, project: ProjectOpt = None):
+    """Stop forwarding a guest port."""
+    from localsbx.sandbox import Sandbox
+
+    Sandbox.connect(sandbox_id, project=project).unexpose_port(port)
+
+
+@app.command("update")
+def update(sandbox_id: str,
+           name: Annotated[Optional[str], typer.Option(help="New name (unique in the project).")] = None,
+           timeout: Annotated[Optional[int], typer.Option(
+               "--timeout", help="Seconds of running time from its start (0 = never).")] = None,
+           project: ProjectOpt = None):
+    """Rename a sandbox or change its timeout."""
+    from localsbx.sandbox import Sandbox
+
+    Sandbox.connect(sandbox_id, project=project).update(name=name, timeout_secs=timeout)
+
+
 @app.command("cp")
-def cp(src: str, dst: str):
-    """Copy a file or folder between host and sandbox: one side is ID:/path."""
-    from localsbx._loop import run_sync
-    from localsbx.sandbox import AsyncSandbox
+def cp(src: str, dst: str, project: ProjectOpt = None):
+    """Copy a file or folder between host and sandbox: one side is ID:/path (or NAME:/path)."""
+    from localsbx.sandbox import Sandbox
 
     def split(p: str):
         sid, sep, path = p.partition(":")
@@ -414,58 +521,11 @@ def cp(src: str, dst: str):
     if bool(s_id) == bool(d_id):
         raise ConfigError("cp: exactly one side must be a sandbox path ID:/abs/path",
                           hint="localsbx cp ./file ID:/tmp/file  or  localsbx cp ID:/etc/os-release .")
-
-    async def go():
-        sb = await AsyncSandbox.connect(s_id or d_id)
-        try:
-            if s_id:
-                await _download(sb, s_path, Path(d_path))
-            else:
-                await _upload(sb, Path(s_path), d_path)
-        finally:
-            await sb.close()
-
-    run_sync(go())
-
-
-async def _upload(sb, src: Path, dest: str) -> None:
-    if not src.exists():
-        raise ConfigError(f"cp: {src}: no such file or folder")
-    if src.is_file():
-        if dest.endswith("/"):
-            dest += src.name
-        await sb.write_file(dest, src.read_bytes(), mode=src.stat().st_mode & 0o7777)
-        return
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        tf.add(src, arcname=dest.lstrip("/").rstrip("/") or ".")
-    res = await sb._guest.extract_tar(buf.getvalue())
-    if res.exit_status != 0:
-        raise LocalsbxError("cp: extracting in the sandbox failed: " + res.stderr.decode(errors="replace"))
-
-
-async def _download(sb, src: str, dest: Path) -> None:
-    probe = await sb.exec(["test", "-d", src])
-    if probe.exit_status != 0:  # a file, or a symlink to one (followed, like `cat`)
-        data = await sb.read_file(src)
-        target = dest / os.path.basename(src.rstrip("/")) if dest.is_dir() else dest
-        target.write_bytes(data)
-        return
-    res = await sb.exec(["tar", "-C", os.path.dirname(src.rstrip("/")) or "/", "-cf", "-",
-                         os.path.basename(src.rstrip("/"))])
-    if res.exit_status != 0:
-        raise LocalsbxError(f"cp: cannot read {src} in the sandbox: "
-                            + res.stderr.decode(errors="replace").strip())
-    name = os.path.basename(src.rstrip("/"))
-    root = dest / name if dest.exists() else dest
-    root.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(res.stdout)) as tf:
-        members = []
-        for m in tf.getmembers():
-            m.name = os.path.relpath(m.name, name)
-            if m.name != ".":
-                members.append(m)
-        tf.extractall(root, members=members, filter="data")
+    sb = Sandbox.connect(s_id or d_id, project=project)
+    if s_id:
+        sb.download(s_path, Path(d_path))
+    else:
+        sb.upload(Path(s_path), d_path)
 
 
 # ----------------------------------------------------------------------------- doctor / gc
@@ -556,6 +616,11 @@ def main() -> None:
         if getattr(exc, "output_tail", "") and not _streamed_output:
             err.print("[dim]--- output (tail) ---[/]")
             err.print(_esc(exc.output_tail))
+        if getattr(exc, "returncode", None) is not None:
+            err.print(f"[dim]exit status: {exc.returncode}[/]")
+        if getattr(exc, "log_tail", ""):
+            err.print("[dim]--- log (tail) ---[/]")
+            err.print(_esc(exc.log_tail))
         if exc.hint:
             err.print(f"[cyan]hint:[/] {_esc(exc.hint)}")
         sys.exit(1)

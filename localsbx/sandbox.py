@@ -23,26 +23,26 @@ import enum
 import logging
 import os
 import secrets
-import signal as _signal
 import string
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Self
 
-from localsbx import store
+from localsbx import control, paths, store, supervisor
 from localsbx._loop import run_sync
-from localsbx.build.builder import runtime_env
 from localsbx.errors import (
-    GuestError,
+    ConfigError,
+    ImageNotFound,
+    LocalsbxError,
     SandboxNotFound,
     SandboxStateError,
     SnapshotError,
 )
-from localsbx.guest.ssh import ExecResult, GuestConnection
+from localsbx.guest.ssh import ExecResult
+from localsbx.store import SandboxState
 from localsbx.vm import snapshot
-from localsbx.vm.accel import choose_accel
-from localsbx.vm.machine import Machine, qemu_img_create
 from localsbx.vm.qemu import Accel, VMSpec, proc_start_time
 
 log = logging.getLogger("localsbx.sandbox")
@@ -134,7 +134,9 @@ def shell_argv(command: str | Sequence[str], args: Sequence[str] | None) -> list
 
 @dataclass
 class AsyncSandbox:
-    """A running sandbox (asyncio).
+    """A handle on a sandbox (asyncio). Any number of handles, in any processes, may drive
+    the same sandbox: each call goes to the sandbox's supervisor (:mod:`localsbx.supervisor`)
+    over its control socket, so a handle holds no connection and :meth:`close` only forgets it.
 
     Usage::
 
@@ -142,15 +144,13 @@ class AsyncSandbox:
             res = await sb.run("echo hi")
 
     :ivar sandbox_id: the id (12 characters).
+    :ivar record: the sandbox record as last read (:meth:`refresh` re-reads it).
     :ivar notice: a sentence when the sandbox was cold-booted instead of restored.
     """
 
     record: store.SandboxRecord
-    _guest: GuestConnection
-    _machine: Machine | None = None
     notice: str | None = None
     history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
-    _timer: asyncio.Task | None = None
     _terminated: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -161,19 +161,33 @@ class AsyncSandbox:
     id = sandbox_id
 
     @property
+    def name(self) -> str | None:
+        return self.record.name
+
+    @property
     def image(self) -> str:
         return self.record.image
 
     @property
+    def status(self) -> SandboxState:
+        """The state as last read (:meth:`refresh` re-reads it)."""
+        return SandboxState.TERMINATED if self._terminated else self.record.state
+
+    @property
     def serial_log(self) -> Path:
         return self.record.dir / "serial.log"
+
+    @property
+    def ports(self) -> dict[int, int]:
+        """Exposed guest ports → their host ports on 127.0.0.1."""
+        return {int(k): v for k, v in self.record.ports.items()}
 
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
     async def create(
         cls,
-        image: str,
+        image: str | None = None,
         *,
         cpus: int | None = None,
         memory_mb: int | None = None,
@@ -182,167 +196,222 @@ class AsyncSandbox:
         detached: bool = False,
         name: str | None = None,
         cold_boot: bool = False,
+        snapshot_id: str | None = None,
+        exposed_ports: Sequence[int] = (),
+        allow_internet_access: bool = True,
     ) -> AsyncSandbox:
-        """Start a fresh sandbox from ``image``.
+        """Start a fresh sandbox (Tensorlake's ``Sandbox.create``).
 
-        :param image: the image name in the project.
+        :param image: an image of the project, or a base (``debian-minimal``, with or without
+            ``tensorlake/``; built once into an image of that name); default
+            :data:`DEFAULT_IMAGE`.
         :param cpus: vCPUs (default 1); other than the snapshot's → cold boot.
         :param memory_mb: RAM in MiB (default 1024); other than the snapshot's → cold boot.
-        :param timeout_secs: the sandbox stops after this many seconds (default 600,
-            Tensorlake's); 0 = never.
+        :param timeout_secs: the sandbox stops after this many seconds of *running* time
+            (default 600, Tensorlake's; time suspended does not count); 0 = never.
         :param detached: the sandbox outlives this process (CLI ``localsbx new``); otherwise
-            it dies with this process, even on SIGKILL.
+            its supervisor terminates it when this process exits, even on SIGKILL.
+        :param name: unique among the project's live sandboxes; ``connect(name)`` finds it.
         :param cold_boot: boot from the image's disk instead of restoring its snapshot
             (benchmarks, or a clean boot on purpose); ``LOCALSBX_COLD_BOOT=1`` does the same
             for every sandbox of a process.
-        :raises ImageNotFound: no such image.
-        :raises SnapshotError: the image's snapshot files are missing or damaged.
+        :param snapshot_id: start from a checkpoint (:meth:`checkpoint`) instead of an image:
+            a memory checkpoint resumes its processes, a filesystem one cold-boots its disk.
+        :param exposed_ports: guest TCP ports to forward to 127.0.0.1 (see :attr:`ports`).
+        :param allow_internet_access: ``False`` cuts all egress, DNS included (Tensorlake's
+            ``network.allow_internet_access``).
+        :raises ImageNotFound: no such image or base.
+        :raises SnapshotError: the image's snapshot files, or the checkpoint, are missing
+            or damaged.
+        :raises ConfigError: a bad size, timeout or name; a name already taken.
         :raises VMLaunchError: QEMU failed or the guest did not come up (nothing is left).
         """
         t0 = time.monotonic()
         store.reap()
-        img = store.lookup_image(image, project=project)
-        from localsbx.base import get_base
-
-        base = get_base(img.meta["base"])
-        if base.digest != img.meta.get("base_digest"):
-            raise SnapshotError(
-                f"image {img.name!r} was built on another build of base {base.name!r} "
-                "(the base was rebuilt since); its disk cannot be used",
-                hint=f"rebuild the image (localsbx image build ... -n {img.name})")
-        cpus = int(cpus or DEFAULT_CPUS)
-        memory_mb = int(memory_mb or DEFAULT_MEMORY_MB)
-        if cpus < 1 or memory_mb < 128:
-            raise SandboxStateError(f"invalid size: {cpus} vCPU, {memory_mb} MiB "
-                                    "(need at least 1 vCPU and 128 MiB)")
-        timeout_secs = DEFAULT_TIMEOUT_SECS if timeout_secs is None else int(timeout_secs)
-        accel = await choose_accel(base.kernel, base.initrd)
-        snap = img.path / "snap"
-        saved = img.meta["snapshot"]
-        mismatch = snapshot.key_mismatch(saved["key"], snapshot.snapshot_key(
-            _shape_spec(base, accel, cpus, memory_mb), kernel_digest=base.kernel_digest))
-        notice = None
-        cold_boot = cold_boot or os.environ.get("LOCALSBX_COLD_BOOT") == "1"
-        if cold_boot and not mismatch:
-            mismatch = ["cold boot requested"]
-            notice = f"image {img.name!r}: cold boot requested"
-        elif mismatch:
-            notice = (f"image {img.name!r} cannot restore its memory snapshot here ("
-                      + "; ".join(mismatch) + "): cold-booting from the image's disk instead")
-            log.warning("%s", notice)
-        else:
-            _check_snapshot_files(img)
+        plan = await _plan(image, cpus=cpus, memory_mb=memory_mb, timeout_secs=timeout_secs,
+                           project=project, cold_boot=cold_boot, snapshot_id=snapshot_id)
+        if name is not None:
+            store.check_name("sandbox", name)
+        me = os.getpid()
         sid = _new_id()
         d = store.sandbox_dir(sid)
-        d.mkdir(parents=True)
-        me = os.getpid()
-        (d / "creator").write_text(f"{me} {proc_start_time(me)}")
-        client_key = store.management_key()
-        wrapper = []
-        if detached and timeout_secs:
-            wrapper = ["timeout", "--kill-after=5", str(timeout_secs)]
-        machine = None
-        try:
-            overlay = d / "overlay.qcow2"
-            if mismatch:
-                qemu_img_create(overlay, img.path / "build.qcow2")
-                machine = await Machine.cold_boot(
-                    kernel=base.kernel, initrd=base.initrd, disk=overlay, workdir=d,
-                    accel=accel, client_key=client_key, cpus=cpus, memory_mib=memory_mb,
-                    detached=detached, wrapper=wrapper, name=f"localsbx-{sid}")
-            else:
-                qemu_img_create(overlay, snap / "disk.qcow2")
-                machine = await Machine.restore(
-                    snap_dir=snap, kernel=base.kernel, disk=overlay, workdir=d, accel=accel,
-                    client_key=client_key, host_key_public=saved["host_key"], cpus=cpus,
-                    memory_mib=memory_mb, detached=detached, wrapper=wrapper,
-                    name=f"localsbx-{sid}", lazy_fixup=not detached)
-            pid = machine.qemu.pid
-            assert pid is not None
-            rec = store.SandboxRecord(
-                id=sid, image=img.name, project=img.project, image_digest=img.digest,
-                pid=pid, pid_start=proc_start_time(pid),
-                qemu_pid=machine.qemu.qemu_pid() or pid, ssh_port=machine.ssh_port,
-                host_key=machine.host_key.export_public_key("openssh").decode().strip(),
-                env=img.env, workdir=img.workdir, user=img.user, cpus=cpus,
-                memory_mb=memory_mb, created_at=time.time(), timeout_secs=timeout_secs,
-                restored=not mismatch, owner_pid=None if detached else me,
-                owner_start=None if detached else proc_start_time(me), name=name)
+        rec = store.SandboxRecord(
+            **plan, id=sid, name=name, created_at=time.time(),
+            internet=bool(allow_internet_access),
+            ports={str(int(p)): 0 for p in exposed_ports},
+            owner_pid=None if detached else me,
+            owner_start=None if detached else proc_start_time(me),
+            creator_pid=me, creator_start=proc_start_time(me))
+        with store.locked(paths.sandboxes_dir() / ".names.lock"):
+            if name is not None:
+                _check_name_free(name, rec.project)
+            d.mkdir(parents=True)
             store.write_sandbox(rec)
-            (d / "creator").unlink(missing_ok=True)
-            if detached:
-                await machine.qemu.disconnect_qmp()
+        try:
+            await supervisor.start_and_wait(sid, "create")
         except BaseException:
-            if machine is not None:
-                await machine.stop()
+            with contextlib.suppress(Exception):
+                store.cleanup_sandbox(store.load_sandbox(sid))
             store._rmtree(d)
             raise
-        sb = cls(rec, machine.guest, machine, notice)
-        sb.timings = {**machine.timings, "total": time.monotonic() - t0}
-        if not detached and timeout_secs:
-            sb._timer = asyncio.get_running_loop().create_task(sb._expire(timeout_secs))
+        sb = cls(store.load_sandbox(sid), rec.notice)
+        sb.timings = {"total": time.monotonic() - t0}
         return sb
 
     @classmethod
-    async def connect(cls, sandbox_id: str) -> AsyncSandbox:
-        """Attach to a running sandbox by id (e.g. one made by ``localsbx new``).
+    async def connect(cls, sandbox_id: str, *, project: str | None = None) -> AsyncSandbox:
+        """A handle on an existing sandbox, by id or by name (Tensorlake's
+        ``Sandbox.connect``); a suspended one stays suspended until :meth:`resume`.
 
-        :raises SandboxNotFound: no such sandbox or its QEMU is gone.
+        :raises SandboxNotFound: no such sandbox, or it is gone.
         """
-        rec = store.read_sandbox(sandbox_id)
-        import asyncssh
+        return cls(store.read_sandbox(sandbox_id, project=project))
 
-        guest = GuestConnection("127.0.0.1", rec.ssh_port, store.management_key(),
-                                asyncssh.import_public_key(rec.host_key))
+    async def refresh(self) -> store.SandboxRecord:
+        """Re-read the record (state, ports, name).
+
+        :raises SandboxNotFound: the sandbox is gone.
+        """
         try:
-            await guest.connect(timeout=30, alive=rec.alive)
-        except GuestError as exc:
-            if not rec.alive():
-                store.cleanup_sandbox(rec)
-                raise SandboxNotFound(f"sandbox {sandbox_id} stopped") from exc
+            self.record = store.read_sandbox(self.record.id)
+        except SandboxNotFound:
+            self._terminated = True
             raise
-        return cls(rec, guest, None)
+        return self.record
 
-    async def _expire(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-        log.warning("sandbox %s reached its timeout (%s s); terminating", self.sandbox_id, seconds)
-        await self.terminate()
+    async def _socket(self) -> str:
+        """The control socket of a running sandbox; a new supervisor attaches when the old
+        one is gone (it was killed, or the sandbox was made by an older localsbx)."""
+        if self._terminated:
+            raise SandboxStateError(f"sandbox {self.sandbox_id} was terminated")
+        rec = await self.refresh()
+        if rec.state is SandboxState.SUSPENDED:
+            raise SandboxStateError(f"sandbox {rec.id} is suspended",
+                                    hint=f"resume it first: localsbx resume {rec.id}")
+        if rec.state is not SandboxState.RUNNING:
+            raise SandboxStateError(f"sandbox {rec.id} is {rec.state.value}")
+        if not rec.supervisor_alive() or not rec.control_socket:
+            with store.locked(rec.dir / ".attach.lock"):
+                rec = await self.refresh()
+                if not rec.supervisor_alive():
+                    log.info("sandbox %s has no supervisor; attaching a new one", rec.id)
+                    await supervisor.start_and_wait(rec.id, "attach", timeout=90)
+                    rec = await self.refresh()
+        return rec.control_socket
+
+    async def _call(self, op: str, args: dict | None = None, **kw) -> Any:
+        sock = await self._socket()
+        try:
+            return await control.request(sock, op, args, **kw)
+        except (SandboxNotFound, control.ProtocolError):
+            # the supervisor went away during the call: say why, if we can
+            rec = store.load_sandbox(self.sandbox_id) if store.sandbox_dir(
+                self.sandbox_id).exists() else None
+            if rec is None or not rec.alive():
+                self._terminated = True
+                raise SandboxNotFound(f"sandbox {self.sandbox_id} is gone "
+                                      f"(serial log: {self.serial_log})") from None
+            raise
 
     async def terminate(self) -> None:
-        """Stop the sandbox and delete its overlay. Idempotent."""
+        """Stop the sandbox and delete it (overlay, record). Idempotent; works from any
+        process, and on a suspended sandbox."""
         if self._terminated:
             return
+        try:
+            rec = store.load_sandbox(self.sandbox_id)
+        except SandboxNotFound:
+            self._terminated = True
+            return
+        if rec.state is SandboxState.RUNNING and rec.supervisor_alive() and rec.control_socket:
+            with contextlib.suppress(LocalsbxError):
+                await control.request(rec.control_socket, "terminate", timeout=30)
         self._terminated = True
-        if self._timer is not None and self._timer is not asyncio.current_task():
-            self._timer.cancel()
-        with contextlib.suppress(Exception):
-            await self._guest.close()
-        if self._machine is not None:
-            await self._machine.stop()
-        else:
-            await _stop_pid(self.record)
-        store.cleanup_sandbox(self.record)
+        with contextlib.suppress(SandboxNotFound):
+            rec = store.load_sandbox(self.sandbox_id)
+            await asyncio.to_thread(store.cleanup_sandbox, rec, grace=2.0)
 
     async def close(self) -> None:
-        """Drop this handle's connection; the sandbox keeps running."""
-        with contextlib.suppress(Exception):
-            await self._guest.close()
+        """Forget this handle; the sandbox keeps running (nothing is held open)."""
 
-    async def __aenter__(self) -> AsyncSandbox:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.terminate()
 
     def __repr__(self) -> str:
-        state = "terminated" if self._terminated else "running"
-        return f"<AsyncSandbox id={self.sandbox_id} image={self.image} {state}>"
+        return f"<AsyncSandbox id={self.sandbox_id} image={self.image} {self.status.value}>"
+
+    async def suspend(self) -> dict:
+        """Save the whole guest to disk and stop its QEMU (no CPU, no RAM used); its timeout
+        stops counting. Any process may :meth:`resume` it later, also after a host reboot.
+
+        :returns: ``{"seconds": ..., "state_bytes": ...}``.
+        :raises SandboxStateError: not running.
+        """
+        res = await self._call("suspend", timeout=600)
+        await self.refresh()
+        return res
+
+    async def resume(self) -> None:
+        """Resume a suspended sandbox: its processes, files and ports as they were (host
+        ports are kept when free). A running sandbox is left as it is.
+
+        :raises SandboxStateError: the sandbox is not suspended or running.
+        :raises SnapshotError: its saved state is missing or does not load.
+        """
+        rec = await self.refresh()
+        if rec.state is SandboxState.RUNNING:
+            return
+        if rec.state is not SandboxState.SUSPENDED:
+            raise SandboxStateError(f"sandbox {rec.id} is {rec.state.value}; cannot resume")
+        with store.locked(rec.dir / ".attach.lock"):
+            rec = await self.refresh()
+            if rec.state is SandboxState.SUSPENDED and not rec.supervisor_alive():
+                await supervisor.start_and_wait(rec.id, "resume")
+        await self.refresh()
+
+    async def checkpoint(self, checkpoint_type: str = "memory") -> store.CheckpointRecord:
+        """Checkpoint the running sandbox (Tensorlake's ``checkpoint``/snapshot); it goes on
+        running. ``memory``: RAM, devices and disk at one instant (a clone resumes its
+        processes); ``filesystem``: the disk only (a clone boots it).
+
+        :returns: the checkpoint; its ``id`` is a ``snapshot_id`` for :meth:`create`.
+        """
+        res = await self._call("checkpoint", {"kind": checkpoint_type}, timeout=900)
+        return store.CheckpointRecord.from_json(res)
+
+    async def expose_port(self, port: int, *, host_port: int = 0) -> int:
+        """Forward guest TCP ``port`` to 127.0.0.1 on the host (through the sandbox's SSH
+        session, so the guest network policy does not matter); returns the host port."""
+        res = await self._call("expose", {"port": int(port), "host_port": int(host_port)})
+        await self.refresh()
+        return int(res["host_port"])
+
+    async def unexpose_port(self, port: int) -> None:
+        """Stop forwarding guest ``port``."""
+        await self._call("unexpose", {"port": int(port)})
+        await self.refresh()
+
+    async def update(self, *, name: str | None = None, timeout_secs: int | None = None) -> None:
+        """Rename the sandbox (unique per project) or change its timeout (running seconds
+        from its start; Tensorlake's ``update``).
+
+        :raises ConfigError: a bad name, or one already taken.
+        """
+        changes: dict[str, Any] = {}
+        with store.locked(paths.sandboxes_dir() / ".names.lock"):
+            if name is not None:
+                store.check_name("sandbox", name)
+                _check_name_free(name, self.record.project, but=self.sandbox_id)
+                changes["name"] = name
+            if timeout_secs is not None:
+                changes["timeout_secs"] = _check_timeout(timeout_secs)
+            if changes:
+                self.record = store.update_sandbox(self.sandbox_id, **changes)
 
     # ------------------------------------------------------------------ commands
-
-    def _require(self) -> None:
-        if self._terminated:
-            raise SandboxStateError(f"sandbox {self.sandbox_id} was terminated")
 
     async def exec(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                    working_dir: str | None = None, timeout: float | None = None,
@@ -350,30 +419,34 @@ class AsyncSandbox:
                    stdout_cb: Callable[[bytes], None] | None = None,
                    stderr_cb: Callable[[bytes], None] | None = None) -> ExecResult:
         """Run ``argv`` (no shell) with the image ENV + ``env``, in ``working_dir`` (default
-        the image WORKDIR). Lower level than :meth:`run`: returns the raw ExecResult."""
-        self._require()
-        full_env = {**runtime_env(self.record.env), **(env or {})}
+        the image WORKDIR). Lower level than :meth:`run`: returns the raw ExecResult.
+
+        :raises SandboxStateError: terminated or suspended.
+        :raises SandboxNotFound: its QEMU is gone.
+        """
+        if not argv:
+            raise ConfigError("exec: empty command")
+        if timeout is not None and timeout <= 0:
+            raise ConfigError(f"exec: timeout must be positive seconds (got {timeout})")
+        out, err = bytearray(), bytearray()
+
+        def on_data(stream: str, data: bytes) -> None:
+            if stream == "stdout":
+                stdout_cb(data) if stdout_cb else out.extend(data)
+            else:
+                stderr_cb(data) if stderr_cb else err.extend(data)
+
         t = time.monotonic()
-        try:
-            res = await self._guest.exec(list(argv), env=full_env,
-                                         cwd=working_dir or self.record.workdir,
-                                         user=user or self.record.user, stdin=stdin,
-                                         timeout=timeout, stdout_cb=stdout_cb,
-                                         stderr_cb=stderr_cb)
-        except GuestError:
-            # The guest may have powered off: give its QEMU a moment to exit before deciding.
-            for _ in range(40):
-                if not self.record.alive():
-                    break
-                await asyncio.sleep(0.05)
-            if not self.record.alive():
-                raise SandboxNotFound(f"sandbox {self.sandbox_id} is gone (its QEMU exited); "
-                                      f"serial log: {self.serial_log}") from None
-            raise
+        res = await self._call("exec", {"argv": [str(a) for a in argv], "env": dict(env or {}),
+                                        "cwd": working_dir, "user": user,
+                                        "stdin": stdin is not None, "timeout": timeout},
+                               payload=stdin or b"", on_data=on_data, timeout=None)
+        result = ExecResult(res["exit_status"], res["signal"], bytes(out), bytes(err),
+                            timed_out=bool(res["timed_out"]))
         self.history.append(HistoryEntry(
-            list(argv), res.shell_code, CommandResult.from_exec(res).reason.value,
-            _tail(res.stdout), _tail(res.stderr), time.monotonic() - t))
-        return res
+            list(argv), result.shell_code, CommandResult.from_exec(result).reason.value,
+            _tail(result.stdout), _tail(result.stderr), time.monotonic() - t))
+        return result
 
     async def run(self, command: str | Sequence[str], args: Sequence[str] | None = None,
                   env: Mapping[str, str] | None = None, working_dir: str | None = None,
@@ -390,7 +463,7 @@ class AsyncSandbox:
             result has ``reason=TIMED_OUT``, ``exit_code=-9``. ``None``: no limit.
         :param user: ``name``, ``uid`` or ``uid:gid``; default the image user (root).
         :param stdin: data for stdin (then EOF); default: stdin is empty.
-        :raises SandboxStateError: the sandbox was terminated.
+        :raises SandboxStateError: the sandbox was terminated or is suspended.
         :raises SandboxNotFound: its QEMU is gone.
         """
         data = stdin.encode() if isinstance(stdin, str) else stdin
@@ -403,25 +476,325 @@ class AsyncSandbox:
 
         :raises GuestFileError: no such file / not readable.
         """
-        self._require()
-        return await self._guest.get_file(path)
+        res = await self._call("get", {"path": path}, timeout=None)
+        if isinstance(res, dict) and "data" in res:
+            return res["data"].get("file", b"")
+        return b""
 
     async def write_file(self, path: str, content: bytes | str, *, mode: int = 0o644) -> None:
         """Write a file in the sandbox (atomically; parent folders are created).
 
         :raises GuestFileError: cannot be written.
         """
-        self._require()
         data = content.encode() if isinstance(content, str) else content
-        parent = os.path.dirname(path) or "/"
-        await self._guest.exec(["mkdir", "-p", parent], env=runtime_env(self.record.env))
-        await self._guest.put_file(path, data, mode=mode)
+        await self._call("put", {"path": path, "mode": mode}, payload=data, timeout=None)
+
+    async def upload(self, src: str | os.PathLike, dest: str) -> None:
+        """Copy a host file or folder into the sandbox (``docker cp SRC ID:DEST``): a file
+        keeps its mode (``DEST`` ending in ``/`` gets the file's name); a folder is copied
+        recursively with modes, owners and symlinks as they are.
+
+        :raises ConfigError: ``src`` does not exist.
+        :raises GuestFileError: the sandbox could not write it.
+        """
+        import io
+        import tarfile
+
+        from localsbx.errors import GuestFileError
+
+        src = Path(src)
+        if not src.exists() and not src.is_symlink():
+            raise ConfigError(f"cp: {src}: no such file or folder on the host")
+        if src.is_file():
+            if dest.endswith("/"):
+                dest += src.name
+            await self.write_file(dest, src.read_bytes(), mode=src.stat().st_mode & 0o7777)
+            return
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            tf.add(src, arcname=dest.lstrip("/").rstrip("/") or ".")
+        res = await self.exec(["tar", "-C", "/", "-xpf", "-", "--same-owner", "--numeric-owner",
+                               "--no-overwrite-dir"],
+                              env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, stdin=buf.getvalue())
+        if res.exit_status != 0:
+            raise GuestFileError("cp: extracting in the sandbox failed: "
+                                 + res.stderr.decode(errors="replace").strip())
+
+    async def download(self, src: str, dest: str | os.PathLike) -> None:
+        """Copy a sandbox file or folder to the host (``docker cp ID:SRC DEST``): folders
+        recursively, symlinks copied as links (absolute ones too, as ``docker cp`` does).
+
+        :raises GuestFileError: ``src`` cannot be read in the sandbox.
+        :raises ConfigError: the host folder for ``dest`` does not exist.
+        """
+        import io
+        import tarfile
+
+        from localsbx.errors import GuestFileError
+
+        dest = Path(dest)
+        parent = dest if dest.is_dir() else dest.parent
+        if not parent.is_dir():
+            raise ConfigError(f"cp: host folder {parent} does not exist")
+        probe = await self.exec(["test", "-d", src])
+        if probe.exit_status != 0:  # a file, or a symlink to one (followed, like `cat`)
+            data = await self.read_file(src)
+            target = dest / os.path.basename(src.rstrip("/")) if dest.is_dir() else dest
+            target.write_bytes(data)
+            return
+        name = os.path.basename(src.rstrip("/")) or "root"
+        res = await self.exec(["tar", "-C", os.path.dirname(src.rstrip("/")) or "/", "-cf", "-",
+                               os.path.basename(src.rstrip("/")) or "."])
+        if res.exit_status != 0:
+            raise GuestFileError(f"cp: cannot read {src} in the sandbox: "
+                                 + res.stderr.decode(errors="replace").strip())
+        root = dest / name if dest.exists() else dest
+        root.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(res.stdout)) as tf:
+            members = []
+            for m in tf.getmembers():
+                m.name = os.path.relpath(m.name, os.path.basename(src.rstrip("/")) or ".")
+                if m.name != ".":
+                    members.append(m)
+            # 'tar' filter: names stay inside ``root``; link targets are kept as they are
+            tf.extractall(root, members=members, filter="tar")
+
+    async def interactive(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                          working_dir: str | None = None, term: str = "xterm",
+                          size: tuple[int, int] = (80, 24), stdin_fd: int = 0,
+                          stdout_fd: int = 1) -> int:
+        """Run ``argv`` on a guest PTY wired to ``stdin_fd``/``stdout_fd`` (``exec -it``,
+        ``localsbx ssh``); window size changes (SIGWINCH) are passed on. The caller puts
+        its terminal in raw mode.
+
+        :returns: the command's exit code (128+N for signal N).
+        """
+        import asyncssh
+
+        from localsbx.build.builder import runtime_env
+        from localsbx.guest.ssh import GuestConnection, agent_command
+
+        rec = await self.refresh()
+        if rec.state is not SandboxState.RUNNING:
+            raise SandboxStateError(f"sandbox {rec.id} is {rec.state.value}")
+        guest = GuestConnection("127.0.0.1", rec.ssh_port, store.management_key(),
+                                asyncssh.import_public_key(rec.host_key))
+        await guest.connect(timeout=30, alive=rec.qemu_alive)
+        try:
+            full_env = {**runtime_env(rec.env), "TERM": term, **(env or {})}
+            opts = ["--stdin", "--cwd", working_dir or rec.workdir]
+            if rec.user:
+                opts += ["--user", rec.user]
+            for k, v in full_env.items():
+                opts += ["--env", f"{k}={v}"]
+            conn = guest._require()
+            proc = await conn.create_process(agent_command("exec", *opts, "--", *argv),
+                                             term_type=term, term_size=size, encoding=None)
+            loop = asyncio.get_running_loop()
+
+            def on_input() -> None:
+                data = os.read(stdin_fd, 4096)
+                if data:
+                    proc.stdin.write(data)
+                else:
+                    loop.remove_reader(stdin_fd)
+                    proc.stdin.write_eof()
+
+            def on_winch() -> None:
+                import shutil
+
+                sz = shutil.get_terminal_size()
+                with contextlib.suppress(Exception):
+                    proc.change_terminal_size(sz.columns, sz.lines)
+
+            loop.add_reader(stdin_fd, on_input)
+            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                import signal as _signal
+
+                loop.add_signal_handler(_signal.SIGWINCH, on_winch)
+            try:
+                while chunk := await proc.stdout.read(65536):
+                    os.write(stdout_fd, chunk)
+                await proc.wait_closed()
+            finally:
+                loop.remove_reader(stdin_fd)
+                with contextlib.suppress(Exception):
+                    import signal as _signal
+
+                    loop.remove_signal_handler(_signal.SIGWINCH)
+            code = proc.exit_status
+            if proc.exit_signal:
+                from localsbx.guest.ssh import _signal_number
+
+                return 128 + (_signal_number(proc.exit_signal[0]) or 0)
+            return code if code is not None and code >= 0 else 255
+        finally:
+            await guest.close()
 
     def describe(self) -> dict:
-        """The sandbox record as a dict (id, image, state, shape, ports, times)."""
+        """The sandbox record as a dict, with ``status`` (Tensorlake's) and ``expires_at``."""
         d = self.record.to_json()
-        d["status"] = "terminated" if self._terminated else "running"
+        d["status"] = self.status.value
+        d["expires_at"] = self.record.deadline
         return d
+
+
+def _check_name_free(name: str, project: str, *, but: str | None = None) -> None:
+    taken = [r.id for r in store.list_sandboxes(project=project) if r.name == name and r.id != but]
+    if taken:
+        raise ConfigError(f"sandbox name {name!r} is already used by sandbox {taken[0]} in "
+                          f"project {project!r}",
+                          hint="pick another name, or terminate that sandbox")
+
+
+def _check_timeout(value) -> int:
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"timeout {value!r}: expected whole seconds") from None
+    if v < 0:
+        raise ConfigError(f"timeout {v}: must be 0 (never) or positive seconds")
+    return v
+
+
+#: The image a sandbox starts from when none is given: Tensorlake's default base
+#: (``ubuntu-minimal``) when it is built here, else the first built of these.
+DEFAULT_IMAGES = ("ubuntu-minimal", "debian-minimal")
+
+
+def default_image() -> str:
+    """The default image name (:data:`DEFAULT_IMAGES`).
+
+    :raises BaseImageError: no base is built.
+    """
+    from localsbx.base import list_bases
+    from localsbx.errors import BaseImageError
+
+    built = {b.name for b in list_bases() if getattr(b, "state", None) == "built"}
+    for n in DEFAULT_IMAGES:
+        if n in built:
+            return n
+    raise BaseImageError("no base image is built, so there is no default image",
+                         hint="localsbx base build debian-minimal")
+
+
+async def image_for(image: str | None, project: str | None) -> store.ImageRecord:
+    """The image record a sandbox starts from: a registered image, or a base built once
+    into an image of the same name (Tensorlake starts sandboxes from its bases too).
+
+    :raises ImageNotFound: neither an image nor a known base.
+    """
+    from localsbx.base import known_base_names
+
+    name = image or default_image()
+    try:
+        return store.lookup_image(name, project=project)
+    except ImageNotFound:
+        base = name.removeprefix("tensorlake/")
+        if base not in known_base_names():
+            raise
+    try:
+        return store.lookup_image(base, project=project)
+    except ImageNotFound:
+        pass
+    from localsbx.build.builder import build_image_async
+    from localsbx.definition.ops import ImageDefinition
+
+    log.info("building image %s from base %s (once)", base, base)
+    return await build_image_async(ImageDefinition(name=base, base=base, source=f"<base {base}>"),
+                                   name=base, project=project)
+
+
+async def _plan(image: str | None, *, cpus, memory_mb, timeout_secs, project, cold_boot,
+                snapshot_id) -> dict:
+    """Decide how a new sandbox boots: the record fields that describe it (one place
+    for the clone's VM shape and the snapshot-key check)."""
+    from localsbx.base import get_base
+    from localsbx.vm.accel import choose_accel
+
+    if cpus is not None and int(cpus) < 1:
+        raise ConfigError(f"cpus {cpus}: need at least 1 vCPU")
+    if memory_mb is not None and not 128 <= int(memory_mb) <= _host_memory_mb():
+        raise ConfigError(f"memory {memory_mb} MiB: need at least 128 MiB and at most the "
+                          f"host's {_host_memory_mb()} MiB")
+    timeout = DEFAULT_TIMEOUT_SECS if timeout_secs is None else _check_timeout(timeout_secs)
+    if snapshot_id is not None:
+        return _plan_checkpoint(snapshot_id, cpus=cpus, memory_mb=memory_mb, timeout=timeout)
+    img = await image_for(image, project)
+    base = get_base(img.meta["base"])
+    if base.digest != img.meta.get("base_digest"):
+        raise SnapshotError(
+            f"image {img.name!r} was built on another build of base {base.name!r} "
+            "(the base was rebuilt since); its disk cannot be used",
+            hint=f"rebuild the image (localsbx image build ... -n {img.name})")
+    cpus = int(cpus or DEFAULT_CPUS)
+    memory_mb = int(memory_mb or DEFAULT_MEMORY_MB)
+    accel = await choose_accel(base.kernel, base.initrd)
+    snap = img.path / "snap"
+    saved = img.meta["snapshot"]
+    mismatch = snapshot.key_mismatch(saved["key"], snapshot.snapshot_key(
+        _shape_spec(base, accel, cpus, memory_mb), kernel_digest=base.kernel_digest))
+    notice = None
+    cold_boot = cold_boot or os.environ.get("LOCALSBX_COLD_BOOT") == "1"
+    if cold_boot and not mismatch:
+        mismatch = ["cold boot requested"]
+        notice = f"image {img.name!r}: cold boot requested"
+    elif mismatch:
+        notice = (f"image {img.name!r} cannot restore its memory snapshot here ("
+                  + "; ".join(mismatch) + "): cold-booting from the image's disk instead")
+        log.warning("%s", notice)
+    else:
+        _check_snapshot_files(img)
+    common = {"image": img.name, "project": img.project, "image_digest": img.digest,
+                  "cpus": cpus, "memory_mb": memory_mb, "timeout_secs": timeout, "env": img.env,
+                  "workdir": img.workdir, "user": img.user, "kernel": str(base.kernel),
+                  "base_initrd": str(base.initrd), "notice": notice, "source": "image"}
+    if mismatch:
+        if not (img.path / "build.qcow2").exists():
+            raise SnapshotError(f"image {img.name!r}: disk {img.path / 'build.qcow2'} is missing",
+                                hint=f"rebuild the image (-n {img.name} --force)")
+        return {**common, "cold_boot": True, "restored": False, "initrd": str(base.initrd),
+                "ram_file": None, "disk_backing": str(img.path / "build.qcow2")}
+    return {**common, "cold_boot": False, "restored": True, "initrd": str(snap / "initrd.cpio"),
+            "ram_file": str(snap / "ram"), "state_file": str(snap / "state.mig"),
+            "disk_backing": str(snap / "disk.qcow2"), "host_key": saved["host_key"]}
+
+
+def _plan_checkpoint(cid: str, *, cpus, memory_mb, timeout: int) -> dict:
+    c = store.read_checkpoint(cid)
+    for what, asked, have in (("cpus", cpus, c.cpus), ("memory_mb", memory_mb, c.memory_mb)):
+        if asked is not None and int(asked) != have and c.kind == "memory":
+            raise ConfigError(f"checkpoint {cid} was taken at {what}={have}; a memory "
+                              f"checkpoint restores only at that shape (asked {asked})")
+    for f in ("disk.qcow2", "initrd.cpio") + (("state.mig",) if c.kind == "memory" else ()):
+        if not (c.dir / f).exists():
+            raise SnapshotError(f"checkpoint {cid}: file {c.dir / f} is missing",
+                                hint="delete the checkpoint and take a new one")
+    common = {"image": c.image, "project": c.project, "image_digest": c.image_digest,
+                  "cpus": int(cpus or c.cpus), "memory_mb": int(memory_mb or c.memory_mb),
+                  "timeout_secs": timeout, "env": c.env, "workdir": c.workdir, "user": c.user,
+                  "kernel": c.kernel, "base_initrd": c.base_initrd, "source": f"checkpoint:{cid}",
+                  "disk_backing": str(c.dir / "disk.qcow2")}
+    if c.kind == "filesystem":
+        return {**common, "cold_boot": True, "restored": False,
+                "initrd": c.base_initrd or c.initrd, "ram_file": None}
+    return {**common, "cold_boot": False, "restored": True, "initrd": str(c.dir / "initrd.cpio"),
+            "ram_file": c.ram_file, "state_file": str(c.dir / "state.mig"),
+            "host_key": c.host_key}
+
+
+def _host_memory_mb() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
+    except (ValueError, OSError):
+        return 1 << 20
+
+
+def list_sandboxes(project: str | None = None) -> list[store.SandboxRecord]:
+    """The live sandboxes (pending, running, suspended), optionally of one project
+    (Tensorlake's ``list``)."""
+    store.reap()
+    return store.list_sandboxes(project=project)
 
 
 def _tail(data: bytes, n: int = 2000) -> str:
@@ -454,20 +827,6 @@ def _check_snapshot_files(img: store.ImageRecord) -> None:
                             hint=f"rebuild the image (-n {img.name} --force)")
 
 
-async def _stop_pid(rec: store.SandboxRecord, timeout: float = 5.0) -> None:
-    """SIGTERM the sandbox's process, then SIGKILL after ``timeout`` seconds."""
-    if not rec.alive():
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(rec.pid, _signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and rec.alive():
-        await asyncio.sleep(0.05)
-    if rec.alive():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(rec.pid, _signal.SIGKILL)
-
-
 class Sandbox:
     """Synchronous twin of :class:`AsyncSandbox` (same methods, blocking).
 
@@ -481,46 +840,26 @@ class Sandbox:
         self._inner = inner
 
     @classmethod
-    def create(cls, image: str, *, cpus: int | None = None, memory_mb: int | None = None,
-               timeout_secs: int | None = None, project: str | None = None,
-               detached: bool = False, name: str | None = None,
-               cold_boot: bool = False) -> Sandbox:
-        """See :meth:`AsyncSandbox.create`."""
-        return cls(run_sync(AsyncSandbox.create(image, cpus=cpus, memory_mb=memory_mb,
-                                                timeout_secs=timeout_secs, project=project,
-                                                detached=detached, name=name,
-                                                cold_boot=cold_boot)))
+    def create(cls, image: str | None = None, **kw) -> Sandbox:
+        """See :meth:`AsyncSandbox.create` (same keyword arguments)."""
+        return cls(run_sync(AsyncSandbox.create(image, **kw)))
 
     @classmethod
-    def connect(cls, sandbox_id: str) -> Sandbox:
+    def connect(cls, sandbox_id: str, *, project: str | None = None) -> Sandbox:
         """See :meth:`AsyncSandbox.connect`."""
-        return cls(run_sync(AsyncSandbox.connect(sandbox_id)))
+        return cls(run_sync(AsyncSandbox.connect(sandbox_id, project=project)))
 
-    @property
-    def sandbox_id(self) -> str:
-        return self._inner.sandbox_id
-
+    sandbox_id = property(lambda self: self._inner.sandbox_id)
     id = sandbox_id
-
-    @property
-    def notice(self) -> str | None:
-        return self._inner.notice
-
-    @property
-    def history(self) -> collections.deque:
-        return self._inner.history
-
-    @property
-    def record(self) -> store.SandboxRecord:
-        return self._inner.record
-
-    @property
-    def serial_log(self) -> Path:
-        return self._inner.serial_log
-
-    @property
-    def timings(self) -> dict[str, float]:
-        return self._inner.timings
+    name = property(lambda self: self._inner.name)
+    image = property(lambda self: self._inner.image)
+    status = property(lambda self: self._inner.status)
+    notice = property(lambda self: self._inner.notice)
+    history = property(lambda self: self._inner.history)
+    record = property(lambda self: self._inner.record)
+    serial_log = property(lambda self: self._inner.serial_log)
+    timings = property(lambda self: self._inner.timings)
+    ports = property(lambda self: self._inner.ports)
 
     def run(self, command: str | Sequence[str], args: Sequence[str] | None = None,
             env: Mapping[str, str] | None = None, working_dir: str | None = None,
@@ -534,21 +873,62 @@ class Sandbox:
         return run_sync(self._inner.exec(argv, **kw))
 
     def read_file(self, path: str) -> bytes:
+        """See :meth:`AsyncSandbox.read_file`."""
         return run_sync(self._inner.read_file(path))
 
     def write_file(self, path: str, content: bytes | str, *, mode: int = 0o644) -> None:
+        """See :meth:`AsyncSandbox.write_file`."""
         run_sync(self._inner.write_file(path, content, mode=mode))
 
+    def upload(self, src, dest: str) -> None:
+        """See :meth:`AsyncSandbox.upload`."""
+        run_sync(self._inner.upload(src, dest))
+
+    def download(self, src: str, dest) -> None:
+        """See :meth:`AsyncSandbox.download`."""
+        run_sync(self._inner.download(src, dest))
+
+    def refresh(self) -> store.SandboxRecord:
+        """See :meth:`AsyncSandbox.refresh`."""
+        return run_sync(self._inner.refresh())
+
+    def suspend(self) -> dict:
+        """See :meth:`AsyncSandbox.suspend`."""
+        return run_sync(self._inner.suspend())
+
+    def resume(self) -> None:
+        """See :meth:`AsyncSandbox.resume`."""
+        run_sync(self._inner.resume())
+
+    def checkpoint(self, checkpoint_type: str = "memory") -> store.CheckpointRecord:
+        """See :meth:`AsyncSandbox.checkpoint`."""
+        return run_sync(self._inner.checkpoint(checkpoint_type))
+
+    def expose_port(self, port: int, *, host_port: int = 0) -> int:
+        """See :meth:`AsyncSandbox.expose_port`."""
+        return run_sync(self._inner.expose_port(port, host_port=host_port))
+
+    def unexpose_port(self, port: int) -> None:
+        """See :meth:`AsyncSandbox.unexpose_port`."""
+        run_sync(self._inner.unexpose_port(port))
+
+    def update(self, *, name: str | None = None, timeout_secs: int | None = None) -> None:
+        """See :meth:`AsyncSandbox.update`."""
+        run_sync(self._inner.update(name=name, timeout_secs=timeout_secs))
+
     def describe(self) -> dict:
+        """See :meth:`AsyncSandbox.describe`."""
         return self._inner.describe()
 
     def terminate(self) -> None:
+        """See :meth:`AsyncSandbox.terminate`."""
         run_sync(self._inner.terminate())
 
     def close(self) -> None:
+        """See :meth:`AsyncSandbox.close`."""
         run_sync(self._inner.close())
 
-    def __enter__(self) -> Sandbox:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
