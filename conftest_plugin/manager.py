@@ -2,12 +2,11 @@
 last-chance cleanup.
 
 Ownership. By default (``--sandbox-keep=never``) a sandbox is created *non-detached*: its
-QEMU gets a parent-death signal, so it dies with this process even on SIGKILL, and its
-record carries this process as owner, so the next localsbx start (``store.reap()``) removes
-what is left. A parent-death signal cannot be taken back, so with ``--sandbox-keep=failed``
-or ``always`` sandboxes are created *detached* (they can outlive pytest) and this plugin
-writes itself into their record as owner right away: if pytest dies, the next localsbx start
-reaps them; a sandbox that is kept gets its owner cleared and runs until its own
+record carries this process as owner, and its supervisor terminates it within half a second
+of this process's death, even on SIGKILL (if the supervisor dies too, the next localsbx
+start, ``store.reap()``, kills what is left). With ``--sandbox-keep=failed`` or ``always``
+sandboxes are created *detached* and this plugin writes itself into their record as owner
+right away; a sandbox that is kept gets its owner cleared and runs until its own
 ``timeout_secs`` (default 600 s) or ``localsbx terminate ID``.
 """
 
@@ -56,9 +55,9 @@ def _set_owner(record, pid: int | None) -> None:
     from localsbx import store
     from localsbx.vm.qemu import proc_start_time
 
-    record.owner_pid = pid
-    record.owner_start = proc_start_time(pid) if pid is not None else None
-    store.write_sandbox(record)
+    start = proc_start_time(pid) if pid is not None else None
+    store.update_sandbox(record.id, owner_pid=pid, owner_start=start)
+    record.owner_pid, record.owner_start = pid, start
 
 
 class SandboxManager:

@@ -1,0 +1,278 @@
+"""The control plane on real QEMU: any process drives any sandbox through its supervisor.
+
+Each test starts sandboxes with the CLI or the library and drives them from *other*
+processes (separate CLI invocations), as a user would: exec, expose, suspend/resume,
+checkpoint and clones, names, timeouts that pause, SIGKILLs of creators, supervisors and
+owners.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from localsbx import Sandbox, store
+from localsbx.errors import ConfigError, SandboxNotFound, SandboxStateError
+
+from .conftest import qemu_pids
+
+pytestmark = pytest.mark.vm
+
+LSBX = str(Path(sys.executable).parent / "localsbx")
+
+
+def cli(*args: str, check: bool = True, timeout: float = 300, input: bytes | None = None):
+    res = subprocess.run([LSBX, *args], capture_output=True, timeout=timeout, input=input)
+    if check and res.returncode != 0:
+        raise AssertionError(f"localsbx {' '.join(args)} -> {res.returncode}\n"
+                             f"{res.stdout.decode()}\n{res.stderr.decode()}")
+    return res
+
+
+def out(*args: str, **kw) -> str:
+    return cli(*args, **kw).stdout.decode().strip()
+
+
+def describe(sid: str) -> dict:
+    return json.loads(out("describe", sid))
+
+
+def wait_until(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+@pytest.fixture
+def new_sandbox(main_image):
+    made: list[str] = []
+
+    def make(*args: str) -> str:
+        sid = out("new", "--image", main_image, *args)
+        made.append(sid)
+        return sid
+
+    yield make
+    for sid in made:
+        cli("terminate", sid, check=False)
+    for sid in made:
+        assert not qemu_pids(f"localsbx-{sid}"), f"QEMU of {sid} left running"
+
+
+def test_exec_from_other_processes_and_an_exposed_server(new_sandbox):
+    sid = new_sandbox("--expose", "8000")
+    # a server started by one CLI process (detached in the guest) ...
+    cli("exec", sid, "--", "sh", "-c",
+        "echo served > /tmp/index.html; cd /tmp && "
+        "(setsid python3 -m http.server 8000 >/dev/null 2>&1 &)")
+    host_port = describe(sid)["ports"]["8000"]
+    assert host_port > 0
+    # ... reached from the host by another process
+    body = wait_until(lambda: _get(f"http://127.0.0.1:{host_port}/index.html"), 30,
+                      "the exposed server answers")
+    assert body == b"served\n"
+    # exit codes, stderr and stdin through the fast path
+    res = cli("exec", sid, "--", "sh", "-c", "cat; echo oops >&2; exit 7", check=False,
+              input=b"ignored without -i")
+    assert res.returncode == 7 and res.stdout == b"" and res.stderr == b"oops\n"
+    res = cli("exec", "-i", sid, "--", "sh", "-c", "tr a-z A-Z", input=b"piped\n")
+    assert res.stdout == b"PIPED\n"
+    res = cli("exec", sid, "--", "sh", "-c", "kill -TERM $$", check=False)
+    assert res.returncode == 128 + signal.SIGTERM
+    # expose and unexpose on a running sandbox, from yet another process
+    cli("exec", sid, "--", "sh", "-c", "(setsid python3 -m http.server 8001 -d /tmp "
+        ">/dev/null 2>&1 &)")
+    p2 = int(out("expose", sid, "8001"))
+    assert wait_until(lambda: _get(f"http://127.0.0.1:{p2}/index.html"), 30, "8001 answers")
+    cli("unexpose", sid, "8001")
+    assert "8001" not in describe(sid)["ports"]
+    assert _get(f"http://127.0.0.1:{p2}/index.html") is None
+
+
+def _get(url: str) -> bytes | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.read()
+    except OSError:
+        return None
+
+
+def test_three_clones_of_a_memory_checkpoint_continue_its_process(new_sandbox):
+    sid = new_sandbox()
+    cli("exec", sid, "--", "sh", "-c",
+        "(n=0; while :; do n=$((n+1)); echo $n > /tmp/counter; sleep 0.2; done) "
+        ">/dev/null 2>&1 & echo $! > /tmp/counter.pid")
+    time.sleep(2)
+    ck = out("checkpoint", sid)
+    at_checkpoint = int(out("exec", sid, "--", "cat", "/tmp/counter"))
+    assert ck in out("snapshot", "ls", sid)
+    seen = []
+    try:
+        for _ in range(3):
+            clone = new_sandbox_from(ck)
+            try:
+                probe = out("exec", clone, "--", "sh", "-c",
+                            "a=$(cat /tmp/counter); sleep 1; b=$(cat /tmp/counter); "
+                            "kill -0 $(cat /tmp/counter.pid) && echo alive; "
+                            "echo $a $b; cat /etc/machine-id; hostname; "
+                            "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s")
+                lines = probe.splitlines()
+                assert lines[0] == "alive"
+                a, b = map(int, lines[1].split())
+                assert a >= 1 and b > a  # the counter runs on in the clone
+                assert abs(int(lines[5]) - time.time()) < 5  # the clock was stepped
+                assert lines[3] == clone
+                seen.append((lines[2], lines[4]))
+            finally:
+                cli("terminate", clone)
+        assert at_checkpoint >= 1
+        assert len({m for m, _ in seen}) == 3, "machine-ids must differ"
+        assert len({r for _, r in seen}) == 3, "random bytes must differ"
+    finally:
+        cli("snapshot", "rm", ck)
+    assert ck not in out("snapshot", "ls")
+
+
+def new_sandbox_from(ck: str) -> str:
+    return out("new", "--snapshot", ck)
+
+
+def test_suspend_in_one_process_resume_in_another_with_timeout_paused(new_sandbox):
+    sid = new_sandbox("--timeout", "40", "--expose", "8000")
+    cli("exec", sid, "--", "sh", "-c",
+        "echo kept > /root/file; (while :; do date +%s >> /tmp/ticks; sleep 1; done) "
+        ">/dev/null 2>&1 & echo $! > /tmp/ticker.pid")
+    before = describe(sid)
+    cli("suspend", sid)
+    d = describe(sid)
+    assert d["status"] == "suspended" and d["qemu_pid"] is None
+    assert not qemu_pids(f"localsbx-{sid}")  # no QEMU: no CPU, no RAM
+    assert "suspended" in out("ls")
+    left_at_suspend = d["time_left_secs"]
+    time.sleep(12)
+    assert describe(sid)["time_left_secs"] == pytest.approx(left_at_suspend, abs=0.5)
+    res = cli("exec", sid, "--", "true", check=False)
+    assert res.returncode != 0 and b"suspended" in res.stderr
+    cli("resume", sid)  # another process
+    after = describe(sid)
+    assert after["status"] == "running"
+    # suspended time did not count: well above what 12 s of wall time would leave
+    assert after["time_left_secs"] > before["time_left_secs"] - 10
+    assert out("exec", sid, "--", "cat", "/root/file") == "kept"
+    assert out("exec", sid, "--", "sh", "-c", "kill -0 $(cat /tmp/ticker.pid) && echo alive") \
+        == "alive"
+    assert after["ports"]["8000"] > 0
+    # the timeout still fires, on running time
+    wait_until(lambda: sid not in out("ls"), 60, "the sandbox stops at its timeout")
+    assert not qemu_pids(f"localsbx-{sid}")
+
+
+def test_names_are_unique_and_connect_finds_them(new_sandbox):
+    name = f"web-{os.getpid()}"
+    sid = new_sandbox("--name", name)
+    res = cli("new", "--image", "t-main", "--name", name, check=False)
+    assert res.returncode == 1 and b"already used" in res.stderr
+    sb = Sandbox.connect(name)
+    assert sb.sandbox_id == sid
+    assert sb.run("echo $((6*7))").stdout == "42\n"
+    sb.update(name=name + "-2")
+    assert Sandbox.connect(name + "-2").sandbox_id == sid
+    with pytest.raises(SandboxNotFound):
+        Sandbox.connect(name)
+    with pytest.raises(ConfigError):
+        sb.update(name="bad name!")
+
+
+def test_supervisor_killed_the_sandbox_lives_on(new_sandbox):
+    sid = new_sandbox()
+    cli("exec", sid, "--", "sh", "-c", "echo before > /tmp/f")
+    sup = describe(sid)["supervisor_pid"]
+    os.kill(sup, signal.SIGKILL)
+    wait_until(lambda: not store.load_sandbox(sid).supervisor_alive(), 10, "supervisor gone")
+    assert qemu_pids(f"localsbx-{sid}"), "QEMU must survive its supervisor"
+    # the next client attaches a new supervisor
+    assert out("exec", sid, "--", "cat", "/tmp/f") == "before"
+    assert describe(sid)["supervisor_pid"] != sup
+    ck = out("checkpoint", sid)  # QMP works again after the re-attach
+    cli("snapshot", "rm", ck)
+
+
+def test_owner_sigkilled_its_sandbox_goes(main_image):
+    code = (f"from localsbx import Sandbox\nsb = Sandbox.create({main_image!r})\n"
+            "print(sb.sandbox_id, flush=True)\nimport time\ntime.sleep(600)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        sid = p.stdout.readline().decode().strip()
+        assert sid and qemu_pids(f"localsbx-{sid}")
+    finally:
+        p.kill()
+        p.wait()
+    wait_until(lambda: not qemu_pids(f"localsbx-{sid}"), 20, "the owner's sandbox stops")
+    with pytest.raises(SandboxNotFound):
+        store.read_sandbox(sid)
+
+
+@pytest.mark.parametrize("delay", [0.5, 1.5, 3.0])
+def test_sigkill_of_new_leaks_nothing(main_image, delay):
+    before = set(os.listdir(store.paths.sandboxes_dir()))
+    p = subprocess.Popen([LSBX, "new", "--image", main_image], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    time.sleep(delay)
+    p.kill()
+    p.wait()
+    new = set(os.listdir(store.paths.sandboxes_dir())) - before - {".names.lock"}
+    for sid in new:
+        # settles as either usable or cleanly gone
+        def settled(sid=sid):
+            try:
+                rec = store.load_sandbox(sid)
+            except SandboxNotFound:
+                return "gone"
+            return "running" if rec.state is store.SandboxState.RUNNING else None
+        state = wait_until(settled, 120, f"sandbox {sid} settles")
+        if state == "running":
+            assert out("exec", sid, "--", "echo", "usable") == "usable"
+            cli("terminate", sid)
+        assert not qemu_pids(f"localsbx-{sid}")
+
+
+def test_shape_the_guest_sees_and_no_internet(main_image):
+    with Sandbox.create(main_image, cpus=2, memory_mb=1536,
+                        allow_internet_access=False) as sb:
+        assert sb.notice and "cold-booting" in sb.notice  # another shape than the snapshot's
+        assert sb.run("nproc").stdout.strip() == "2"
+        mem_kib = int(sb.run("awk '/MemTotal/ {print $2}' /proc/meminfo").stdout)
+        assert 1300 * 1024 < mem_kib <= 1536 * 1024
+        dns = sb.run("python3 -c \"import socket; socket.getaddrinfo('pypi.org', 443)\"",
+                     timeout=60)
+        assert dns.exit_code != 0 and "gaierror" in dns.stderr
+        tcp = sb.run("python3 -c \"import socket; socket.create_connection(('151.101.0.223', "
+                     "443), timeout=5)\"", timeout=60)
+        assert tcp.exit_code != 0
+
+
+def test_operations_on_a_terminated_or_suspended_sandbox_are_clear(main_image):
+    sb = Sandbox.create(main_image)
+    sid = sb.sandbox_id
+    sb.suspend()
+    assert sb.status is store.SandboxState.SUSPENDED
+    with pytest.raises(SandboxStateError, match="suspended"):
+        sb.run("true")
+    other = Sandbox.connect(sid)  # a second handle terminates it while suspended
+    other.terminate()
+    assert not store.sandbox_dir(sid).exists()
+    with pytest.raises((SandboxStateError, SandboxNotFound)):
+        sb.run("true")
+    sb.terminate()  # idempotent
