@@ -8,7 +8,8 @@ Prints, on this machine:
 * the snapshot's state file and RAM file sizes (apparent and allocated);
 * RSS and PSS per idle restored sandbox with four alive (target PSS ≤ 100 MiB);
 * the same via the CLI (``localsbx new`` + ``localsbx exec``), wall time including Python
-  start-up.
+  start-up;
+* the control plane (:mod:`bench.control`): each figure beside its raw reference.
 
 Targets are printed beside the figures; nothing here fails a build (the machines are shared
 and noisy). Results are also written to ``bench/results/latest.json``.
@@ -91,6 +92,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--skip-plugin", action="store_true", help="skip the pytest-plugin suite")
+    ap.add_argument("--idle", type=int, default=100,
+                    help="idle sandboxes alive at once in the control-plane bench (0: skip)")
     args = ap.parse_args()
     os.environ.setdefault("LOCALSBX_PROJECT", "bench")
     img = ensure_image()
@@ -132,6 +135,10 @@ def main() -> None:
     cli = cli_times(min(args.runs, 3))
     print(f"CLI `localsbx new` + `localsbx exec true` {fmt(cli)} (includes Python start-up)")
     results["cli_s"] = cli
+
+    from bench import control
+
+    results["control"] = control.run(IMAGE, args.runs, args.idle)
 
     if not args.skip_plugin:
         from bench import plugin_suite

@@ -308,7 +308,8 @@ class AsyncSandbox:
             rec = store.load_sandbox(self.sandbox_id) if store.sandbox_dir(
                 self.sandbox_id).exists() else None
             if rec is None or not rec.alive():
-                self._terminated = True
+                # (the folder stays until terminate() or the next reap: its serial log
+                # explains the death, e.g. in the pytest plugin's report)
                 raise SandboxNotFound(f"sandbox {self.sandbox_id} is gone "
                                       f"(serial log: {self.serial_log})") from None
             raise

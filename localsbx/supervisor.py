@@ -44,6 +44,7 @@ from localsbx import control, store
 from localsbx.errors import (
     GuestError,
     LocalsbxError,
+    SandboxNotFound,
     SandboxStateError,
     SnapshotError,
     VMError,
@@ -357,8 +358,9 @@ class Supervisor:
         try:
             res = task.result()
         except GuestError:
+            await asyncio.sleep(0.3)  # a guest that powered off: its QEMU is exiting
             if not rec.qemu_alive():
-                raise SandboxStateError(f"sandbox {rec.id} is gone: its QEMU exited "
+                raise SandboxNotFound(f"sandbox {rec.id} is gone: its QEMU exited "
                                         f"(serial log: {rec.dir / 'serial.log'})") from None
             raise
         return {"exit_status": res.exit_status, "signal": res.signal, "timed_out": res.timed_out}
