@@ -46,7 +46,7 @@ demo: setup
 	@id=$$($(LSBX) new --image hello) && echo "== sandbox $$id" && \
 	  $(LSBX) exec $$id -- ./hello.sh; rc=$$?; $(LSBX) terminate $$id; exit $$rc
 
-test: setup
+test: setup lint
 	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
 
 test-unit: venv
@@ -56,7 +56,7 @@ bench: setup
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check localsbx conftest_plugin tests
+	$(VENV)/bin/ruff check localsbx conftest_plugin tests bench
 
 clean-stamps:
 	rm -rf $(STAMPS)

@@ -215,7 +215,7 @@ def idle_many(image: str, n: int) -> dict:
     sbs = []
     t = time.monotonic()
     try:
-        for i in range(n):
+        for _ in range(n):
             sbs.append(Sandbox.create(image, detached=False))
         started = time.monotonic() - t
         time.sleep(5)

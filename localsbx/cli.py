@@ -140,7 +140,7 @@ def _load_definition(path: Path, name: str | None, build_args: dict[str, str]):
         except SyntaxError as exc:
             raise DefinitionError(f"{exc.msg}", location=SourceLocation(str(path), exc.lineno),
                                   hint="fix the Python syntax error") from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any error in the file is the definition's
             import traceback
 
             tb = traceback.extract_tb(exc.__traceback__)
@@ -283,17 +283,26 @@ def exec_(
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Pass stdin.")] = False,
     tty: Annotated[bool, typer.Option("--tty", "-t", help="Allocate a terminal (with -i: an "
                                       "interactive session, like docker exec -it).")] = False,
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background; print "
+                                         "its pid (see ps, logs, kill).")] = False,
+    name: Annotated[Optional[str], typer.Option(help="With --detach: a name for the process.")] = None,
     project: ProjectOpt = None,
 ):
     """Run a command in a sandbox, streaming its output; exit with its exit code."""
     from localsbx._loop import run_sync
-    from localsbx.sandbox import AsyncSandbox
+    from localsbx.sandbox import AsyncSandbox, Sandbox
 
     envd = _pairs("--env", env)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
         raise ConfigError("exec: no command given", hint="localsbx exec ID -- CMD [ARGS...]")
+    if detach:
+        info = Sandbox.connect(sandbox_id, project=project).start_process(
+            command, None, env=envd, working_dir=workdir, name=name,
+            stdin_mode="pipe" if interactive else None)
+        print(info["pid"])
+        return
     if timeout is not None and timeout <= 0:
         raise ConfigError(f"exec: --timeout must be positive seconds (got {timeout})")
     if tty:
@@ -358,6 +367,57 @@ def ssh(sandbox_id: Annotated[str, typer.Argument(help="Sandbox id or name.")],
                           hint="use `localsbx exec -i ID -- CMD` to pipe data in")
     raise typer.Exit(_interactive(sandbox_id, [shell, "-l"] if shell.endswith("sh") else [shell],
                                   {}, None, project))
+
+
+@app.command("ps")
+def ps(sandbox_id: str, as_json: JsonOpt = False, project: ProjectOpt = None):
+    """List a sandbox's background processes (started with exec --detach / start_process)."""
+    from localsbx.sandbox import Sandbox
+
+    procs = Sandbox.connect(sandbox_id, project=project).list_processes()
+    if as_json:
+        out.print_json(data=procs)
+        return
+    rows = [("PID", "NAME", "STATUS", "EXIT", "STARTED", "COMMAND")]
+    for p in procs:
+        ex = "-" if p["status"] == "running" else (
+            f"signal {p['signal']}" if p["signal"] else str(p["exit_code"]))
+        rows.append((str(p["pid"]), p["name"] or "-", p["status"], ex, _when(p["started_at"]),
+                     " ".join([p["command"], *p["args"]])))
+    _print_columns(rows)
+
+
+@app.command("logs")
+def logs(sandbox_id: str, pid: str,
+         follow: Annotated[bool, typer.Option("--follow", "-f", help="Follow until it ends.")] = False,
+         project: ProjectOpt = None):
+    """Print a background process's output (stdout to stdout, stderr to stderr)."""
+    from localsbx.sandbox import Sandbox
+
+    sb = Sandbox.connect(sandbox_id, project=project)
+
+    def show(stream: str, line: str) -> None:
+        print(line, file=sys.stderr if stream == "stderr" else sys.stdout, flush=True)
+
+    if follow:
+        sb.follow_output(pid, show)
+        return
+    o = sb.get_output(pid)
+    for stream, line in zip(o["streams"], o["lines"]):
+        show(stream, line)
+
+
+@app.command("kill")
+def kill(sandbox_id: str, pid: str,
+         sig: Annotated[Optional[int], typer.Option("--signal", "-s", help="Signal number "
+                                                    "(default: SIGKILL of its whole tree).")] = None,
+         project: ProjectOpt = None):
+    """Signal or kill a background process."""
+    from localsbx.sandbox import Sandbox
+
+    sb = Sandbox.connect(sandbox_id, project=project)
+    info = sb.kill_process(pid) if sig is None else sb.send_signal(pid, sig)
+    err.print(f"process {info['pid']}: {info['status']}")
 
 
 @app.command("ls")

@@ -472,6 +472,73 @@ class AsyncSandbox:
                               timeout=timeout, user=user, stdin=data)
         return CommandResult.from_exec(res)
 
+    # ------------------------------------------------------------------ processes
+
+    async def start_process(self, command: str | Sequence[str], args: Sequence[str] | None = None,
+                            *, env: Mapping[str, str] | None = None,
+                            working_dir: str | None = None, stdin_mode: str | None = None,
+                            name: str | None = None, user: str | None = None) -> dict:
+        """Start a background process (Tensorlake's ``start_process``); it runs on after this
+        call, held by the sandbox's supervisor, and any process can follow it.
+
+        :param command: as in :meth:`run` (with ``args``: no shell).
+        :param stdin_mode: ``"pipe"`` to write to it (:meth:`write_stdin`); default: stdin is
+            at end of file.
+        :param name: find it by name too (unique among running processes).
+        :returns: Tensorlake's ``ProcessInfo`` as a dict: ``pid`` (the guest pid),
+            ``status`` (running, exited, signaled), ``exit_code``, ``signal``, ``command``,
+            ``args``, ``started_at``, ``ended_at``.
+        """
+        if stdin_mode not in (None, "pipe", "null", "closed"):
+            raise ConfigError(f"stdin_mode {stdin_mode!r}: use 'pipe' or leave it out")
+        return await self._call("start_process", {
+            "argv": shell_argv(command, args), "env": dict(env or {}), "cwd": working_dir,
+            "user": user, "stdin_mode": stdin_mode, "name": name})
+
+    async def list_processes(self) -> list[dict]:
+        """Background processes started with :meth:`start_process` (running and ended)."""
+        return await self._call("list_processes")
+
+    async def get_process(self, pid: int | str) -> dict:
+        """One process by guest pid or name.
+
+        :raises SandboxNotFound: no such process.
+        """
+        return await self._call("get_process", {"pid": pid})
+
+    async def send_signal(self, pid: int | str, signal: int = 15) -> dict:
+        """Send ``signal`` (a number) to the process."""
+        return await self._call("signal_process", {"pid": pid, "signal": int(signal)})
+
+    async def kill_process(self, pid: int | str) -> dict:
+        """SIGKILL the process and everything it started; returns its final info."""
+        return await self._call("kill_process", {"pid": pid}, timeout=30)
+
+    async def write_stdin(self, pid: int | str, data: bytes | str) -> None:
+        """Write to the stdin of a process started with ``stdin_mode="pipe"``."""
+        await self._call("write_stdin", {"pid": pid},
+                         payload=data.encode() if isinstance(data, str) else data)
+
+    async def close_stdin(self, pid: int | str) -> None:
+        """Close its stdin (it reads end of file)."""
+        await self._call("close_stdin", {"pid": pid})
+
+    async def get_output(self, pid: int | str, stream: str = "output") -> dict:
+        """Output so far: ``{"pid", "lines", "line_count"}`` (``stream``: ``stdout``,
+        ``stderr`` or ``output`` for both, in order)."""
+        return await self._call("process_output", {"pid": pid, "stream": stream})
+
+    async def follow_output(self, pid: int | str,
+                            callback: Callable[[str, str], Any], stream: str = "output") -> dict:
+        """Call ``callback(stream, line)`` for every line, past and new, until the process
+        ends; returns its final info."""
+        def on_data(st: str, data: bytes) -> None:
+            callback(st, data.decode(errors="replace").removesuffix("\n"))
+
+        return await self._call("process_output", {"pid": pid, "stream": stream,
+                                                   "follow": True},
+                                on_data=on_data, timeout=None)
+
     async def read_file(self, path: str) -> bytes:
         """Read a file from the sandbox.
 
@@ -489,6 +556,43 @@ class AsyncSandbox:
         """
         data = content.encode() if isinstance(content, str) else content
         await self._call("put", {"path": path, "mode": mode}, payload=data, timeout=None)
+
+    async def list_directory(self, path: str) -> list[dict]:
+        """The entries of a sandbox folder (Tensorlake's ``list_directory``): ``name``,
+        ``is_dir``, ``size`` (bytes), ``modified_at`` (UNIX seconds), sorted by name.
+
+        :raises GuestFileError: no such folder, or not readable.
+        """
+        from localsbx.errors import GuestFileError
+
+        res = await self.exec(["find", path, "-mindepth", "1", "-maxdepth", "1", "-printf",
+                               "%y\\t%s\\t%T@\\t%f\\0"],
+                              env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+        if res.exit_status != 0:
+            raise GuestFileError(f"cannot list {path} in the sandbox: "
+                                 + res.stderr.decode(errors="replace").strip())
+        out = []
+        for item in res.stdout.split(b"\0"):
+            if not item:
+                continue
+            kind, size, mtime, name = item.decode(errors="replace").split("\t", 3)
+            out.append({"name": name, "is_dir": kind == "d", "size": int(size),
+                        "modified_at": float(mtime)})
+        return sorted(out, key=lambda e: e["name"])
+
+    async def delete_file(self, path: str) -> None:
+        """Delete a file (or an empty folder) in the sandbox (Tensorlake's ``delete_file``).
+
+        :raises GuestFileError: no such file, a non-empty folder, or no permission.
+        """
+        from localsbx.errors import GuestFileError
+
+        res = await self.exec(["/bin/sh", "-c", 'if [ -d "$1" ] && [ ! -L "$1" ]; then '
+                               'rmdir -- "$1"; else rm -- "$1"; fi', "sh", path],
+                              env={"PATH": "/usr/bin:/bin"})
+        if res.exit_status != 0:
+            raise GuestFileError(f"cannot delete {path} in the sandbox: "
+                                 + res.stderr.decode(errors="replace").strip())
 
     async def upload(self, src: str | os.PathLike, dest: str) -> None:
         """Copy a host file or folder into the sandbox (``docker cp SRC ID:DEST``): a file
@@ -873,6 +977,42 @@ class Sandbox:
         """See :meth:`AsyncSandbox.exec`."""
         return run_sync(self._inner.exec(argv, **kw))
 
+    def start_process(self, *a, **kw):
+        """See :meth:`AsyncSandbox.start_process`."""
+        return run_sync(self._inner.start_process(*a, **kw))
+
+    def list_processes(self, *a, **kw):
+        """See :meth:`AsyncSandbox.list_processes`."""
+        return run_sync(self._inner.list_processes(*a, **kw))
+
+    def get_process(self, *a, **kw):
+        """See :meth:`AsyncSandbox.get_process`."""
+        return run_sync(self._inner.get_process(*a, **kw))
+
+    def send_signal(self, *a, **kw):
+        """See :meth:`AsyncSandbox.send_signal`."""
+        return run_sync(self._inner.send_signal(*a, **kw))
+
+    def kill_process(self, *a, **kw):
+        """See :meth:`AsyncSandbox.kill_process`."""
+        return run_sync(self._inner.kill_process(*a, **kw))
+
+    def write_stdin(self, *a, **kw):
+        """See :meth:`AsyncSandbox.write_stdin`."""
+        return run_sync(self._inner.write_stdin(*a, **kw))
+
+    def close_stdin(self, *a, **kw):
+        """See :meth:`AsyncSandbox.close_stdin`."""
+        return run_sync(self._inner.close_stdin(*a, **kw))
+
+    def get_output(self, *a, **kw):
+        """See :meth:`AsyncSandbox.get_output`."""
+        return run_sync(self._inner.get_output(*a, **kw))
+
+    def follow_output(self, *a, **kw):
+        """See :meth:`AsyncSandbox.follow_output`."""
+        return run_sync(self._inner.follow_output(*a, **kw))
+
     def read_file(self, path: str) -> bytes:
         """See :meth:`AsyncSandbox.read_file`."""
         return run_sync(self._inner.read_file(path))
@@ -880,6 +1020,14 @@ class Sandbox:
     def write_file(self, path: str, content: bytes | str, *, mode: int = 0o644) -> None:
         """See :meth:`AsyncSandbox.write_file`."""
         run_sync(self._inner.write_file(path, content, mode=mode))
+
+    def list_directory(self, path: str) -> list[dict]:
+        """See :meth:`AsyncSandbox.list_directory`."""
+        return run_sync(self._inner.list_directory(path))
+
+    def delete_file(self, path: str) -> None:
+        """See :meth:`AsyncSandbox.delete_file`."""
+        run_sync(self._inner.delete_file(path))
 
     def upload(self, src, dest: str) -> None:
         """See :meth:`AsyncSandbox.upload`."""

@@ -20,13 +20,16 @@ sandbox), ``attach`` (take over a running QEMU). On ``--ready-fd`` it writes one
 
 Operations (request ``op``): ``info``, ``exec`` (streams ``stdout``/``stderr`` frames),
 ``put``/``get`` (files), ``terminate``, ``suspend``, ``checkpoint``, ``expose``,
-``unexpose``, ``refresh`` (re-read the record: owner, timeout, name).
+``unexpose``, ``refresh`` (re-read the record: owner, timeout, name), and background
+processes: ``start_process``, ``list_processes``, ``get_process``, ``signal_process``,
+``kill_process``, ``write_stdin``, ``close_stdin``, ``process_output`` (``follow`` streams).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -42,6 +45,7 @@ from pathlib import Path
 
 from localsbx import control, store
 from localsbx.errors import (
+    ConfigError,
     GuestError,
     LocalsbxError,
     SandboxNotFound,
@@ -143,6 +147,88 @@ def _log_tail(sandbox_id: str, lines: int = 30) -> str:
     return "\n".join(out)
 
 
+#: Lines of output kept per background process (oldest dropped first).
+PROCESS_OUTPUT_LINES = 10000
+
+
+class GuestProcess:
+    """A background process of the sandbox, held by the supervisor (its SSH channel)."""
+
+    def __init__(self, *, argv, name, cgroup, proc, stdin_open) -> None:
+        self.argv, self.name, self.cgroup, self.proc = argv, name, cgroup, proc
+        self.stdin_open = stdin_open
+        self.pid = 0
+        self.started_at = time.time()
+        self.ended_at: float | None = None
+        self.lines: collections.deque = collections.deque(maxlen=PROCESS_OUTPUT_LINES)
+        self.dropped = 0
+        self.ended = asyncio.Event()
+        self.changed = asyncio.Condition()
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def running(self) -> bool:
+        return not self.ended.is_set()
+
+    def start_readers(self) -> None:
+        self._tasks = [asyncio.create_task(self._read(self.proc.stdout, "stdout")),
+                       asyncio.create_task(self._read(self.proc.stderr, "stderr"))]
+        self._tasks.append(asyncio.create_task(self._wait()))
+
+    async def _read(self, stream, name: str) -> None:
+        buf = b""
+        with contextlib.suppress(Exception):
+            while chunk := await stream.read(65536):
+                buf += chunk
+                *whole, buf = buf.split(b"\n")
+                for line in whole:
+                    self._add(name, line)
+                await self._notify()
+        if buf:
+            self._add(name, buf)
+            await self._notify()
+
+    def _add(self, stream: str, line: bytes) -> None:
+        if len(self.lines) == self.lines.maxlen:
+            self.dropped += 1
+        self.lines.append((stream, line.decode(errors="replace"), time.time()))
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def _wait(self) -> None:
+        # ended = its exit status (or signal) arrived; children it left may still hold its
+        # output open, which keeps the channel (and the readers) going
+        closed = asyncio.create_task(self.proc.wait_closed())
+        while not closed.done() and self.proc.returncode is None:
+            await asyncio.wait({closed}, timeout=0.1)
+        if closed.done():
+            await asyncio.gather(*self._tasks[:2], return_exceptions=True)
+        else:
+            await asyncio.wait(set(self._tasks[:2]), timeout=0.5)
+        self.ended_at = time.time()
+        self.ended.set()
+        await self._notify()
+
+    def info(self) -> dict:
+        """Tensorlake's ``ProcessInfo``: pid, status, exit_code/signal, command, times."""
+        from localsbx.guest.ssh import _signal_number
+
+        status, code, sig = "running", None, None
+        if self.ended.is_set():
+            code = self.proc.exit_status
+            if self.proc.exit_signal:
+                sig = _signal_number(self.proc.exit_signal[0])
+                status = "signaled"
+            else:
+                status = "exited"
+        return {"pid": self.pid, "name": self.name, "status": status, "exit_code": code,
+                "signal": sig, "command": self.argv[0], "args": self.argv[1:],
+                "started_at": self.started_at, "ended_at": self.ended_at,
+                "stdin_open": self.stdin_open}
+
+
 class Supervisor:
     """The state of one sandbox's supervisor (see the module docstring)."""
 
@@ -152,6 +238,7 @@ class Supervisor:
         self.server: asyncio.AbstractServer | None = None
         self.done = asyncio.Event()
         self.forwards: dict[int, object] = {}
+        self.processes: dict[int, GuestProcess] = {}
         self._fixup: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # lifecycle operations, one at a time
         self._stopping = False
@@ -378,6 +465,128 @@ class Supervisor:
             writer.write(control.encode_frame({"stream": "file"}, data[i:i + control.CHUNK]))
             await writer.drain()
         return {"size": len(data)}
+
+    # ------------------------------------------------------------------ processes
+
+    async def op_start_process(self, h, payload, reader, writer) -> dict:
+        """Start ``argv`` in the background (Tensorlake's ``start_process``): it runs on
+        while clients come and go; its output is kept (:data:`PROCESS_OUTPUT_LINES` lines
+        per stream) and can be followed."""
+        from localsbx.build.builder import runtime_env
+        from localsbx.guest.ssh import agent_command
+
+        self._require_running()
+        await self.ready()
+        rec = self.rec
+        name = h.get("name")
+        if name and any(p.name == name and p.running for p in self.processes.values()):
+            raise ConfigError(f"a running process is already named {name!r}")
+        cgroup = "p" + secrets.token_hex(8)
+        opts = ["--cgroup", cgroup, "--cwd", h.get("cwd") or rec.workdir]
+        if h.get("user") or rec.user:
+            opts += ["--user", h.get("user") or rec.user]
+        for k, v in {**runtime_env(rec.env), **(h.get("env") or {})}.items():
+            opts += ["--env", f"{k}={v}"]
+        piped = h.get("stdin_mode") == "pipe"
+        if piped:
+            opts.append("--stdin")
+        conn = self.machine.guest._require()
+        proc = await conn.create_process(agent_command("exec", *opts, "--", *h["argv"]),
+                                         encoding=None)
+        if not piped:
+            proc.stdin.write_eof()
+        gp = GuestProcess(argv=list(h["argv"]), name=name, cgroup=cgroup, proc=proc,
+                          stdin_open=piped)
+        # the guest pid: the first process of its cgroup, once the agent has joined it
+        # (the channel opens before that); a process that already ended keeps a local id
+        procs: list[bytes] = []
+        for _ in range(40):
+            res = await self.machine.guest.raw(
+                f"exec /usr/lib/localsbx/agent exec -- /bin/cat "
+                f"/sys/fs/cgroup/localsbx/{cgroup}/cgroup.procs", timeout=10)
+            procs = res.stdout.split()
+            if procs or proc.exit_status is not None:
+                break
+            await asyncio.sleep(0.05)
+        gp.pid = int(procs[0]) if procs else -len(self.processes) - 1
+        self.processes[gp.pid] = gp
+        gp.start_readers()
+        return gp.info()
+
+    def _process(self, h) -> GuestProcess:
+        key = h.get("pid")
+        for p in self.processes.values():
+            if str(p.pid) == str(key) or (p.name is not None and p.name == key):
+                return p
+        raise SandboxNotFound(f"no process {key!r} in sandbox {self.rec.id}",
+                              hint="list_processes() / `localsbx ps ID` lists them")
+
+    async def op_list_processes(self, h, payload, reader, writer) -> list:
+        return [p.info() for p in self.processes.values()]
+
+    async def op_get_process(self, h, payload, reader, writer) -> dict:
+        return self._process(h).info()
+
+    async def op_signal_process(self, h, payload, reader, writer) -> dict:
+        p = self._process(h)
+        sig = int(h.get("signal", 15))
+        if p.running:
+            from localsbx.guest.ssh import agent_command
+
+            res = await self.machine.guest.raw(agent_command(
+                "exec", "--", "/bin/kill", f"-{sig}", str(p.pid)), timeout=10)
+            if res.exit_status != 0:
+                raise SandboxStateError(f"signal {sig} to process {p.pid}: "
+                                        + res.stderr.decode(errors="replace").strip())
+        return p.info()
+
+    async def op_kill_process(self, h, payload, reader, writer) -> dict:
+        p = self._process(h)
+        await self.machine.guest.kill_cgroup(p.cgroup)  # also what it left running
+        if p.running:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(p.ended.wait(), 10)
+        return p.info()
+
+    async def op_write_stdin(self, h, payload, reader, writer) -> None:
+        p = self._process(h)
+        if not p.stdin_open:
+            raise SandboxStateError(f"process {p.pid}: stdin is not a pipe or was closed",
+                                    hint="start it with stdin_mode='pipe'")
+        p.proc.stdin.write(payload)
+        await p.proc.stdin.drain()
+
+    async def op_close_stdin(self, h, payload, reader, writer) -> None:
+        p = self._process(h)
+        if p.stdin_open:
+            p.stdin_open = False
+            p.proc.stdin.write_eof()
+
+    async def op_process_output(self, h, payload, reader, writer) -> dict:
+        """Output so far (``stream``: stdout, stderr or output = both); with ``follow``,
+        every new line is streamed as a frame until the process ends."""
+        p = self._process(h)
+        stream = h.get("stream") or "output"
+        sent = 0
+        if not h.get("follow"):
+            lines = [e for e in p.lines if stream == "output" or e[0] == stream]
+            return {"pid": p.pid, "lines": [e[1] for e in lines], "line_count": len(lines),
+                    "streams": [e[0] for e in lines]}
+        while True:
+            total = p.dropped + len(p.lines)
+            if sent < total:
+                for st, line, ts in list(p.lines)[max(sent - p.dropped, 0):]:
+                    if stream == "output" or st == stream:
+                        writer.write(control.encode_frame(
+                            {"stream": st, "timestamp": ts}, line.encode() + b"\n"))
+                sent = total
+                await writer.drain()
+                continue
+            if p.ended.is_set():
+                return p.info()
+            with contextlib.suppress(TimeoutError):
+                async with p.changed:
+                    await asyncio.wait_for(p.changed.wait(), 1.0)
 
     async def op_terminate(self, h, payload, reader, writer) -> None:
         await self.terminate(reason=h.get("reason") or "terminated")

@@ -18,14 +18,13 @@ import contextlib
 import logging
 import os
 import secrets
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncssh
 
-from localsbx.errors import GuestError, SnapshotError, VMLaunchError
+from localsbx.errors import GuestError, SnapshotError
 from localsbx.guest.ssh import GuestConnection
 from localsbx.vm import snapshot
 from localsbx.vm.net import NetSpec
@@ -37,18 +36,6 @@ log = logging.getLogger("localsbx.vm")
 BOOT_TIMEOUT = 180.0
 #: Seconds for the first SSH connection after the guest is ready / restored.
 CONNECT_TIMEOUT = 60.0
-
-
-def qemu_img_create(overlay: Path, backing: Path) -> None:
-    """Create a qcow2 ``overlay`` backed by ``backing`` (absolute path: pitfall 5).
-
-    :raises VMLaunchError: qemu-img failed.
-    """
-    res = subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing.resolve()), "-F", "qcow2",
-         str(overlay)], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise VMLaunchError(f"qemu-img create {overlay} failed: {res.stderr.strip()}")
 
 
 @dataclass

@@ -56,7 +56,7 @@ def read_ids(folder: Path, name: str = "ids.txt") -> list[str]:
 
 def start_inner(folder: Path, *args: str) -> subprocess.Popen:
     """An inner pytest as a child process we can signal (output in ``inner.log``)."""
-    log = open(folder / "inner.log", "wb")  # noqa: SIM115 - closed with the process
+    log = open(folder / "inner.log", "wb")
     return subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-s", *args],
         cwd=folder, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -332,8 +332,8 @@ def test_b30_interrupt_runs_teardown(inner, sig):
 
 
 def test_b30_sigkill_leaves_no_qemu_once_the_next_run_started(inner):
-    """B30: SIGKILL of the pytest process: its QEMU dies with it (parent-death signal); the
-    next run's session start reaps the folder."""
+    """B30: SIGKILL of the pytest process: its sandbox's supervisor sees its owner die and
+    terminates it (QEMU and folder), with no help from the next run."""
     inner.makeconftest(RECORD)
     inner.makepyfile(test_b30=B30.format(image=IMAGE))
     proc = start_inner(inner.path, "test_b30.py")
@@ -346,7 +346,10 @@ def test_b30_sigkill_leaves_no_qemu_once_the_next_run_started(inner):
         if proc.poll() is None:
             proc.kill()
     assert_gone(sid, dir_too=False)
-    assert sandbox_dir(sid).exists()  # nothing in-process could clean it
+    deadline = time.monotonic() + 10
+    while sandbox_dir(sid).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not sandbox_dir(sid).exists()  # the supervisor removed it, not the next run
     (inner.path / "test_b30.py").unlink()
     inner.makepyfile(test_next="def test_next():\n    pass\n")
     inner.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
@@ -359,18 +362,17 @@ def test_b30_interrupted_setup_does_not_leak(inner):
     before pytest exits."""
     inner.makeconftest('''
         import asyncio, os, pathlib, signal
-        from localsbx.vm import machine
+        from localsbx import sandbox
 
-        real_connect = machine.Machine._connect
+        real_start = sandbox.supervisor.start_and_wait
 
-        async def connect_then_interrupt(self):
-            await real_connect(self)
-            workdir = self.qemu.spec.serial_log.parent
-            (pathlib.Path(os.getcwd()) / "ids.txt").write_text(f"setup {workdir.name}\\n")
+        async def start_then_interrupt(sandbox_id, mode, **kw):
+            await real_start(sandbox_id, mode, **kw)  # QEMU up, guest connected
+            (pathlib.Path(os.getcwd()) / "ids.txt").write_text(f"setup {sandbox_id}\\n")
             os.kill(os.getpid(), signal.SIGINT)
             await asyncio.sleep(60)
 
-        machine.Machine._connect = connect_then_interrupt
+        sandbox.supervisor.start_and_wait = start_then_interrupt
     ''')
     inner.makepyfile(test_setup=f'''
         import pytest

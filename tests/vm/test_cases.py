@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from localsbx import Sandbox
-from localsbx.definition.dockerfile import parse_dockerfile
 from localsbx.build.builder import build_image
+from localsbx.definition.dockerfile import parse_dockerfile
 
 pytestmark = pytest.mark.vm
 CASES = Path(__file__).parent.parent / "cases"

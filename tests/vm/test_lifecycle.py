@@ -276,3 +276,71 @@ def test_operations_on_a_terminated_or_suspended_sandbox_are_clear(main_image):
     with pytest.raises((SandboxStateError, SandboxNotFound)):
         sb.run("true")
     sb.terminate()  # idempotent
+
+
+def test_background_processes_from_several_processes(new_sandbox):
+    sid = new_sandbox()
+    pid = int(out("exec", "--detach", "--name", "ticker", sid, "--", "sh", "-c",
+                  "for i in 1 2 3; do echo tick $i; echo warn $i >&2; sleep 0.3; done"))
+    assert pid > 1
+    sb = Sandbox.connect(sid)  # this process, not the one that started it
+    lines = []
+    final = sb.follow_output("ticker", lambda st, line: lines.append((st, line)))
+    assert final["status"] == "exited" and final["exit_code"] == 0
+    assert [x for x in lines if x[0] == "stdout"] == [("stdout", f"tick {i}") for i in (1, 2, 3)]
+    assert ("stderr", "warn 2") in lines
+    res = cli("logs", sid, str(pid))
+    assert res.stdout.decode().split("\n")[:3] == ["tick 1", "tick 2", "tick 3"]
+    assert b"warn 1" in res.stderr
+    ps = json.loads(out("ps", sid, "--json"))
+    assert [(p["pid"], p["name"], p["status"]) for p in ps] == [(pid, "ticker", "exited")]
+
+    cat = sb.start_process("cat", [], stdin_mode="pipe")
+    sb.write_stdin(cat["pid"], b"hello\n")
+    sb.write_stdin(cat["pid"], "world\n")
+    sb.close_stdin(cat["pid"])
+    wait_until(lambda: sb.get_process(cat["pid"])["status"] == "exited", 20, "cat ends")
+    assert sb.get_output(cat["pid"], "stdout")["lines"] == ["hello", "world"]
+
+    sleeper = sb.start_process("sleep 300")
+    assert sb.get_process(sleeper["pid"])["status"] == "running"
+    sb.send_signal(sleeper["pid"], signal.SIGTERM)
+    wait_until(lambda: sb.get_process(sleeper["pid"])["status"] != "running", 20, "signalled")
+    info = sb.get_process(sleeper["pid"])
+    assert info["status"] == "signaled" and info["signal"] == signal.SIGTERM
+    sb.kill_process(sleeper["pid"])  # the `sleep` its shell left behind goes too
+    tree = sb.start_process("sh -c 'sleep 300 & sleep 300'")
+    cli("kill", sid, str(tree["pid"]))
+    assert sb.get_process(tree["pid"])["status"] != "running"
+    assert sb.run("cat /proc/[0-9]*/comm 2>/dev/null | grep -c '^sleep$'").stdout.strip() == "0"  # its whole tree went
+    with pytest.raises(SandboxNotFound):
+        sb.get_process(99999)
+
+
+def test_files_list_delete_and_cp_both_ways(new_sandbox, tmp_path):
+    sid = new_sandbox()
+    sb = Sandbox.connect(sid)
+    sb.write_file("/srv/d/a.txt", b"12345", mode=0o600)
+    sb.run("mkdir -p /srv/d/sub && ln -s /etc/hostname /srv/d/link")
+    entries = {e["name"]: e for e in sb.list_directory("/srv/d")}
+    assert set(entries) == {"a.txt", "sub", "link"}
+    assert entries["a.txt"]["size"] == 5 and not entries["a.txt"]["is_dir"]
+    assert entries["sub"]["is_dir"] and abs(entries["a.txt"]["modified_at"] - time.time()) < 60
+    # cp out: folders recursively, modes kept, absolute symlinks copied as links
+    cli("cp", f"{sid}:/srv/d", str(tmp_path))
+    assert (tmp_path / "d" / "a.txt").read_bytes() == b"12345"
+    assert (tmp_path / "d" / "a.txt").stat().st_mode & 0o777 == 0o600
+    assert os.readlink(tmp_path / "d" / "link") == "/etc/hostname"
+    # cp in
+    (tmp_path / "up").mkdir()
+    (tmp_path / "up" / "x.sh").write_text("echo up\n")
+    (tmp_path / "up" / "x.sh").chmod(0o750)
+    cli("cp", str(tmp_path / "up"), f"{sid}:/opt/up")
+    assert sb.run("stat -c %a /opt/up/x.sh && sh /opt/up/x.sh").stdout == "750\nup\n"
+    sb.delete_file("/srv/d/a.txt")
+    sb.delete_file("/srv/d/sub")
+    assert {e["name"] for e in sb.list_directory("/srv/d")} == {"link"}
+    with pytest.raises(Exception, match="cannot delete"):
+        sb.delete_file("/srv/nope")
+    res = cli("cp", f"{sid}:/etc/hostname", str(tmp_path / "no" / "such" / "dir"), check=False)
+    assert res.returncode == 1 and b"does not exist" in res.stderr

@@ -77,9 +77,7 @@ def loopback_service(tmp_path):
 def _boot(base, workdir, net, client_key):
     """Cold-boot the base with ``net`` (Machine.cold_boot has no ``net=`` yet: its VMSpec is
     given the NetSpec)."""
-    import functools
-    from unittest import mock
-
+    from localsbx.vm import disk as vmdisk
     from localsbx.vm import machine
     from localsbx.vm.accel import choose_accel
 
@@ -87,11 +85,10 @@ def _boot(base, workdir, net, client_key):
         accel = await choose_accel(base.kernel, base.initrd)
         workdir.mkdir(parents=True, exist_ok=True)
         disk = workdir / "overlay.qcow2"
-        machine.qemu_img_create(disk, base.rootfs)
-        with mock.patch.object(machine, "VMSpec", functools.partial(machine.VMSpec, net=net)):
-            return await machine.Machine.cold_boot(
-                kernel=base.kernel, initrd=base.initrd, disk=disk, workdir=workdir, accel=accel,
-                client_key=client_key, cpus=1, memory_mib=1024, name="localsbx-nettest")
+        await vmdisk.create_overlay(disk, base.rootfs)
+        return await machine.Machine.cold_boot(
+            kernel=base.kernel, initrd=base.initrd, disk=disk, workdir=workdir, accel=accel,
+            client_key=client_key, cpus=1, memory_mib=1024, name="localsbx-nettest", net=net)
     return go()
 
 

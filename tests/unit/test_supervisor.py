@@ -1,0 +1,209 @@
+"""The supervisor's orchestration against a fake machine (no QEMU): the control protocol,
+error transport, suspend's QMP choreography and time accounting, owner and timeout
+watching, terminate. Seconds, not minutes; the real thing is in tests/vm/test_lifecycle.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from localsbx import control, errors, store, supervisor
+from localsbx.guest.ssh import ExecResult
+from localsbx.store import SandboxState
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCALSBX_HOME", str(tmp_path / "store"))
+    monkeypatch.setattr(supervisor, "WATCH_INTERVAL", 0.05)
+    return tmp_path
+
+
+class FakeGuest:
+    def __init__(self):
+        self.calls = []
+        self.files = {}
+        self.fixup_pending = False
+
+    async def exec(self, argv, *, env=None, cwd=None, user=None, stdin=None, timeout=None,
+                   stdout_cb=None, stderr_cb=None, kill_tree=False):
+        self.calls.append(("exec", list(argv), env, cwd, user, stdin, timeout))
+        if argv[0] == "echo":
+            stdout_cb(" ".join(argv[1:]).encode() + b"\n")
+            stderr_cb(b"to stderr\n")
+            return ExecResult(0, None, b"", b"")
+        if argv[0] == "sleep":
+            await asyncio.sleep(float(argv[1]))
+            return ExecResult(0, None, b"", b"")
+        return ExecResult(None, 9, b"", b"", timed_out=True)
+
+    async def put_file(self, path, data, *, mode=0o644):
+        self.files[path] = (data, mode)
+
+    async def get_file(self, path):
+        if path not in self.files:
+            raise errors.GuestFileError(f"cannot read {path} in the sandbox: No such file")
+        return self.files[path][0]
+
+    async def agent(self, verb, *args, **kw):
+        self.calls.append(("agent", verb))
+        return ExecResult(0, None, b"", b"")
+
+    async def fixup(self):
+        self.calls.append(("fixup",))
+
+    async def close(self):
+        self.calls.append(("close",))
+
+
+class FakeQemu:
+    def __init__(self, pid):
+        self.pid = pid
+        self.qmp = object()
+        self.proc = None
+        self.qmp_log = []
+
+    async def execute(self, cmd, args=None, *, timeout=30.0):
+        self.qmp_log.append((cmd, args))
+        if cmd == "migrate":
+            Path(args["uri"].split("of=")[1]).write_bytes(b"x" * 1234)
+        if cmd == "query-migrate":
+            return {"status": "completed"}
+        return {}
+
+    async def shutdown(self, *, graceful=True, timeout=5.0):
+        self.qmp_log.append(("shutdown", graceful))
+
+
+class FakeMachine:
+    def __init__(self, pid):
+        self.guest = FakeGuest()
+        self.qemu = FakeQemu(pid)
+        self.ssh_port = 2222
+
+
+@pytest.fixture
+def vm_process():
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield p
+    p.kill()
+    p.wait()
+
+
+async def started(vm_process, **kw) -> supervisor.Supervisor:
+    from localsbx.vm.qemu import proc_start_time
+
+    fields = dict(
+        id="abcdefabcdef", image="img", project="default", image_digest="d" * 32,
+        state=SandboxState.RUNNING, created_at=time.time(), running_since=time.time(),
+        timeout_secs=600, env={"A": "1"}, workdir="/work", qemu_pid=vm_process.pid,
+        qemu_start=proc_start_time(vm_process.pid))
+    rec = store.SandboxRecord(**{**fields, **kw})
+    rec.dir.mkdir(parents=True)
+    store.write_sandbox(rec)
+    sup = supervisor.Supervisor(rec)
+    sup.machine = FakeMachine(vm_process.pid)
+    await sup.serve()
+    return sup
+
+
+async def test_exec_streams_output_and_applies_the_image_env(vm_process):
+    sup = await started(vm_process)
+    seen = []
+    res = await control.request(sup.rec.control_socket, "exec",
+                                {"argv": ["echo", "hi"], "env": {"B": "2"}, "stdin": True},
+                                payload=b"in", on_data=lambda s, d: seen.append((s, d)))
+    assert res == {"exit_status": 0, "signal": None, "timed_out": False}
+    assert seen == [("stdout", b"hi\n"), ("stderr", b"to stderr\n")]
+    _, argv, env, cwd, user, stdin, _ = sup.machine.guest.calls[-1]
+    assert env == {"HOME": "/root", "A": "1", "B": "2"} and cwd == "/work" and stdin == b"in"
+    res = await control.request(sup.rec.control_socket, "exec", {"argv": ["x"]}, on_data=print)
+    assert res["timed_out"] and res["signal"] == 9
+
+
+async def test_errors_keep_their_class_and_hint(vm_process):
+    sup = await started(vm_process)
+    with pytest.raises(errors.GuestFileError, match="No such file"):
+        await control.request(sup.rec.control_socket, "get", {"path": "/nope"})
+    with pytest.raises(errors.SandboxStateError, match="unknown control operation"):
+        await control.request(sup.rec.control_socket, "frobnicate")
+    await control.request(sup.rec.control_socket, "put", {"path": "/f", "mode": 0o600},
+                          payload=b"data" * 100_000)
+    got = await control.request(sup.rec.control_socket, "get", {"path": "/f"})
+    assert got["data"]["file"] == b"data" * 100_000 and got["result"]["size"] == 400_000
+
+
+async def test_a_client_that_goes_away_cancels_its_command(vm_process):
+    sup = await started(vm_process)
+    task = asyncio.create_task(control.request(sup.rec.control_socket, "exec",
+                                               {"argv": ["sleep", "30"]}, on_data=print))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # the supervisor notices the closed connection and cancels the guest call (no hang)
+    await asyncio.sleep(0.2)
+    res = await control.request(sup.rec.control_socket, "exec", {"argv": ["echo", "x"]},
+                                on_data=lambda s, d: None, timeout=5)
+    assert res["exit_status"] == 0
+
+
+async def test_suspend_saves_state_then_stops_and_pauses_the_timeout(vm_process):
+    sup = await started(vm_process, used_secs=5.0)
+    store.update_sandbox(sup.rec.id, running_since=time.time() - 10)
+    sup.rec.running_since = time.time() - 10
+    res = await control.request(sup.rec.control_socket, "suspend")
+    cmds = [c for c, _ in sup.machine.qemu.qmp_log]
+    assert cmds[:4] == ["migrate-set-capabilities", "stop", "migrate", "query-migrate"]
+    assert cmds[-1] == "shutdown"
+    assert res["state_bytes"] == 1234
+    rec = store.load_sandbox(sup.rec.id)
+    assert rec.state is SandboxState.SUSPENDED and rec.running_since is None
+    assert rec.used_secs == pytest.approx(15.0, abs=1.0)
+    assert (rec.dir / "suspend.mig").exists() and rec.state_file == str(rec.dir / "suspend.mig")
+    assert sup.done.is_set()
+
+
+async def test_owner_death_terminates_and_removes_the_sandbox(vm_process):
+    owner = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner.wait()
+    sup = await started(vm_process, owner_pid=owner.pid, owner_start=1)
+    await asyncio.wait_for(sup.watch(), 10)
+    assert not store.sandbox_dir(sup.rec.id).exists()
+    assert vm_process.wait(timeout=10) is not None  # its QEMU was stopped
+
+
+async def test_timeout_counts_running_time_and_fires(vm_process):
+    sup = await started(vm_process, timeout_secs=1)
+    t = time.monotonic()
+    await asyncio.wait_for(sup.watch(), 10)
+    assert time.monotonic() - t < 5
+    assert not store.sandbox_dir(sup.rec.id).exists()
+
+
+async def test_control_socket_is_private(vm_process):
+    sup = await started(vm_process)
+    assert os.stat(sup.rec.control_socket).st_mode & 0o077 == 0
+
+
+def test_frames_round_trip():
+    async def go():
+        r = asyncio.StreamReader()
+        r.feed_data(control.encode_frame({"op": "x"}, b"\x00\xffdata"))
+        r.feed_data(b'{"torn": 1, "size": 10}\nabc')
+        r.feed_eof()
+        assert await control.read_frame(r) == ({"op": "x", "size": 6}, b"\x00\xffdata")
+        with pytest.raises(control.ProtocolError):
+            await control.read_frame(r)
+    asyncio.run(go())
+
+
+async def test_a_dead_socket_is_sandbox_not_found(tmp_path):
+    with pytest.raises(errors.SandboxNotFound):
+        await control.request(str(tmp_path / "none.sock"), "info")
