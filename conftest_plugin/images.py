@@ -51,7 +51,7 @@ def _sha(text: str) -> str:
 
 def _definition(spec: SandboxSpec):
     """(definition, registered name, build context) for a Dockerfile/definition spec."""
-    from localsbx.definition.dockerfile import parse_dockerfile
+    from localsbx.definition.loader import load_definition
 
     if spec.dockerfile is not None:
         df = spec.dockerfile.resolve()
@@ -60,7 +60,7 @@ def _definition(spec: SandboxSpec):
 
             raise DefinitionError(f"sandbox marker: Dockerfile {df} does not exist")
         name = f"pytest-{_slug(df.parent.name)}-{_sha(str(df))[:8]}"
-        return parse_dockerfile(df, name=name), name, spec.context
+        return load_definition(df, name=name), name, spec.context
     defn = spec.definition
     if hasattr(defn, "to_definition"):
         defn = defn.to_definition()

@@ -8,7 +8,6 @@ SIGHUP are turned into KeyboardInterrupt so every cleanup runs.
 from __future__ import annotations
 
 import os
-import runpy
 import signal
 import sys
 import time
@@ -19,7 +18,8 @@ import typer
 from rich.console import Console
 
 from localsbx import store
-from localsbx.errors import ConfigError, DefinitionError, LocalsbxError, SourceLocation
+from localsbx.definition.loader import load_definition
+from localsbx.errors import ConfigError, LocalsbxError
 
 app = typer.Typer(help="Local, offline Tensorlake-style sandboxes on QEMU microVMs.",
                   no_args_is_help=True, add_completion=False,
@@ -131,46 +131,6 @@ def _base_json(b) -> dict:
 
 # ----------------------------------------------------------------------------- images
 
-def _load_definition(path: Path, name: str | None, build_args: dict[str, str]):
-    if path.suffix == ".py":
-        from localsbx.definition.dsl import Image
-
-        try:
-            ns = runpy.run_path(str(path))
-        except SyntaxError as exc:
-            raise DefinitionError(f"{exc.msg}", location=SourceLocation(str(path), exc.lineno),
-                                  hint="fix the Python syntax error") from None
-        except Exception as exc:  # noqa: BLE001 - any error in the file is the definition's
-            import traceback
-
-            tb = traceback.extract_tb(exc.__traceback__)
-            line = next((f.lineno for f in reversed(tb) if f.filename == str(path)), None)
-            raise DefinitionError(f"running it raised {type(exc).__name__}: {exc}",
-                                  location=SourceLocation(str(path), line),
-                                  hint="the file must define an Image without errors") from None
-        images = [v for v in ns.values() if isinstance(v, Image)]
-        if name:
-            match = [i for i in images if i.name == name]
-            images = match or images
-        if len(images) != 1:
-            found = ", ".join(i.name for i in images) or "none"
-            raise DefinitionError(f"{path}: expected exactly one Image (found: {found})",
-                                  hint="define one Image, or pass -n NAME to pick one")
-        return images[0].to_definition(build_args=build_args or None)
-    from localsbx.base import known_base_names
-    from localsbx.definition.dockerfile import parse_dockerfile
-
-    default = name or _default_name(path)
-    return parse_dockerfile(path, name=default, build_args=build_args or None,
-                            known_bases=known_base_names())
-
-
-def _default_name(path: Path) -> str:
-    stem = path.parent.resolve().name if path.name.lower() == "dockerfile" else path.stem
-    clean = "".join(c if c.isalnum() or c in "_.-" else "-" for c in stem.lower()).strip("-.")
-    return clean or "default"
-
-
 @image_app.command("build")
 def image_build(
     path: Annotated[Path, typer.Argument(help="A Dockerfile, or a .py file defining an Image.")],
@@ -191,7 +151,7 @@ def image_build(
         raise ConfigError(f"{path}: no such file",
                           hint="give a Dockerfile, a folder holding one, or a .py file")
     args = _pairs("--build-arg", build_arg)
-    definition = _load_definition(path, name, args)
+    definition = load_definition(path, name=name, build_args=args)
     ctx = context if context is not None else path.resolve().parent
     t = time.monotonic()
     rec = build_image(definition, context_dir=ctx, name=name or definition.name, project=project,

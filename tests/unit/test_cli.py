@@ -3,6 +3,7 @@
 import pytest
 
 from localsbx import cli
+from localsbx.definition.loader import default_name, load_definition
 from localsbx.errors import ConfigError, DefinitionError
 
 
@@ -10,7 +11,7 @@ def test_py_file_with_one_image(tmp_path):
     f = tmp_path / "image.py"
     f.write_text('from localsbx import Image\n'
                  'img = Image(name="web", base_image="debian-minimal").env("A", "b c").run("true")\n')
-    d = cli._load_definition(f, None, {})
+    d = load_definition(f)
     assert d.name == "web" and d.base == "debian-minimal"
     assert d.final_env["A"] == "b c"
 
@@ -19,19 +20,19 @@ def test_py_file_without_or_with_several_images(tmp_path):
     f = tmp_path / "none.py"
     f.write_text("x = 1\n")
     with pytest.raises(DefinitionError) as e:
-        cli._load_definition(f, None, {})
+        load_definition(f)
     assert "expected exactly one Image" in str(e.value) and "-n NAME" in str(e.value)
     g = tmp_path / "two.py"
     g.write_text('from localsbx import Image\na = Image(name="a")\nb = Image(name="b")\n')
-    assert cli._load_definition(g, "b", {}).name == "b"
+    assert load_definition(g, name="b").name == "b"
 
 
 def test_dockerfile_default_name_is_its_folder(tmp_path):
     d = tmp_path / "My App"
     d.mkdir()
     (d / "Dockerfile").write_text("FROM debian-minimal\nRUN true\n")
-    assert cli._default_name(d / "Dockerfile") == "my-app"
-    assert cli._default_name(d / "web.Dockerfile") == "web"
+    assert default_name(d / "Dockerfile") == "my-app"
+    assert default_name(d / "web.Dockerfile") == "web"
 
 
 def test_key_value_options():
