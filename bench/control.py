@@ -62,7 +62,7 @@ def bare_restore_then_ssh(image: str, key: Path) -> float:
     from localsbx.vm.qemu import QemuProcess, VMSpec
 
     img = store.lookup_image(image)
-    base = get_base(img.meta["base"])
+    base = get_base(img.meta.base)
     snap = img.path / "snap"
 
     async def go() -> float:

@@ -98,7 +98,7 @@ def main() -> None:
     os.environ.setdefault("LOCALSBX_PROJECT", "bench")
     img = ensure_image()
     results: dict = {"runs": args.runs, "host": os.uname().nodename}
-    print(f"== localsbx bench ({img.meta.get('accel', '?').upper()}, image {IMAGE}, "
+    print(f"== localsbx bench ({(img.meta.accel or '?').upper()}, image {IMAGE}, "
           f"{args.runs} runs each, interleaved)")
     time_to_first_command(False)  # warm host page cache for the image files
     cold, warm = [], []

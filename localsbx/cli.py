@@ -170,14 +170,14 @@ def image_ls(as_json: JsonOpt = False, project: ProjectOpt = None):
         return
     rows = [("NAME", "BASE", "DIGEST", "CREATED", "BUILD")]
     for i in imgs:
-        rows.append((i.name, i.meta.get("base", "?"), i.digest[:12],
-                     _when(i.meta.get("created_at")), f"{i.meta.get('build_seconds', '?')} s"))
+        rows.append((i.name, i.meta.base, i.digest[:12], _when(i.meta.created_at),
+                     f"{i.meta.build_seconds} s"))
     _print_columns(rows)
 
 
 def _image_json(i: store.ImageRecord) -> dict:
     return {"name": i.name, "project": i.project, "digest": i.digest, "path": str(i.path), **{
-        k: i.meta.get(k) for k in ("base", "env", "workdir", "created_at", "build_seconds",
+        k: i.meta.to_json().get(k) for k in ("base", "env", "workdir", "created_at", "build_seconds",
                                    "source", "snapshot", "warnings")}}
 
 
@@ -185,7 +185,7 @@ def _image_json(i: store.ImageRecord) -> dict:
 def image_describe(name: str, project: ProjectOpt = None):
     """Show an image's metadata (JSON)."""
     i = store.lookup_image(name, project=project)
-    out.print_json(data={**_image_json(i), "definition": i.meta.get("definition")})
+    out.print_json(data={**_image_json(i), "definition": i.meta.definition})
 
 
 @image_app.command("rm")

@@ -826,8 +826,8 @@ async def _plan(image: str | None, *, cpus, memory_mb, timeout_secs, project, co
     if snapshot_id is not None:
         return _plan_checkpoint(snapshot_id, cpus=cpus, memory_mb=memory_mb, timeout=timeout)
     img = await image_for(image, project)
-    base = get_base(img.meta["base"])
-    if base.digest != img.meta.get("base_digest"):
+    base = get_base(img.meta.base)
+    if base.digest != img.meta.base_digest:
         raise SnapshotError(
             f"image {img.name!r} was built on another build of base {base.name!r} "
             "(the base was rebuilt since); its disk cannot be used",
@@ -836,8 +836,8 @@ async def _plan(image: str | None, *, cpus, memory_mb, timeout_secs, project, co
     memory_mb = int(memory_mb or DEFAULT_MEMORY_MB)
     accel = await choose_accel(base.kernel, base.initrd)
     snap = img.path / "snap"
-    saved = img.meta["snapshot"]
-    mismatch = snapshot.key_mismatch(saved["key"], snapshot.snapshot_key(
+    saved = img.meta.snapshot
+    mismatch = snapshot.key_mismatch(saved.key, snapshot.snapshot_key(
         _shape_spec(base, accel, cpus, memory_mb), kernel_digest=base.kernel_digest))
     notice = None
     cold_boot = cold_boot or os.environ.get("LOCALSBX_COLD_BOOT") == "1"
@@ -862,7 +862,7 @@ async def _plan(image: str | None, *, cpus, memory_mb, timeout_secs, project, co
                 "ram_file": None, "disk_backing": str(img.path / "build.qcow2")}
     return {**common, "cold_boot": False, "restored": True, "initrd": str(snap / "initrd.cpio"),
             "ram_file": str(snap / "ram"), "state_file": str(snap / "state.mig"),
-            "disk_backing": str(snap / "disk.qcow2"), "host_key": saved["host_key"]}
+            "disk_backing": str(snap / "disk.qcow2"), "host_key": saved.host_key}
 
 
 def _plan_checkpoint(cid: str, *, cpus, memory_mb, timeout: int) -> dict:
@@ -915,8 +915,8 @@ def _shape_spec(base, accel: Accel, cpus: int, memory_mb: int) -> VMSpec:
 
 def _check_snapshot_files(img: store.ImageRecord) -> None:
     snap = img.path / "snap"
-    meta = img.meta["snapshot"]
-    expect = {"state.mig": meta.get("state_size"), "ram": meta.get("ram_size"), "disk.qcow2": None,
+    meta = img.meta.snapshot
+    expect = {"state.mig": meta.state_size, "ram": meta.ram_size, "disk.qcow2": None,
               "initrd.cpio": None}
     for fname, size in expect.items():
         f = snap / fname

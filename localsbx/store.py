@@ -111,6 +111,67 @@ def management_key():
 
 # --------------------------------------------------------------------------- images
 
+@dataclass(frozen=True)
+class SnapshotMeta:
+    """The memory snapshot of an image (``image.json`` ``snapshot``): compatibility ``key``
+    (:func:`localsbx.vm.snapshot.snapshot_key`), the guest's SSH ``host_key`` (public,
+    OpenSSH), the shape it was taken at, and the sizes of ``state.mig`` and ``ram`` in bytes
+    (checked before a restore)."""
+
+    key: dict
+    host_key: str
+    cpus: int
+    memory_mib: int
+    state_size: int
+    ram_size: int
+    format: int
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """``images/<digest>/image.json``, written once by the builder; this module reads it.
+
+    Times are UNIX seconds. ``definition`` is the IR's canonical JSON, ``source`` where it
+    came from (a Dockerfile path or ``<dsl>``). Unknown keys from a newer localsbx are kept
+    in ``extra``.
+    """
+
+    name: str
+    digest: str
+    base: str
+    base_digest: str
+    env: dict
+    workdir: str
+    snapshot: SnapshotMeta
+    user: str | None = None
+    source: str = ""
+    definition: dict | list | None = None
+    warnings: tuple = ()
+    created_at: float = 0.0
+    build_seconds: float = 0.0
+    accel: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["warnings"] = list(self.warnings)
+        extra = d.pop("extra")
+        return {**extra, **d}
+
+    @classmethod
+    def from_json(cls, data: dict) -> ImageMeta:
+        """:raises ValueError: not a complete image record."""
+        try:
+            known = {f.name for f in fields(cls)} - {"extra"}
+            kw = {k: v for k, v in data.items() if k in known}
+            snap = {f.name: data["snapshot"][f.name] for f in fields(SnapshotMeta)}
+            kw["snapshot"] = SnapshotMeta(**snap)
+            kw["warnings"] = tuple(kw.get("warnings") or ())
+            return cls(**kw, extra={k: v for k, v in data.items() if k not in known})
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"incomplete image record: {exc}") from exc
+
+
 @dataclass
 class ImageRecord:
     """A registered image.
@@ -119,26 +180,26 @@ class ImageRecord:
     :param project: the project it is registered in.
     :param digest: the image folder's name (definition + context digest).
     :param path: the image folder.
-    :param meta: ``image.json`` (definition, env, workdir, snapshot key, sizes...).
+    :param meta: its ``image.json``.
     """
 
     name: str
     project: str
     digest: str
     path: Path
-    meta: dict = field(default_factory=dict)
+    meta: ImageMeta
 
     @property
     def env(self) -> dict[str, str]:
-        return dict(self.meta.get("env", {}))
+        return dict(self.meta.env)
 
     @property
     def workdir(self) -> str:
-        return self.meta.get("workdir", "/")
+        return self.meta.workdir
 
     @property
     def user(self) -> str | None:
-        return self.meta.get("user")
+        return self.meta.user
 
 
 def _project_file(project: str) -> Path:
@@ -186,7 +247,7 @@ def lookup_image(name: str, *, project: str | None = None) -> ImageRecord:
                             hint=f"build it: localsbx image build Dockerfile -n {name}")
     d = image_dir(entry["digest"])
     try:
-        meta = read_json(d / "image.json")
+        meta = ImageMeta.from_json(read_json(d / "image.json"))
     except (FileNotFoundError, ValueError) as exc:
         raise ImageNotFound(f"image {name!r} is registered but its files are missing ({d})",
                             hint=f"rebuild it, or remove it: localsbx image rm {name}") from exc

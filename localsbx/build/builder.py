@@ -142,8 +142,8 @@ async def build_image_async(
         f"|build={definition.build_cpus}:{definition.build_memory_mb}")[:32]
     if not force:
         with contextlib.suppress(Exception):
-            meta = store.read_json(store.image_dir(digest) / "image.json")
-            if meta.get("digest") == digest:
+            old = store.ImageMeta.from_json(store.read_json(store.image_dir(digest) / "image.json"))
+            if old.digest == digest:
                 rep.say(f"image {name}: unchanged definition, reusing build {digest[:12]}")
                 return store.register_image(project, name, digest)
 
@@ -202,38 +202,24 @@ async def build_image_async(
         # ---- 3. metadata, commit, register
         final = store.image_dir(digest)
         await disk.rebase_unsafe(snap_disk, final / "build.qcow2")
-        meta = {
-            "name": name,
-            "digest": digest,
-            "base": base.name,
-            "base_digest": base.digest,
-            "source": definition.source,
-            "definition": definition.to_json(),
-            "warnings": list(definition.warnings),
-            "env": env,
-            "workdir": workdir,
-            "user": state.user,
-            "created_at": time.time(),
-            "build_seconds": round(time.monotonic() - started, 1),
-            "accel": accel.kind,
-            "snapshot": {
-                "key": key,
-                "host_key": host_key,
-                "cpus": SANDBOX_CPUS,
-                "memory_mib": SANDBOX_MEMORY_MIB,
-                "state_size": (snap / "state.mig").stat().st_size,
-                "ram_size": (snap / "ram").stat().st_size,
-                "format": SNAPSHOT_FORMAT,
-            },
-        }
-        store.write_json_atomic(tmp / "image.json", meta)
+        meta = store.ImageMeta(
+            name=name, digest=digest, base=base.name, base_digest=base.digest,
+            source=definition.source, definition=definition.to_json(),
+            warnings=tuple(definition.warnings), env=env, workdir=workdir, user=state.user,
+            created_at=time.time(), build_seconds=round(time.monotonic() - started, 1),
+            accel=accel.kind,
+            snapshot=store.SnapshotMeta(
+                key=key, host_key=host_key, cpus=SANDBOX_CPUS, memory_mib=SANDBOX_MEMORY_MIB,
+                state_size=(snap / "state.mig").stat().st_size,
+                ram_size=(snap / "ram").stat().st_size, format=SNAPSHOT_FORMAT))
+        store.write_json_atomic(tmp / "image.json", meta.to_json())
         store.commit_image_dir(tmp, digest)
     except BaseException:
         store.discard_tmpdir(tmp)
         raise
     rec = store.register_image(project, name, digest)
     rep.say(f"image {name} registered in project {project} "
-            f"({meta['build_seconds']} s, digest {digest[:12]})")
+            f"({meta.build_seconds} s, digest {digest[:12]})")
     return rec
 
 

@@ -22,7 +22,11 @@ def home(tmp_path, monkeypatch):
 
 def _fake_image(digest="d" * 32, **meta):
     tmp = store.new_image_tmpdir()
-    store.write_json_atomic(tmp / "image.json", {"digest": digest, "env": {"A": "1"}, **meta})
+    snap = store.SnapshotMeta(key={}, host_key="ssh-ed25519 AAAA", cpus=1, memory_mib=1024,
+                              state_size=1, ram_size=1, format=3)
+    full = store.ImageMeta(name="x", digest=digest, base="debian-minimal", base_digest="b",
+                           env={"A": "1"}, workdir="/", snapshot=snap).to_json()
+    store.write_json_atomic(tmp / "image.json", {**full, **meta})
     return store.commit_image_dir(tmp, digest)
 
 
@@ -213,3 +217,13 @@ def test_suspended_sandbox_is_listed_without_a_qemu():
     store.write_sandbox(rec)
     assert [r.id for r in store.list_sandboxes()] == [rec.id]
     assert store.read_sandbox(rec.id).state is store.SandboxState.SUSPENDED
+
+
+def test_image_metadata_round_trips_and_keeps_unknown_keys():
+    _fake_image(future={"x": 1})
+    store.register_image("default", "a", "d" * 32)
+    img = store.lookup_image("a")
+    assert img.meta.snapshot.memory_mib == 1024 and img.env == {"A": "1"}
+    assert img.meta.to_json()["future"] == {"x": 1}
+    with pytest.raises(ValueError, match="incomplete image record"):
+        store.ImageMeta.from_json({"digest": "d"})

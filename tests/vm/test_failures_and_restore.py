@@ -55,7 +55,7 @@ def b28_image(base_ready):
 
 
 def test_clock_is_host_time_after_restore(b28_image):  # B26
-    made = b28_image.meta["created_at"]
+    made = b28_image.meta.created_at
     if time.time() - made < 20:
         time.sleep(20 - (time.time() - made))
     with Sandbox.create("t-b28") as sb:

@@ -24,7 +24,7 @@ def test_image_is_registered_with_its_config(main_image):
     assert rec.workdir == "/srv/app/sub"
     snap = rec.path / "snap"
     assert (snap / "state.mig").stat().st_size < 1024 * 1024  # device state only (method C)
-    assert rec.meta["snapshot"]["memory_mib"] == 1024 and rec.meta["snapshot"]["cpus"] == 1
+    assert rec.meta.snapshot.memory_mib == 1024 and rec.meta.snapshot.cpus == 1
 
 
 def test_env_workdir_copy_add_are_visible(shared_sandbox):

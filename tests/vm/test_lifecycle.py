@@ -344,3 +344,54 @@ def test_files_list_delete_and_cp_both_ways(new_sandbox, tmp_path):
         sb.delete_file("/srv/nope")
     res = cli("cp", f"{sid}:/etc/hostname", str(tmp_path / "no" / "such" / "dir"), check=False)
     assert res.returncode == 1 and b"does not exist" in res.stderr
+
+
+def test_filesystem_checkpoint_clone_boots_the_disk(new_sandbox):
+    sid = new_sandbox()
+    cli("exec", sid, "--", "sh", "-c", "echo on-disk > /root/state; sleep 300 >/dev/null 2>&1 &")
+    ck = out("checkpoint", sid, "--type", "filesystem")
+    try:
+        info = json.loads(out("snapshot", "ls", "--json"))
+        [c] = [c for c in info if c["id"] == ck]
+        assert c["kind"] == "filesystem" and c["sandbox_id"] == sid
+        clone = out("new", "--snapshot", ck)
+        try:
+            assert out("exec", clone, "--", "cat", "/root/state") == "on-disk"
+            # a cold boot of the disk: no process of the source runs in it
+            res = cli("exec", clone, "--", "sh", "-c",
+                      "cat /proc/[0-9]*/comm | grep -c '^sleep$'", check=False)
+            assert res.stdout.decode().strip() == "0"
+        finally:
+            cli("terminate", clone)
+        assert out("exec", sid, "--", "cat", "/root/state") == "on-disk"  # source runs on
+    finally:
+        cli("snapshot", "rm", ck)
+
+
+def test_interactive_shell_on_a_pty(new_sandbox):
+    import pty
+    import select
+
+    sid = new_sandbox()
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(LSBX, [LSBX, "ssh", sid])
+    buf = b""
+    try:
+        os.write(fd, b"stty size; tty; exit 5\n")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([fd], [], [], 1)
+            if r:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                buf += chunk
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 5, buf
+    assert b"/dev/pts/" in buf  # a real terminal in the guest
