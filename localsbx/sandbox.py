@@ -228,13 +228,26 @@ class AsyncSandbox:
         """
         t0 = time.monotonic()
         store.reap()
-        plan = await _plan(image, cpus=cpus, memory_mb=memory_mb, timeout_secs=timeout_secs,
-                           project=project, cold_boot=cold_boot, snapshot_id=snapshot_id)
-        if name is not None:
-            store.check_name("sandbox", name)
         me = os.getpid()
         sid = _new_id()
         d = store.sandbox_dir(sid)
+        d.mkdir(parents=True)
+        (d / "creator").write_text(f"{me} {proc_start_time(me)}")
+        try:
+            launch = supervisor.Launch(sid, "create")  # imports while we plan
+        except BaseException:
+            store._rmtree(d)
+            raise
+        try:
+            plan = await _plan(image, cpus=cpus, memory_mb=memory_mb,
+                               timeout_secs=timeout_secs, project=project, cold_boot=cold_boot,
+                               snapshot_id=snapshot_id)
+            if name is not None:
+                store.check_name("sandbox", name)
+        except BaseException:
+            launch.abort()
+            store._rmtree(d)
+            raise
         rec = store.SandboxRecord(
             **plan, id=sid, name=name, created_at=time.time(),
             internet=bool(allow_internet_access),
@@ -242,18 +255,23 @@ class AsyncSandbox:
             owner_pid=None if detached else me,
             owner_start=None if detached else proc_start_time(me),
             creator_pid=me, creator_start=proc_start_time(me))
-        with store.locked(paths.sandboxes_dir() / ".names.lock"):
-            if name is not None:
-                _check_name_free(name, rec.project)
-            d.mkdir(parents=True)
-            store.write_sandbox(rec)
         try:
-            await supervisor.start_and_wait(sid, "create")
+            with store.locked(paths.sandboxes_dir() / ".names.lock"):
+                if name is not None:
+                    _check_name_free(name, rec.project)
+                store.write_sandbox(rec)
+        except BaseException:
+            launch.abort()
+            store._rmtree(d)
+            raise
+        try:
+            await launch.wait()
         except BaseException:
             with contextlib.suppress(Exception):
                 store.cleanup_sandbox(store.load_sandbox(sid))
             store._rmtree(d)
             raise
+        (d / "creator").unlink(missing_ok=True)
         sb = cls(store.load_sandbox(sid), rec.notice)
         sb.timings = {"total": time.monotonic() - t0}
         return sb

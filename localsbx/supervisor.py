@@ -56,6 +56,7 @@ from localsbx.errors import (
 from localsbx.store import SandboxRecord, SandboxState
 
 log = logging.getLogger("localsbx.supervisor")
+_STARTED = time.monotonic()
 
 #: Seconds between checks of the owner, the QEMU and the record.
 WATCH_INTERVAL = 0.5
@@ -72,57 +73,102 @@ def control_socket_path(sandbox_dir: Path) -> Path:
     return Path("/tmp") / f"localsbx-{os.getuid()}-{sandbox_dir.name}.ctl"
 
 
-def spawn(sandbox_id: str, mode: str, *, ready_fd: int | None = None) -> subprocess.Popen:
+def spawn(sandbox_id: str, mode: str, *, ready_fd: int | None = None,
+          go_fd: int | None = None) -> subprocess.Popen:
     """Start a supervisor for ``sandbox_id`` in its own session (it outlives the caller).
 
     :param mode: ``create``, ``resume`` or ``attach``.
     :param ready_fd: a pipe's write end; the supervisor reports readiness on it.
+    :param go_fd: a pipe's read end: the supervisor imports what it needs, then waits for a
+        byte on it before it reads the record (so its start-up overlaps the caller's work);
+        end of file = not needed after all, it exits.
     :returns: the process (the caller need not wait for it; it is reaped by init).
     """
     d = store.sandbox_dir(sandbox_id)
     argv = [sys.executable, "-m", "localsbx.supervisor", mode, sandbox_id]
+    fds = []
     if ready_fd is not None:
         argv += ["--ready-fd", str(ready_fd)]
+        fds.append(ready_fd)
+    if go_fd is not None:
+        argv += ["--go-fd", str(go_fd)]
+        fds.append(go_fd)
     with open(d / "supervisor.log", "ab") as logf:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                start_new_session=True, close_fds=True,
-                                pass_fds=(ready_fd,) if ready_fd is not None else ())
+                                start_new_session=True, close_fds=True, pass_fds=tuple(fds))
+
+
+class Launch:
+    """A supervisor being started: :meth:`go` lets it proceed, :meth:`wait` waits until it
+    serves, :meth:`abort` stops it. ``Launch(id, mode)`` spawns it at once, so its imports
+    (about 0.5 s: asyncssh, qemu.qmp) run while the caller prepares the record."""
+
+    def __init__(self, sandbox_id: str, mode: str) -> None:
+        self.sandbox_id, self.mode = sandbox_id, mode
+        self._ready_r, ready_w = os.pipe()
+        go_r, self._go_w = os.pipe()
+        try:
+            self.proc = spawn(sandbox_id, mode, ready_fd=ready_w, go_fd=go_r)
+        except BaseException:
+            for fd in (self._ready_r, self._go_w):
+                os.close(fd)
+            raise
+        finally:
+            os.close(ready_w)
+            os.close(go_r)
+
+    def go(self) -> None:
+        os.write(self._go_w, b"g")
+        os.close(self._go_w)
+        self._go_w = None
+
+    def abort(self) -> None:
+        """Not needed after all: it exits without touching anything."""
+        if self._go_w is not None:
+            os.close(self._go_w)
+            self._go_w = None
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
+        with contextlib.suppress(OSError):
+            os.close(self._ready_r)
+
+    async def wait(self, timeout: float = READY_TIMEOUT) -> None:
+        """:raises LocalsbxError: the error it reported (its own class:
+        ``VMLaunchError``, ``SnapshotError``...), or ``VMLaunchError`` with its log tail
+        when it died."""
+        from localsbx.errors import VMLaunchError
+
+        sid, proc = self.sandbox_id, self.proc
+        if self._go_w is not None:
+            self.go()
+        try:
+            line = await asyncio.wait_for(asyncio.to_thread(_read_line, self._ready_r), timeout)
+        except TimeoutError:
+            proc.kill()
+            raise VMLaunchError(f"sandbox {sid}: its supervisor was not ready within "
+                                f"{timeout:.0f} s", log_tail=_log_tail(sid)) from None
+        except BaseException:
+            # interrupted: the supervisor must not boot a sandbox nobody will use
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(self._ready_r)
+        if not line:
+            await asyncio.to_thread(proc.wait, 10)
+            raise VMLaunchError(f"sandbox {sid}: its supervisor exited during {self.mode} "
+                                f"(status {proc.returncode})", returncode=proc.returncode,
+                                log_tail=_log_tail(sid))
+        frame = json.loads(line)
+        if not frame.get("ok"):
+            control.raise_error(frame.get("error") or {})
 
 
 async def start_and_wait(sandbox_id: str, mode: str, *, timeout: float = READY_TIMEOUT) -> None:
-    """Spawn a supervisor and wait until it serves.
-
-    :raises LocalsbxError: the error it reported (its own class: ``VMLaunchError``,
-        ``SnapshotError``...), or ``VMLaunchError`` with its log tail when it died.
-    """
-    from localsbx.errors import VMLaunchError
-
-    r, w = os.pipe()
-    try:
-        proc = spawn(sandbox_id, mode, ready_fd=w)
-    finally:
-        os.close(w)
-    try:
-        line = await asyncio.wait_for(asyncio.to_thread(_read_line, r), timeout)
-    except TimeoutError:
-        proc.kill()
-        raise VMLaunchError(f"sandbox {sandbox_id}: its supervisor was not ready within "
-                            f"{timeout:.0f} s", log_tail=_log_tail(sandbox_id)) from None
-    except BaseException:
-        # interrupted: the supervisor must not boot a sandbox nobody will use
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        raise
-    finally:
-        os.close(r)
-    if not line:
-        await asyncio.to_thread(proc.wait, 10)
-        raise VMLaunchError(f"sandbox {sandbox_id}: its supervisor exited during {mode} "
-                            f"(status {proc.returncode})", returncode=proc.returncode,
-                            log_tail=_log_tail(sandbox_id))
-    frame = json.loads(line)
-    if not frame.get("ok"):
-        control.raise_error(frame.get("error") or {})
+    """Spawn a supervisor and wait until it serves (see :meth:`Launch.wait`)."""
+    await Launch(sandbox_id, mode).wait(timeout)
 
 
 def _read_line(fd: int) -> bytes:
@@ -341,15 +387,20 @@ class Supervisor:
         """After a restore: the clock and CRNG (every time), and for a new sandbox its own
         machine-id and hostname (the snapshot's are shared by every clone otherwise)."""
         guest = self.machine.guest
-        await guest.fixup()
         if not fresh:
+            await guest.fixup()
             return
+        # the clock/CRNG fixup rides on this command (GuestConnection.fixup_pending)
+        # shell builtins only (every new binary costs a TCG translation): the files behind
+        # the bind mounts of /etc/machine-id, /etc/hostname and /etc/hosts (guest init.sh)
         script = ('printf "%s\\n" "$1" > /run/localsbx/machine-id && '
-                  'printf "%s\\n" "$2" > /run/localsbx/hostname && hostname "$2" && '
-                  'sed -i "s/^127.0.1.1\\t.*/127.0.1.1\\t$2/" /run/localsbx/hosts')
+                  'printf "%s\\n" "$2" > /run/localsbx/hostname && '
+                  'printf "%s" "$2" > /proc/sys/kernel/hostname && '
+                  'printf "127.0.0.1\\tlocalhost\\n127.0.1.1\\t%s\\n::1\\tlocalhost '
+                  'ip6-localhost ip6-loopback\\nff02::1\\tip6-allnodes\\nff02::2\\t'
+                  'ip6-allrouters\\n" "$2" > /run/localsbx/hosts')
         res = await guest.exec(["/bin/sh", "-c", script, "sh", secrets.token_hex(16),
-                                self.rec.id], env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-                               timeout=30)
+                                self.rec.id], env={}, timeout=30)
         if res.exit_status != 0:
             log.warning("identity fixup failed: %s", res.stderr.decode(errors="replace"))
 
@@ -824,6 +875,9 @@ async def run(mode: str, sandbox_id: str, ready_fd: int | None) -> int:
                else {"ok": False, "error": {"type": "LocalsbxError", "message": "interrupted"}})
         return 1
     report({"ok": True})
+    log.info("sandbox %s %s: serving %.2f s after the supervisor started (%s)", sandbox_id, mode,
+             time.monotonic() - _STARTED,
+             ", ".join(f"{k} {v:.2f}" for k, v in (sup.machine.timings or {}).items()))
     watcher = asyncio.create_task(sup.watch())
     await sup.done.wait()
     watcher.cancel()
@@ -837,7 +891,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("mode", choices=("create", "resume", "attach"))
     p.add_argument("sandbox_id")
     p.add_argument("--ready-fd", type=int)
+    p.add_argument("--go-fd", type=int)
     a = p.parse_args(argv)
+    if a.go_fd is not None:
+        # import now, while the caller writes the record; then wait for its word
+        import localsbx.build.builder
+        import localsbx.guest.ssh
+        import localsbx.vm.accel
+        import localsbx.vm.disk
+        import localsbx.vm.machine  # noqa: F401
+
+        word = os.read(a.go_fd, 1)
+        os.close(a.go_fd)
+        if not word:
+            return 0
     logging.basicConfig(level=os.environ.get("LOCALSBX_LOG", "INFO").upper(),
                         format=f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(message)s")
     try:
