@@ -376,22 +376,30 @@ def test_interactive_shell_on_a_pty(new_sandbox):
     pid, fd = pty.fork()
     if pid == 0:
         os.execv(LSBX, [LSBX, "ssh", sid])
-    buf = b""
+    buf, sent = b"", False
+    status = None
+    deadline = time.monotonic() + 90
     try:
-        os.write(fd, b"stty size; tty; exit 5\n")
-        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            r, _, _ = select.select([fd], [], [], 1)
+            r, _, _ = select.select([fd], [], [], 0.5)
             if r:
                 try:
                     chunk = os.read(fd, 4096)
-                except OSError:
-                    break
-                if not chunk:
-                    break
+                except OSError:  # EIO: the child closed the terminal
+                    chunk = b""
                 buf += chunk
-        _, status = os.waitpid(pid, 0)
+            if not sent and b"# " in buf:  # the guest shell's prompt: type
+                os.write(fd, b"tty; exit 5\r")
+                sent = True
+            done, st = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = st
+                break
     finally:
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         os.close(fd)
+    assert status is not None, buf
     assert os.waitstatus_to_exitcode(status) == 5, buf
     assert b"/dev/pts/" in buf  # a real terminal in the guest
