@@ -52,7 +52,7 @@ def _parse(args: list[str]) -> dict | None:
                     opts["timeout"] = float(v)
                 except ValueError:
                     return None
-                if opts["timeout"] <= 0:
+                if not 0 < opts["timeout"] < float("inf"):
                     return None
             i += 2
         elif a in ("-i", "--interactive"):

@@ -263,7 +263,7 @@ def exec_(
             stdin_mode="pipe" if interactive else None)
         print(info["pid"])
         return
-    if timeout is not None and timeout <= 0:
+    if timeout is not None and not 0 < timeout < float("inf"):
         raise ConfigError(f"exec: --timeout must be positive seconds (got {timeout})")
     if tty:
         if not os.isatty(sys.stdin.fileno()):
@@ -543,7 +543,7 @@ def cp(src: str, dst: str, project: ProjectOpt = None):
                           hint="localsbx cp ./file ID:/tmp/file  or  localsbx cp ID:/etc/os-release .")
     sb = Sandbox.connect(s_id or d_id, project=project)
     if s_id:
-        sb.download(s_path, Path(d_path))
+        sb.download(s_path, d_path)
     else:
         sb.upload(Path(s_path), d_path)
 

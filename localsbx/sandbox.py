@@ -445,7 +445,7 @@ class AsyncSandbox:
         """
         if not argv:
             raise ConfigError("exec: empty command")
-        if timeout is not None and timeout <= 0:
+        if timeout is not None and not 0 < timeout < float("inf"):
             raise ConfigError(f"exec: timeout must be positive seconds (got {timeout})")
         out, err = bytearray(), bytearray()
 
@@ -655,7 +655,10 @@ class AsyncSandbox:
 
         from localsbx.errors import GuestFileError
 
+        want_dir = str(dest).endswith("/")
         dest = Path(dest)
+        if want_dir and not dest.is_dir():
+            raise ConfigError(f"cp: host folder {dest} does not exist")
         parent = dest if dest.is_dir() else dest.parent
         if not parent.is_dir():
             raise ConfigError(f"cp: host folder {parent} does not exist")
@@ -763,6 +766,9 @@ class AsyncSandbox:
 
 
 def _check_name_free(name: str, project: str, *, but: str | None = None) -> None:
+    if store._ID_RE.match(name):
+        raise ConfigError(f"sandbox name {name!r} looks like a sandbox id (12 lowercase "
+                          "letters and digits)", hint="pick a name with a '-' or capitals")
     taken = [r.id for r in store.list_sandboxes(project=project) if r.name == name and r.id != but]
     if taken:
         raise ConfigError(f"sandbox name {name!r} is already used by sandbox {taken[0]} in "

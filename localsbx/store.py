@@ -625,6 +625,10 @@ def cleanup_sandbox(rec: SandboxRecord, *, grace: float = 0.0) -> None:
     loop (last-chance cleanup)."""
     stop_pid(rec.supervisor_pid, rec.supervisor_start, grace=grace)
     stop_pid(rec.qemu_pid, rec.qemu_start, grace=grace)
+    with contextlib.suppress(OSError):  # passt's private socket folder under /tmp
+        net_dir = Path((rec.dir / "passt.dir").read_text().strip())
+        if net_dir.name.startswith("lsbx-net-"):
+            shutil.rmtree(net_dir, ignore_errors=True)
     wrapper = rec.extra.get("legacy_wrapper_pid")
     if wrapper:
         stop_pid(wrapper[0], wrapper[1], grace=grace)
@@ -733,7 +737,8 @@ def reap() -> int:
     """Clean up dead sandboxes, sandboxes past their timeout whose supervisor is gone, and
     orphaned build folders; returns how many sandboxes were reaped. Called at the start of
     every localsbx entry point."""
-    before = len(list(paths.sandboxes_dir().iterdir())) if paths.sandboxes_dir().exists() else 0
+    root = paths.sandboxes_dir()
+    before = sum(1 for d in root.iterdir() if d.is_dir()) if root.exists() else 0
     alive = 0
     for rec in list_sandboxes(reap_dead=True):
         left = rec.remaining_secs()
@@ -826,7 +831,7 @@ def read_checkpoint(checkpoint_id: str) -> CheckpointRecord:
             read_json(checkpoints_dir() / checkpoint_id / "checkpoint.json"))
     except (OSError, ValueError, TypeError) as exc:
         raise SnapshotError(f"no checkpoint {checkpoint_id!r}",
-                            hint="`localsbx checkpoint ls` lists them") from exc
+                            hint="`localsbx snapshot ls` lists them") from exc
 
 
 def list_checkpoints(sandbox_id: str | None = None) -> list[CheckpointRecord]:
@@ -853,7 +858,7 @@ def delete_checkpoint(checkpoint_id: str) -> None:
     c = read_checkpoint(checkpoint_id)
     users = [s.id for s in list_sandboxes() if s.source == f"checkpoint:{checkpoint_id}"]
     if users:
-        raise SandboxStateError(f"checkpoint {checkpoint_id} is the disk of running sandboxes "
+        raise SandboxStateError(f"checkpoint {checkpoint_id} is the disk of live sandboxes "
                                 f"{', '.join(users)}", hint="terminate them first")
     _rmtree(c.dir)
     drop_image_if_unused(c.image_digest)

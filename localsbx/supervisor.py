@@ -262,7 +262,9 @@ class GuestProcess:
         from localsbx.guest.ssh import _signal_number
 
         status, code, sig = "running", None, None
-        if self.ended.is_set():
+        if self.ended.is_set() and self.proc is None:  # adopted: its status was not seen
+            status = "exited"
+        elif self.ended.is_set():
             code = self.proc.exit_status
             if self.proc.exit_signal:
                 sig = _signal_number(self.proc.exit_signal[0])
@@ -333,6 +335,8 @@ class Supervisor:
             except Exception as exc:  # noqa: BLE001 - the sandbox is usable without it
                 log.warning("cannot forward guest port %s: %s", guest_port, exc)
         rec.ports = ports
+        if mode != "create":
+            self._adopt_processes()
         now = time.time()
         with store.sandbox_locked(rec.id):
             disk = store.load_sandbox(rec.id)
@@ -559,10 +563,40 @@ class Supervisor:
             if procs or proc.exit_status is not None:
                 break
             await asyncio.sleep(0.05)
-        gp.pid = int(procs[0]) if procs else -len(self.processes) - 1
+        # (ended already: a local id above any guest pid, which is at most 4194304)
+        gp.pid = int(procs[0]) if procs else 10_000_000 + len(self.processes)
         self.processes[gp.pid] = gp
         gp.start_readers()
+        self._save_processes()
         return gp.info()
+
+    def _save_processes(self) -> None:
+        """``processes.json``: what a later supervisor (after a resume or a re-attach) needs
+        to find them again; their output and stdin stay with this one."""
+        store.write_json_atomic(self.rec.dir / "processes.json", [
+            {"pid": p.pid, "name": p.name, "cgroup": p.cgroup, "argv": p.argv,
+             "started_at": p.started_at} for p in self.processes.values()])
+
+    def _adopt_processes(self) -> None:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            for e in store.read_json(self.rec.dir / "processes.json"):
+                gp = GuestProcess(argv=e["argv"], name=e["name"], cgroup=e["cgroup"],
+                                  proc=None, stdin_open=False)
+                gp.pid, gp.started_at = int(e["pid"]), float(e["started_at"])
+                self.processes[gp.pid] = gp
+
+    async def _refresh_adopted(self) -> None:
+        """An adopted process (no channel) has ended when its cgroup is empty."""
+        from localsbx.guest.ssh import agent_command
+
+        for p in self.processes.values():
+            if p.proc is None and p.running:
+                res = await self.machine.guest.raw(agent_command(
+                    "exec", "--", "/bin/cat", f"/sys/fs/cgroup/localsbx/{p.cgroup}/cgroup.procs"),
+                    timeout=10)
+                if not res.stdout.split():
+                    p.ended_at = time.time()
+                    p.ended.set()
 
     def _process(self, h) -> GuestProcess:
         key = h.get("pid")
@@ -573,14 +607,19 @@ class Supervisor:
                               hint="list_processes() / `localsbx ps ID` lists them")
 
     async def op_list_processes(self, h, payload, reader, writer) -> list:
+        await self._refresh_adopted()
         return [p.info() for p in self.processes.values()]
 
     async def op_get_process(self, h, payload, reader, writer) -> dict:
-        return self._process(h).info()
+        p = self._process(h)
+        await self._refresh_adopted()
+        return p.info()
 
     async def op_signal_process(self, h, payload, reader, writer) -> dict:
         p = self._process(h)
         sig = int(h.get("signal", 15))
+        if not 1 <= sig <= 64:
+            raise ConfigError(f"signal {sig}: must be 1-64 (e.g. 15 for SIGTERM)")
         if p.running:
             from localsbx.guest.ssh import agent_command
 
@@ -594,7 +633,9 @@ class Supervisor:
     async def op_kill_process(self, h, payload, reader, writer) -> dict:
         p = self._process(h)
         await self.machine.guest.kill_cgroup(p.cgroup)  # also what it left running
-        if p.running:
+        if p.proc is None:
+            await self._refresh_adopted()
+        elif p.running:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(p.ended.wait(), 10)
         return p.info()
@@ -638,6 +679,8 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 async with p.changed:
                     await asyncio.wait_for(p.changed.wait(), 1.0)
+            if p.proc is None:
+                await self._refresh_adopted()
 
     async def op_terminate(self, h, payload, reader, writer) -> None:
         await self.terminate(reason=h.get("reason") or "terminated")
@@ -646,8 +689,17 @@ class Supervisor:
         self._require_running()
         await self.ready()
         async with self._lock:
-            port = int(h["port"])
-            host_port = await self._forward(port, int(h.get("host_port") or 0))
+            port, want = int(h["port"]), int(h.get("host_port") or 0)
+            for what, v in (("port", port), ("host port", want or 1)):
+                if not 1 <= v <= 65535:
+                    raise ConfigError(f"{what} {v}: must be 1-65535")
+            if port in self.forwards:
+                have = self.forwards[port].get_port()
+                if want and want != have:
+                    raise SandboxStateError(f"guest port {port} is already exposed on host port "
+                                            f"{have}", hint="unexpose it first")
+                return {"port": port, "host_port": have}
+            host_port = await self._forward(port, want, strict=bool(want))
             ports = {**self.rec.ports, str(port): host_port}
             self.rec.ports = ports
             store.update_sandbox(self.rec.id, ports=ports)
@@ -657,22 +709,25 @@ class Supervisor:
         async with self._lock:
             port = int(h["port"])
             listener = self.forwards.pop(port, None)
-            if listener is not None:
-                listener.close()
+            if listener is None:
+                raise SandboxStateError(f"guest port {port} is not exposed")
+            listener.close()
             ports = {k: v for k, v in self.rec.ports.items() if k != str(port)}
             self.rec.ports = ports
             store.update_sandbox(self.rec.id, ports=ports)
 
-    async def _forward(self, guest_port: int, host_port: int = 0) -> int:
+    async def _forward(self, guest_port: int, host_port: int = 0, *, strict: bool = False) -> int:
         """Listen on 127.0.0.1 and tunnel each connection to ``guest_port`` in the guest
-        through the SSH session (``direct-tcpip``); returns the host port."""
+        through the SSH session (``direct-tcpip``); returns the host port. A taken
+        ``host_port`` is an error when ``strict``, else another port is used (a resume)."""
         conn = self.machine.guest._require()
         try:
             listener = await conn.forward_local_port("127.0.0.1", host_port, "127.0.0.1",
                                                      guest_port)
-        except OSError:
-            if not host_port:
-                raise
+        except OSError as exc:
+            if not host_port or strict:
+                raise ConfigError(f"cannot listen on 127.0.0.1:{host_port}: {exc.strerror}",
+                                  hint="pick another --host-port, or leave it out") from None
             listener = await conn.forward_local_port("127.0.0.1", 0, "127.0.0.1", guest_port)
         self.forwards[guest_port] = listener
         return listener.get_port()

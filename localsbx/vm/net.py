@@ -240,6 +240,8 @@ async def start_network(net: NetSpec, *, workdir: Path, detached: bool = False,
         raise VMLaunchError(f"{binary} is not installed", hint="apt-get install passt (or `make setup`)")
     workdir.mkdir(parents=True, exist_ok=True)
     sock_dir = _socket_dir()
+    # recorded, so whoever cleans up the VM's folder removes this one too
+    (workdir / "passt.dir").write_text(f"{sock_dir}\n")
     h = NetHandle(net, socket_path=sock_dir / "passt.sock", log_path=workdir / "passt.log",
                   own_dir=sock_dir)
     try:

@@ -95,6 +95,8 @@ def test_exec_from_other_processes_and_an_exposed_server(new_sandbox):
     cli("exec", sid, "--", "sh", "-c", "(setsid python3 -m http.server 8001 -d /tmp "
         ">/dev/null 2>&1 &)")
     p2 = int(out("expose", sid, "8001"))
+    assert int(out("expose", sid, "8001")) == p2  # exposing again gives the same forward
+    assert cli("expose", sid, "70000", check=False).returncode == 1
     assert wait_until(lambda: _get(f"http://127.0.0.1:{p2}/index.html"), 30, "8001 answers")
     cli("unexpose", sid, "8001")
     assert "8001" not in describe(sid)["ports"]
@@ -154,6 +156,7 @@ def test_suspend_in_one_process_resume_in_another_with_timeout_paused(new_sandbo
     cli("exec", sid, "--", "sh", "-c",
         "echo kept > /root/file; (while :; do date +%s >> /tmp/ticks; sleep 1; done) "
         ">/dev/null 2>&1 & echo $! > /tmp/ticker.pid")
+    web = Sandbox.connect(sid).start_process("sleep 600", name="bg")
     before = describe(sid)
     cli("suspend", sid)
     d = describe(sid)
@@ -174,6 +177,11 @@ def test_suspend_in_one_process_resume_in_another_with_timeout_paused(new_sandbo
     assert out("exec", sid, "--", "sh", "-c", "kill -0 $(cat /tmp/ticker.pid) && echo alive") \
         == "alive"
     assert after["ports"]["8000"] > 0
+    # the background process is found again by the new supervisor, and can be killed
+    sb = Sandbox.connect(sid)
+    [bg] = [p for p in sb.list_processes() if p["name"] == "bg"]
+    assert bg["pid"] == web["pid"] and bg["status"] == "running"
+    assert sb.kill_process("bg")["status"] == "exited"
     # the timeout still fires, on running time
     wait_until(lambda: sid not in out("ls"), 60, "the sandbox stops at its timeout")
     assert not qemu_pids(f"localsbx-{sid}")
@@ -193,6 +201,8 @@ def test_names_are_unique_and_connect_finds_them(new_sandbox):
         Sandbox.connect(name)
     with pytest.raises(ConfigError):
         sb.update(name="bad name!")
+    with pytest.raises(ConfigError, match="looks like a sandbox id"):
+        sb.update(name="abcdefghijkl")
 
 
 def test_supervisor_killed_the_sandbox_lives_on(new_sandbox):
