@@ -364,15 +364,15 @@ def test_b30_interrupted_setup_does_not_leak(inner):
         import asyncio, os, pathlib, signal
         from localsbx import sandbox
 
-        real_start = sandbox.supervisor.start_and_wait
+        real_wait = sandbox.supervisor.Launch.wait
 
-        async def start_then_interrupt(sandbox_id, mode, **kw):
-            await real_start(sandbox_id, mode, **kw)  # QEMU up, guest connected
-            (pathlib.Path(os.getcwd()) / "ids.txt").write_text(f"setup {sandbox_id}\\n")
+        async def ready_then_interrupt(self, *a, **kw):
+            await real_wait(self, *a, **kw)  # QEMU up, guest connected, supervisor serving
+            (pathlib.Path(os.getcwd()) / "ids.txt").write_text(f"setup {self.sandbox_id}\\n")
             os.kill(os.getpid(), signal.SIGINT)
             await asyncio.sleep(60)
 
-        sandbox.supervisor.start_and_wait = start_then_interrupt
+        sandbox.supervisor.Launch.wait = ready_then_interrupt
     ''')
     inner.makepyfile(test_setup=f'''
         import pytest
