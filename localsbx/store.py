@@ -493,8 +493,9 @@ class SandboxRecord:
         :raises ValueError: not a sandbox record (no ``id``).
         """
         data = dict(data)
-        if "id" not in data:
-            raise ValueError("not a sandbox record (no id)")
+        if not isinstance(data.get("id"), str) or not _ID_RE.match(data["id"]):
+            # the id names a folder that cleanup deletes: never a path
+            raise ValueError(f"not a sandbox record (bad id {data.get('id')!r})")
         if data.get("schema") is None:
             data = _migrate_v1(data)
         known = {f.name for f in fields(cls)} - {"extra"}
@@ -559,9 +560,15 @@ def load_sandbox(sandbox_id: str) -> SandboxRecord:
 
     :raises SandboxNotFound: no such record, or it cannot be read.
     """
+    if not _ID_RE.match(sandbox_id or ""):
+        raise SandboxNotFound(f"no sandbox {sandbox_id!r} (an id is 12 lowercase letters and "
+                              "digits)", hint="`localsbx ls` lists the sandboxes")
     d = sandbox_dir(sandbox_id)
     try:
-        return SandboxRecord.from_json(read_json(d / "sandbox.json"))
+        rec = SandboxRecord.from_json(read_json(d / "sandbox.json"))
+        if rec.id != sandbox_id:
+            raise ValueError(f"it names sandbox {rec.id!r}")
+        return rec
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise SandboxNotFound(f"no sandbox {sandbox_id!r}",
                               hint="`localsbx ls` lists the sandboxes") from exc
@@ -682,6 +689,8 @@ def list_sandboxes(*, reap_dead: bool = True, project: str | None = None) -> lis
             continue
         try:
             rec = SandboxRecord.from_json(read_json(d / "sandbox.json"))
+            if rec.id != d.name:
+                raise ValueError(f"record of {rec.id!r} in folder {d.name!r}")
         except FileNotFoundError:
             # a sandbox being created, or a crashed creation: reap if the creator is gone
             if reap_dead:
@@ -862,3 +871,4 @@ def delete_checkpoint(checkpoint_id: str) -> None:
                                 f"{', '.join(users)}", hint="terminate them first")
     _rmtree(c.dir)
     drop_image_if_unused(c.image_digest)
+

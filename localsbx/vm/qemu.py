@@ -171,6 +171,7 @@ def build_argv(spec: VMSpec) -> list[str]:
         *mem,
         "-smp", str(spec.cpus),
         "-nodefaults", "-no-user-config",
+        "-no-reboot",  # a guest panic (panic=-1) or reboot ends QEMU: never a silent reboot
         "-display", "none",
         "-serial", f"file:{spec.serial_log}",
         "-kernel", str(spec.kernel),

@@ -76,7 +76,7 @@ def test_remove_image_deletes_unused_files():
 
 
 def _record(pid, **kw):
-    base = dict(id="abc", image="i", project="default", image_digest="d",
+    base = dict(id="abcabcabcabc", image="i", project="default", image_digest="d",
                 state=store.SandboxState.RUNNING, qemu_pid=pid, qemu_start=proc_start_time(pid),
                 ssh_port=1, host_key="k", created_at=time.time(), timeout_secs=600,
                 running_since=time.time(), restored=True)
@@ -90,13 +90,13 @@ def test_dead_sandbox_is_never_listed_and_is_cleaned_up():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     rec = _record(child.pid)
     store.write_sandbox(rec)
-    assert [r.id for r in store.list_sandboxes()] == ["abc"]
+    assert [r.id for r in store.list_sandboxes()] == ["abcabcabcabc"]
     child.kill()
     child.wait()
     assert store.list_sandboxes() == []
     assert not rec.dir.exists()
     with pytest.raises(SandboxNotFound):
-        store.read_sandbox("abc")
+        store.read_sandbox("abcabcabcabc")
 
 
 def test_sandbox_of_a_dead_owner_is_killed():
@@ -198,12 +198,12 @@ def test_update_keeps_what_other_processes_wrote():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         store.write_sandbox(_record(child.pid))
-        store.update_sandbox("abc", owner_pid=123)
-        store.update_sandbox("abc", ports={"80": 4000})
-        rec = store.load_sandbox("abc")
+        store.update_sandbox("abcabcabcabc", owner_pid=123)
+        store.update_sandbox("abcabcabcabc", ports={"80": 4000})
+        rec = store.load_sandbox("abcabcabcabc")
         assert rec.owner_pid == 123 and rec.ports == {"80": 4000}
         with pytest.raises(AttributeError):
-            store.update_sandbox("abc", no_such_field=1)
+            store.update_sandbox("abcabcabcabc", no_such_field=1)
     finally:
         child.kill()
         child.wait()
@@ -227,3 +227,18 @@ def test_image_metadata_round_trips_and_keeps_unknown_keys():
     assert img.meta.to_json()["future"] == {"x": 1}
     with pytest.raises(ValueError, match="incomplete image record"):
         store.ImageMeta.from_json({"digest": "d"})
+
+
+def test_a_planted_record_never_names_a_path(tmp_path):
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    d = store.sandbox_dir("plantedplant")
+    d.mkdir(parents=True)
+    store.write_json_atomic(d / "sandbox.json", {**V1_RECORD, "id": "../../../precious"})
+    with pytest.raises(SandboxNotFound):
+        store.read_sandbox("../../x")
+    with pytest.raises(SandboxNotFound):
+        store.load_sandbox("plantedplant")
+    store.list_sandboxes()
+    store.reap()
+    assert outside.exists()

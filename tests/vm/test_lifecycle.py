@@ -413,3 +413,18 @@ def test_interactive_shell_on_a_pty(new_sandbox):
     assert status is not None, buf
     assert os.waitstatus_to_exitcode(status) == 5, buf
     assert b"/dev/pts/" in buf  # a real terminal in the guest
+
+
+def test_guest_kernel_panic_ends_the_sandbox_not_a_hang(main_image):
+    sb = Sandbox.create(main_image)
+    sid = sb.sandbox_id
+    try:
+        t = time.monotonic()
+        with pytest.raises(SandboxNotFound, match="gone"):
+            sb.run("echo c > /proc/sysrq-trigger; sleep 30", timeout=120)
+        assert time.monotonic() - t < 60  # the client is told, it does not hang
+        wait_until(lambda: not qemu_pids(f"localsbx-{sid}"), 20, "QEMU exits (-no-reboot)")
+        assert sid not in out("ls")
+    finally:
+        sb.terminate()
+    assert not store.sandbox_dir(sid).exists()
