@@ -12,6 +12,7 @@ Public API (names follow Tensorlake's SDK)::
 from __future__ import annotations
 
 import logging
+from importlib import metadata as _metadata
 
 from localsbx.errors import (
     CommandTimeout,
@@ -24,6 +25,11 @@ from localsbx.errors import (
     SnapshotError,
     VMLaunchError,
 )
+
+try:
+    __version__ = _metadata.version("localsbx")
+except _metadata.PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0.0.0"
 
 logging.getLogger("localsbx").addHandler(logging.NullHandler())
 

@@ -593,6 +593,33 @@ def gc():
     err.print(f"reaped {n} sandbox(es); removed {len(gone)} unused image folder(s)")
 
 
+@app.command("serve")
+def serve_cmd(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (the SDK's localhost "
+                                      "default is 8900).")] = 8900,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="LOCALSBX_SERVE_API_KEY",
+        help="Require this bearer token (the SDK sends TENSORLAKE_API_KEY).")] = None,
+    project: ProjectOpt = None,
+):
+    """Serve Tensorlake's HTTP API, so the real tensorlake SDK runs against localsbx:
+    export TENSORLAKE_API_URL=http://127.0.0.1:8900 TENSORLAKE_API_KEY=local."""
+    import logging
+
+    from localsbx.serve import serve
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port}: expected 1-65535")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach it can run "
+                  "code in your sandboxes" + ("" if api_key else " (no --api-key set)"))
+    debug = logging.getLogger("localsbx").isEnabledFor(logging.INFO)
+    err.print(f"localsbx serve on http://{host}:{port}  (export TENSORLAKE_API_URL="
+              f"http://{host}:{port} TENSORLAKE_API_KEY={api_key or 'local'})")
+    serve(host, port, api_key=api_key, project=project, debug=debug)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 def _print_columns(rows: list[tuple[str, ...]]) -> None:

@@ -52,6 +52,11 @@ class ConfigError(LocalsbxError):
     """A bad option, environment variable or host set-up (missing qemu-system-x86_64, ...)."""
 
 
+class NameConflict(ConfigError):
+    """A sandbox name already used in the project (Tensorlake answers 409
+    ``sandbox_name_taken``)."""
+
+
 class HostCommandError(LocalsbxError):
     """A command run on the host (``qemu-img``, a decompressor...) exited non-zero or ran
     past its timeout (it was killed then). Raised by :mod:`localsbx._proc`.

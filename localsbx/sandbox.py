@@ -117,6 +117,11 @@ class HistoryEntry:
     seconds: float
 
 
+def new_sandbox_id() -> str:
+    """A fresh sandbox id: 12 lowercase letters and digits."""
+    return _new_id()
+
+
 def _new_id() -> str:
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
 
@@ -199,6 +204,7 @@ class AsyncSandbox:
         snapshot_id: str | None = None,
         exposed_ports: Sequence[int] = (),
         allow_internet_access: bool = True,
+        sandbox_id: str | None = None,
     ) -> AsyncSandbox:
         """Start a fresh sandbox (Tensorlake's ``Sandbox.create``).
 
@@ -220,6 +226,9 @@ class AsyncSandbox:
         :param exposed_ports: guest TCP ports to forward to 127.0.0.1 (see :attr:`ports`).
         :param allow_internet_access: ``False`` cuts all egress, DNS included (Tensorlake's
             ``network.allow_internet_access``).
+        :param sandbox_id: the id to use (12 lowercase letters and digits, from
+            :func:`new_sandbox_id`), for a caller that must name the sandbox before it is
+            up (``localsbx serve`` answering a ``wait=False`` create); default a new one.
         :raises ImageNotFound: no such image or base.
         :raises SnapshotError: the image's snapshot files, or the checkpoint, are missing
             or damaged.
@@ -229,7 +238,10 @@ class AsyncSandbox:
         t0 = time.monotonic()
         store.reap()
         me = os.getpid()
-        sid = _new_id()
+        if sandbox_id is not None and not store._ID_RE.match(sandbox_id):
+            raise ConfigError(f"sandbox id {sandbox_id!r}: expected 12 lowercase letters "
+                              "and digits")
+        sid = sandbox_id or _new_id()
         d = store.sandbox_dir(sid)
         d.mkdir(parents=True)
         (d / "creator").write_text(f"{me} {proc_start_time(me)}")
@@ -757,6 +769,43 @@ class AsyncSandbox:
         finally:
             await guest.close()
 
+    async def open_pty(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                       working_dir: str | None = None, term: str = "xterm",
+                       size: tuple[int, int] = (80, 24)) -> PtyProcess:
+        """Start ``argv`` on a guest PTY and hand back its ends (Tensorlake's
+        ``create_pty``; ``localsbx serve`` wires it to the SDK's WebSocket).
+
+        :param size: ``(cols, rows)``.
+        :raises SandboxStateError: not running.
+        """
+        import asyncssh
+
+        from localsbx.build.builder import runtime_env
+        from localsbx.guest.ssh import GuestConnection, agent_command
+
+        rec = await self.refresh()
+        if rec.state is not SandboxState.RUNNING:
+            raise SandboxStateError(f"sandbox {rec.id} is {rec.state.value}")
+        if not argv:
+            raise ConfigError("pty: empty command")
+        guest = GuestConnection("127.0.0.1", rec.ssh_port, store.management_key(),
+                                asyncssh.import_public_key(rec.host_key))
+        await guest.connect(timeout=30, alive=rec.qemu_alive)
+        try:
+            full_env = {**runtime_env(rec.env), "TERM": term, **(env or {})}
+            opts = ["--stdin", "--cwd", working_dir or rec.workdir]
+            if rec.user:
+                opts += ["--user", rec.user]
+            for k, v in full_env.items():
+                opts += ["--env", f"{k}={v}"]
+            proc = await guest._require().create_process(
+                agent_command("exec", *opts, "--", *argv), term_type=term,
+                term_size=size, encoding=None)
+        except BaseException:
+            await guest.close()
+            raise
+        return PtyProcess(guest, proc)
+
     def describe(self) -> dict:
         """The sandbox record as a dict, with ``status`` (Tensorlake's) and ``expires_at``."""
         d = self.record.to_json()
@@ -765,13 +814,53 @@ class AsyncSandbox:
         return d
 
 
+class PtyProcess:
+    """A command on a guest PTY (:meth:`AsyncSandbox.open_pty`): ``read`` what it
+    prints, ``write`` keystrokes, ``resize``, ``wait`` for its exit code (128+N for signal
+    N, as a shell reports it), ``close`` to hang up (the command gets SIGHUP)."""
+
+    def __init__(self, guest, proc) -> None:
+        self._guest, self._proc = guest, proc
+
+    async def read(self, n: int = 65536) -> bytes:
+        """Output, or ``b""`` at the end."""
+        try:
+            return await self._proc.stdout.read(n)
+        except Exception:  # noqa: BLE001 - a closed channel is the end of output
+            return b""
+
+    def write(self, data: bytes) -> None:
+        with contextlib.suppress(Exception):
+            self._proc.stdin.write(data)
+
+    def resize(self, cols: int, rows: int) -> None:
+        with contextlib.suppress(Exception):
+            self._proc.change_terminal_size(cols, rows)
+
+    async def wait(self) -> int:
+        from localsbx.guest.ssh import _signal_number
+
+        await self._proc.wait_closed()
+        if self._proc.exit_signal:
+            return 128 + (_signal_number(self._proc.exit_signal[0]) or 0)
+        code = self._proc.exit_status
+        return code if code is not None and code >= 0 else 255
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._proc.close()
+        await self._guest.close()
+
+
 def _check_name_free(name: str, project: str, *, but: str | None = None) -> None:
     if store._ID_RE.match(name):
         raise ConfigError(f"sandbox name {name!r} looks like a sandbox id (12 lowercase "
                           "letters and digits)", hint="pick a name with a '-' or capitals")
     taken = [r.id for r in store.list_sandboxes(project=project) if r.name == name and r.id != but]
     if taken:
-        raise ConfigError(f"sandbox name {name!r} is already used by sandbox {taken[0]} in "
+        from localsbx.errors import NameConflict
+
+        raise NameConflict(f"sandbox name {name!r} is already used by sandbox {taken[0]} in "
                           f"project {project!r}",
                           hint="pick another name, or terminate that sandbox")
 
