@@ -49,6 +49,10 @@ _STATUS: list[tuple[type[E.LocalsbxError], int, str]] = [
 ]
 
 
+#: Paths readable without the API key: the API's own description.
+_OPEN = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
+
 def error_status(exc: E.LocalsbxError) -> tuple[int, str]:
     """The HTTP status and error code a localsbx error is answered with."""
     for cls, status, code in _STATUS:
@@ -83,9 +87,9 @@ def create_app(*, api_key: str | None = None, project: str | None = None,
     async def auth_and_log(request: Request, call_next):
         t = time.monotonic()
         path = request.url.path
-        if api_key is not None and not (path.startswith("/images/v4/builds/")
-                                        and path.endswith("/context")
-                                        and request.method == "PUT"):
+        if api_key is not None and path not in _OPEN and not (
+                path.startswith("/images/v4/builds/") and path.endswith("/context")
+                and request.method == "PUT"):
             got = request.headers.get("authorization", "")
             if not secrets.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
                 return JSONResponse({"code": "unauthorized",

@@ -116,7 +116,7 @@ async def create_sandbox(ns: str, body: wire.CreateSandbox, request: Request) ->
                 pend.error = str(exc)
 
         pend.task = asyncio.create_task(run())
-        return JSONResponse({"sandbox_id": sid, "status": "pending", "state": "pending",
+        return JSONResponse({"sandbox_id": sid, "status": "pending",
                              "pending_reason": "scheduling", "name": body.name},
                             status_code=202)
     sb = await _create(ns, body, sid)

@@ -165,8 +165,7 @@ def sandbox_info(rec: store.SandboxRecord, *, namespace: str, sandbox_url: str |
     """Tensorlake's ``SandboxInfo`` for a localsbx sandbox record."""
     st = status or rec.state.value
     d: dict[str, Any] = {
-        "id": rec.id,
-        "sandbox_id": rec.id,
+        "id": rec.id,  # not also "sandbox_id": the SDK takes either, and refuses both
         "namespace": namespace,
         "status": st,
         "image": rec.image,
@@ -182,8 +181,8 @@ def sandbox_info(rec: store.SandboxRecord, *, namespace: str, sandbox_url: str |
         "auto_resume": bool(rec.extra.get("auto_resume", True)),
         "file_systems": [],
     }
-    if st == "running" and sandbox_url:
-        d["sandbox_url"] = sandbox_url
+    if sandbox_url and (st == "running" or (st == "suspended" and d["auto_resume"])):
+        d["sandbox_url"] = sandbox_url  # a suspended one resumes on its next daemon call
     if rec.error:
         d["error_details"] = rec.error
     return d
@@ -195,7 +194,7 @@ def pending_info(sid: str, *, namespace: str, name: str | None, req: CreateSandb
     """``SandboxInfo`` of a sandbox still being created (or whose creation failed)."""
     res = req.resources or Resources()
     d: dict[str, Any] = {
-        "id": sid, "sandbox_id": sid, "namespace": namespace, "status": status,
+        "id": sid, "namespace": namespace, "status": status,
         "image": req.image, "name": name,
         "resources": {"cpus": float(res.cpus or 1), "memory_mb": int(res.memory_mb or 1024),
                       "disk_mb": int(res.disk_mb or 8192)},
@@ -212,7 +211,7 @@ def pending_info(sid: str, *, namespace: str, name: str | None, req: CreateSandb
 def snapshot_info(cp: store.CheckpointRecord, *, namespace: str) -> dict[str, Any]:
     """Tensorlake's ``SnapshotInfo`` for a localsbx checkpoint."""
     return {
-        "id": cp.id, "snapshot_id": cp.id, "namespace": namespace, "sandbox_id": cp.sandbox_id,
+        "id": cp.id, "namespace": namespace, "sandbox_id": cp.sandbox_id,
         "base_image": cp.image, "snapshot_type": cp.kind, "status": cp.status,
         "size_bytes": cp.size_bytes, "created_at": cp.created_at,
     }
