@@ -1,0 +1,132 @@
+"""The real Tensorlake SDK's image calls (``Image.build()`` on the CAS flow, the image
+catalog) and the SDK error classes localsbx serve can cause, plus ``AsyncSandbox``."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+
+import pytest
+from tensorlake.image import Image
+from tensorlake.image.sandbox_builder import (
+    delete_sandbox_image,
+    find_sandbox_image_by_name,
+    list_sandbox_images,
+)
+from tensorlake.sandbox import AsyncSandbox, Sandbox
+from tensorlake.sandbox.exceptions import RemoteAPIError, SandboxError, SandboxNotFoundError
+
+from localsbx import store
+
+pytestmark = pytest.mark.vm
+
+
+def test_image_build_then_sandbox_from_it_then_catalog(image, tmp_path, monkeypatch):
+    (tmp_path / "hello.txt").write_text("copied from the context\n")
+    img = (Image(name="sdk-built", base_image=image)
+           .run("echo built > /built.txt")
+           .env("GREETING", "hello from ENV")
+           .copy("hello.txt", "/opt/hello.txt")
+           .workdir("/opt"))
+    res = img.build(context_dir=str(tmp_path))
+    assert res["name"] == "sdk-built" and res["snapshotId"]
+    # registered in localsbx's own store
+    assert store.lookup_image("sdk-built").name == "sdk-built"
+    sb = Sandbox.create(image="sdk-built")
+    try:
+        r = sb.run("sh", ["-c", 'cat /built.txt hello.txt; echo "$GREETING"; pwd'])
+        assert r.stdout == "built\ncopied from the context\nhello from ENV\n/opt"
+    finally:
+        sb.terminate()
+    names = {i["name"] for i in list_sandbox_images()}
+    assert "sdk-built" in names
+    found = find_sandbox_image_by_name("sdk-built")
+    assert found is not None and found["name"] == "sdk-built"
+    delete_sandbox_image("sdk-built")
+    assert find_sandbox_image_by_name("sdk-built") is None
+    with pytest.raises(Exception) as exc:
+        delete_sandbox_image("sdk-built")
+    assert "sdk-built" in str(exc.value)
+
+
+def test_a_failed_build_raises_with_the_step_message(image):
+    from tensorlake.image.builds import ImageBuildFailedError
+
+    img = Image(name="sdk-broken", base_image=image).run("echo about to fail; exit 7")
+    with pytest.raises(ImageBuildFailedError) as exc:
+        img.build()
+    assert "exit 7" in str(exc.value) or "status 7" in str(exc.value)
+    with pytest.raises(Exception):
+        store.lookup_image("sdk-broken")
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_unknown_sandbox_is_sandbox_not_found():
+    with pytest.raises(SandboxNotFoundError):
+        Sandbox.connect("zzzzzzzzzzzz")
+    with pytest.raises(SandboxNotFoundError):
+        Sandbox.connect("no-such-name")
+
+
+def test_a_taken_name_is_a_409_with_the_sdk_code(image):
+    sb = Sandbox.create(image=image, name="sdk-dup")
+    try:
+        with pytest.raises(RemoteAPIError) as exc:
+            Sandbox.create(image=image, name="sdk-dup")
+        assert exc.value.status_code == 409 and exc.value.code == "sandbox_name_taken"
+        assert "sdk-dup" in str(exc.value)
+    finally:
+        sb.terminate()
+
+
+def test_bad_requests_are_remote_api_errors_with_words(image):
+    with pytest.raises(RemoteAPIError) as exc:
+        Sandbox.create(image=image, allow_out=["10.0.0.0/8"])
+    assert exc.value.status_code == 400 and "allow_out" in str(exc.value)
+    with pytest.raises(RemoteAPIError) as exc:
+        Sandbox.create(image="no-such-image")
+    assert exc.value.status_code == 404 and "no-such-image" in str(exc.value)
+    with pytest.raises(RemoteAPIError) as exc:
+        Sandbox.create(image=image, memory_mb=0)
+    assert exc.value.status_code == 400
+
+
+def test_a_wrong_api_key_is_refused(image):
+    with pytest.raises(RemoteAPIError) as exc:
+        Sandbox.create(image=image, api_key="wrong")
+    assert exc.value.status_code == 401
+    with pytest.raises(RemoteAPIError):
+        list(Sandbox.list(api_key="wrong"))
+
+
+def test_a_terminated_sandbox_refuses_commands(image):
+    sb = Sandbox.create(image=image)
+    sb.terminate()
+    with pytest.raises(SandboxError):
+        sb.run("true")
+
+
+def test_openapi_document_lists_the_three_surfaces(server):
+    doc = json.loads(urllib.request.urlopen(f"{server}/openapi.json").read())
+    paths = doc["paths"]
+    assert "/v1/namespaces/{ns}/sandboxes" in paths
+    assert "/api/v1/processes/run" in paths
+    assert "/images/v4/builds" in paths
+
+
+# ----------------------------------------------------------------------------- async
+
+async def test_async_sandbox_create_run_files_terminate(image):
+    sb = await AsyncSandbox.create(image=image)
+    try:
+        r = await sb.run("sh", ["-c", "echo async; exit 4"])
+        assert (r.exit_code, r.stdout) == (4, "async")
+        await sb.write_file("/tmp/x", os.urandom(4096) + b"end")
+        assert (await sb.read_file("/tmp/x")).value.endswith(b"end")
+        p = await sb.start_process("sh", ["-c", "echo bg"])
+        assert [e.line for e in await sb.follow_stdout(p.pid)] == ["bg"]
+        assert (await AsyncSandbox.connect(sb.sandbox_id)).sandbox_id == sb.sandbox_id
+    finally:
+        await sb.terminate()
