@@ -16,7 +16,7 @@ BASE ?= debian-minimal
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs busybox-static cpio uidmap \
 	debian-archive-keyring lz4 zstd xz-utils gcc libc6-dev python3-venv coreutils tar passt
 
-.PHONY: setup apt venv base demo test test-unit bench lint clean-stamps
+.PHONY: setup apt venv base ts-sdk demo test test-unit bench lint clean-stamps
 
 setup: apt venv base
 
@@ -46,7 +46,15 @@ demo: setup
 	@id=$$($(LSBX) new --image hello) && echo "== sandbox $$id" && \
 	  $(LSBX) exec $$id -- ./hello.sh; rc=$$?; $(LSBX) terminate $$id; exit $$rc
 
-test: setup lint
+# The npm tensorlake SDK and a Node 22 runtime for tests/sdk (from the npm registry).
+$(STAMPS)/ts-sdk: tests/sdk/ts/package.json tests/sdk/ts/package-lock.json
+	@mkdir -p $(STAMPS)
+	cd tests/sdk/ts && npm ci --silent --no-audit --no-fund
+	@touch $@
+
+ts-sdk: $(STAMPS)/ts-sdk
+
+test: setup lint ts-sdk
 	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
 
 test-unit: venv
