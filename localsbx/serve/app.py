@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 
 from localsbx import __version__, store
 from localsbx import errors as E
-from localsbx.serve import daemon, images, lifecycle
+from localsbx.serve import daemon, images, lifecycle, templates
 
 log = logging.getLogger("localsbx.serve")
 
@@ -78,10 +78,13 @@ def create_app(*, api_key: str | None = None, project: str | None = None,
     app.state.ptys = {}
     app.state.builds = {}
     app.state.build_keys = {}
+    app.state.template_builds = {}
+    app.state.tasks = set()
     app.state.project = store.current_project(project)
     app.include_router(lifecycle.router)
     app.include_router(daemon.router)
     app.include_router(images.router)
+    app.include_router(templates.router)
 
     @app.middleware("http")
     async def auth_and_log(request: Request, call_next):

@@ -32,7 +32,7 @@ from sse_starlette.sse import EventSourceResponse
 from localsbx import __version__, store
 from localsbx.errors import ConfigError, GuestFileError, SandboxNotFound
 from localsbx.sandbox import AsyncSandbox
-from localsbx.serve import wire
+from localsbx.serve import templates, wire
 from localsbx.store import SandboxState
 
 log = logging.getLogger("localsbx.serve")
@@ -141,6 +141,8 @@ async def run_process(body: wire.RunProcess, request: Request) -> Response:
 @router.post("/processes", summary="Start a background process")
 async def start_process(body: wire.RunProcess, request: Request) -> dict:
     sb = await _sandbox(request.headers)
+    if templates.is_builder_start(body):
+        body = await templates.intercept(request.app, sb, body)
     argv = _argv(body)
     if body.stdin_mode not in (None, "pipe", "closed"):
         raise ConfigError(f"stdin_mode {body.stdin_mode!r}: use 'pipe' or 'closed'")

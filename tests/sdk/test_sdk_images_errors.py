@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 from tensorlake.image import Image
 from tensorlake.image.sandbox_builder import (
+    SandboxImageDeleteError,
     delete_sandbox_image,
     find_sandbox_image_by_name,
     list_sandbox_images,
@@ -18,6 +19,7 @@ from tensorlake.sandbox import AsyncSandbox, Sandbox
 from tensorlake.sandbox.exceptions import RemoteAPIError, SandboxError, SandboxNotFoundError
 
 from localsbx import store
+from localsbx.errors import ImageNotFound
 
 pytestmark = pytest.mark.vm
 
@@ -45,7 +47,7 @@ def test_image_build_then_sandbox_from_it_then_catalog(image, tmp_path, monkeypa
     assert found is not None and found["name"] == "sdk-built"
     delete_sandbox_image("sdk-built")
     assert find_sandbox_image_by_name("sdk-built") is None
-    with pytest.raises(Exception) as exc:
+    with pytest.raises(SandboxImageDeleteError) as exc:
         delete_sandbox_image("sdk-built")
     assert "sdk-built" in str(exc.value)
 
@@ -57,7 +59,7 @@ def test_a_failed_build_raises_with_the_step_message(image):
     with pytest.raises(ImageBuildFailedError) as exc:
         img.build()
     assert "exit 7" in str(exc.value) or "status 7" in str(exc.value)
-    with pytest.raises(Exception):
+    with pytest.raises(ImageNotFound):
         store.lookup_image("sdk-broken")
 
 

@@ -37,3 +37,16 @@ def test_typescript_sdk_create_run_files_terminate(server, image, node):
     assert seen["env"] == "bar\n/tmp"
     assert seen["terminated"]
     assert seen["sandboxId"] not in {r.id for r in store.list_sandboxes()}
+
+
+def test_typescript_image_build_registers_an_image_sandboxes_start_from(server, image, node):
+    name = "ts-built"
+    out = subprocess.run([str(node), "build.mjs", name, image], cwd=TS, capture_output=True,
+                         text=True, timeout=900, env={**os.environ})
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["template"]["name"] == name and seen["template"]["id"]
+    assert seen["stdout"] == "from-ts\nyes\n/srv"
+    img = store.lookup_image(name)
+    assert img.meta.env.get("TS_ENV") == "yes" and img.meta.workdir == "/srv"
+    store.remove_image(name)
