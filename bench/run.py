@@ -140,6 +140,10 @@ def main() -> None:
 
     results["control"] = control.run(IMAGE, args.runs, args.idle)
 
+    from bench import serve
+
+    results["serve"] = serve.run(IMAGE, args.runs)
+
     if not args.skip_plugin:
         from bench import plugin_suite
 

@@ -65,7 +65,7 @@ def test_a_failed_build_raises_with_the_step_message(image):
 
 # ----------------------------------------------------------------------------- errors
 
-def test_unknown_sandbox_is_sandbox_not_found():
+def test_unknown_sandbox_is_sandbox_not_found(server):
     with pytest.raises(SandboxNotFoundError):
         Sandbox.connect("zzzzzzzzzzzz")
     with pytest.raises(SandboxNotFoundError):
@@ -132,3 +132,27 @@ async def test_async_sandbox_create_run_files_terminate(image):
         assert (await AsyncSandbox.connect(sb.sandbox_id)).sandbox_id == sb.sandbox_id
     finally:
         await sb.terminate()
+
+
+def test_a_create_that_fails_after_answering_is_a_sandbox_error(server):
+    pending = Sandbox.create(image="no-such-image-either", wait=False)
+    with pytest.raises(SandboxError) as exc:
+        pending.ready(timeout=60, poll_interval=0.5)
+    assert "no-such-image-either" in str(exc.value)
+    assert not isinstance(exc.value, SandboxNotFoundError)
+
+
+def test_the_guest_cannot_reach_the_server(image, server):
+    port = server.rsplit(":", 1)[1]
+    sb = Sandbox.create(image=image)
+    try:
+        probe = ("import socket,sys\n"
+                 "for h in ('10.0.2.2','10.0.2.3','127.0.0.1'):\n"
+                 "    s=socket.socket(); s.settimeout(3)\n"
+                 f"    try: s.connect((h,{port})); print('reached',h)\n"
+                 "    except OSError as e: print('refused',h)\n")
+        r = sb.run("python3", ["-c", probe])
+        assert r.exit_code == 0, r.stderr
+        assert "reached" not in r.stdout and r.stdout.count("refused") == 3
+    finally:
+        sb.terminate()
