@@ -120,7 +120,7 @@ def test_openapi_document_lists_the_three_surfaces(server):
 
 # ----------------------------------------------------------------------------- async
 
-async def test_async_sandbox_create_run_files_terminate(image):
+async def test_async_sandbox_create_run_files_terminate(image, server):
     sb = await AsyncSandbox.create(image=image)
     try:
         r = await sb.run("sh", ["-c", "echo async; exit 4"])
@@ -130,6 +130,20 @@ async def test_async_sandbox_create_run_files_terminate(image):
         p = await sb.start_process("sh", ["-c", "echo bg"])
         assert [e.line for e in await sb.follow_stdout(p.pid)] == ["bg"]
         assert (await AsyncSandbox.connect(sb.sandbox_id)).sandbox_id == sb.sandbox_id
+        snap = await sb.checkpoint()
+        clone = await AsyncSandbox.create(snapshot_id=snap.snapshot_id)
+        try:
+            assert (await clone.read_file("/tmp/x")).value.endswith(b"end")
+        finally:
+            await clone.terminate()
+        assert snap.snapshot_id in {s.snapshot_id for s in await sb.list_snapshots()}
+        from tensorlake.sandbox import AsyncSandboxClient
+
+        client = AsyncSandboxClient.for_localhost(api_url=server, namespace=os.environ["INDEXIFY_NAMESPACE"])
+        await client.delete_snapshot(snap.snapshot_id)
+        await sb.suspend()
+        await sb.resume()
+        assert (await sb.run("cat", ["/tmp/x"])).exit_code == 0
     finally:
         await sb.terminate()
 

@@ -220,6 +220,10 @@ def test_exposed_ports_reach_a_server_in_the_sandbox(image):
             except OSError:
                 time.sleep(0.5)
         assert body == b"from the sandbox"
+        with sb.create_tunnel(8080, local_port=0) as tun:  # the SDK's WebSocket tunnel
+            got = urllib.request.urlopen(f"http://127.0.0.1:{tun.local_port}/index.html",
+                                         timeout=10).read()
+        assert got == b"from the sandbox"
         sb.update(exposed_ports=[])
         assert not store.read_sandbox(sb.sandbox_id).ports
     finally:
