@@ -170,3 +170,30 @@ def test_the_guest_cannot_reach_the_server(image, server):
         assert "reached" not in r.stdout and r.stdout.count("refused") == 3
     finally:
         sb.terminate()
+
+
+def test_a_pending_sandbox_observed_at_once_is_sandbox_pending(image):
+    from tensorlake.sandbox.exceptions import SandboxPending
+
+    pending = Sandbox.create(image=image, wait=False)
+    try:
+        with pytest.raises(SandboxPending) as exc:
+            pending.ready(timeout=0)
+        assert exc.value.sandbox_id == pending.sandbox_id
+        sb = pending.ready(timeout=180, poll_interval=0.5)
+        assert sb.run("true").exit_code == 0
+    finally:
+        Sandbox.connect(pending.sandbox_id).terminate()
+
+
+def test_a_second_build_of_the_same_name_is_image_build_in_progress(image):
+    from tensorlake.image.builds import ImageBuildInProgressError, start_build, wait_build
+
+    first = start_build(Image(name="sdk-slow", base_image=image).run("sleep 20"))
+    try:
+        with pytest.raises(ImageBuildInProgressError) as exc:
+            start_build(Image(name="sdk-slow", base_image=image).run("true"))
+        assert exc.value.active_build_id
+    finally:
+        assert wait_build(first.build_id)["name"] == "sdk-slow"
+    store.remove_image("sdk-slow")
