@@ -203,6 +203,8 @@ def new(
         "--image", "-i", help="Image or base name (default: the default base).")] = None,
     cpus: Annotated[Optional[int], typer.Option(help="vCPUs (default 1).")] = None,
     memory: Annotated[Optional[int], typer.Option("--memory", "-m", help="RAM in MiB (default 1024).")] = None,
+    disk: Annotated[Optional[int], typer.Option(
+        "--disk", help="Root disk in MiB (default the image's; bigger is grown at start).")] = None,
     timeout: Annotated[int, typer.Option("--timeout", "-t",
                                          help="Seconds of running time until it stops (0 = never).")] = 600,
     name: Annotated[Optional[str], typer.Option(help="A name, unique in the project.")] = None,
@@ -218,7 +220,7 @@ def new(
     from localsbx.sandbox import Sandbox
 
     t = time.monotonic()
-    sb = Sandbox.create(image, cpus=cpus, memory_mb=memory, timeout_secs=timeout,
+    sb = Sandbox.create(image, cpus=cpus, memory_mb=memory, disk_mb=disk, timeout_secs=timeout,
                         project=project, detached=True, name=name, snapshot_id=snapshot,
                         exposed_ports=expose, allow_internet_access=not no_internet)
     if sb.notice:

@@ -196,6 +196,7 @@ class AsyncSandbox:
         *,
         cpus: int | None = None,
         memory_mb: int | None = None,
+        disk_mb: int | None = None,
         timeout_secs: int | None = None,
         project: str | None = None,
         detached: bool = False,
@@ -213,6 +214,9 @@ class AsyncSandbox:
             :data:`DEFAULT_IMAGE`.
         :param cpus: vCPUs (default 1); other than the snapshot's → cold boot.
         :param memory_mb: RAM in MiB (default 1024); other than the snapshot's → cold boot.
+        :param disk_mb: root disk in MiB (default: the image's, 8192 for the Debian bases);
+            a bigger one is grown after the restore (QMP ``block_resize``, then an online
+            ext4 resize in the guest), so ``df /`` shows it; smaller is an error.
         :param timeout_secs: the sandbox stops after this many seconds of *running* time
             (default 600, Tensorlake's; time suspended does not count); 0 = never.
         :param detached: the sandbox outlives this process (CLI ``localsbx new``); otherwise
@@ -253,7 +257,7 @@ class AsyncSandbox:
         try:
             plan = await _plan(image, cpus=cpus, memory_mb=memory_mb,
                                timeout_secs=timeout_secs, project=project, cold_boot=cold_boot,
-                               snapshot_id=snapshot_id)
+                               snapshot_id=snapshot_id, disk_mb=disk_mb)
             if name is not None:
                 store.check_name("sandbox", name)
         except BaseException:
@@ -906,13 +910,18 @@ async def image_for(image: str | None, project: str | None) -> store.ImageRecord
 
     name = image or default_image()
     try:
-        return store.lookup_image(name, project=project)
+        img = store.lookup_image(name, project=project)
+        if not _stale_base_image(img):
+            return img
+        base = img.meta.base
     except ImageNotFound:
         base = name.removeprefix("tensorlake/")
         if base not in known_base_names():
             raise
     try:
-        return store.lookup_image(base, project=project)
+        img = store.lookup_image(base, project=project)
+        if not _stale_base_image(img):
+            return img
     except ImageNotFound:
         pass
     from localsbx.build.builder import build_image_async
@@ -923,8 +932,22 @@ async def image_for(image: str | None, project: str | None) -> store.ImageRecord
                                    name=base, project=project)
 
 
+def _stale_base_image(img: store.ImageRecord) -> bool:
+    """An image made from a base alone (by :func:`image_for`) whose base was rebuilt since:
+    it is rebuilt in its turn, as nobody else would (a user's image says to rebuild it)."""
+    from localsbx.base import get_base
+    from localsbx.errors import BaseImageError
+
+    if img.meta.source != f"<base {img.meta.base}>":
+        return False
+    try:
+        return get_base(img.meta.base).digest != img.meta.base_digest
+    except BaseImageError:
+        return False
+
+
 async def _plan(image: str | None, *, cpus, memory_mb, timeout_secs, project, cold_boot,
-                snapshot_id) -> dict:
+                snapshot_id, disk_mb=None) -> dict:
     """Decide how a new sandbox boots: the record fields that describe it (one place
     for the clone's VM shape and the snapshot-key check)."""
     from localsbx.base import get_base
@@ -936,10 +959,14 @@ async def _plan(image: str | None, *, cpus, memory_mb, timeout_secs, project, co
         raise ConfigError(f"memory {memory_mb} MiB: need at least 128 MiB and at most the "
                           f"host's {_host_memory_mb()} MiB")
     timeout = DEFAULT_TIMEOUT_SECS if timeout_secs is None else _check_timeout(timeout_secs)
+    if disk_mb is not None and not 0 < int(disk_mb) <= MAX_DISK_MB:
+        raise ConfigError(f"disk {disk_mb} MiB: give a size in MiB up to {MAX_DISK_MB}")
     if snapshot_id is not None:
-        return _plan_checkpoint(snapshot_id, cpus=cpus, memory_mb=memory_mb, timeout=timeout)
+        plan = _plan_checkpoint(snapshot_id, cpus=cpus, memory_mb=memory_mb, timeout=timeout)
+        return {**plan, "disk_mb": int(disk_mb or 0)}
     img = await image_for(image, project)
     base = get_base(img.meta.base)
+    grow = _disk_growth(base, disk_mb)
     if base.digest != img.meta.base_digest:
         raise SnapshotError(
             f"image {img.name!r} was built on another build of base {base.name!r} "
@@ -966,7 +993,8 @@ async def _plan(image: str | None, *, cpus, memory_mb, timeout_secs, project, co
     common = {"image": img.name, "project": img.project, "image_digest": img.digest,
                   "cpus": cpus, "memory_mb": memory_mb, "timeout_secs": timeout, "env": img.env,
                   "workdir": img.workdir, "user": img.user, "kernel": str(base.kernel),
-                  "base_initrd": str(base.initrd), "notice": notice, "source": "image"}
+                  "base_initrd": str(base.initrd), "notice": notice, "source": "image",
+                  "disk_mb": grow}
     if mismatch:
         if not (img.path / "build.qcow2").exists():
             raise SnapshotError(f"image {img.name!r}: disk {img.path / 'build.qcow2'} is missing",
@@ -976,6 +1004,25 @@ async def _plan(image: str | None, *, cpus, memory_mb, timeout_secs, project, co
     return {**common, "cold_boot": False, "restored": True, "initrd": str(snap / "initrd.cpio"),
             "ram_file": str(snap / "ram"), "state_file": str(snap / "state.mig"),
             "disk_backing": str(snap / "disk.qcow2"), "host_key": saved.host_key}
+
+
+#: The largest root disk a sandbox may ask for, in MiB (qcow2 files are sparse: only what
+#: the guest writes takes host space).
+MAX_DISK_MB = 1 << 20
+
+
+def _disk_growth(base, disk_mb) -> int:
+    """``disk_mb`` to grow the root disk to after boot, or 0 (the image's size is enough).
+
+    :raises ConfigError: smaller than the image's disk (a disk is never shrunk)."""
+    if disk_mb is None:
+        return 0
+    have = int(base.meta.get("rootfs_virtual_size") or 0) >> 20
+    if int(disk_mb) < have:
+        raise ConfigError(f"disk {disk_mb} MiB: the image's disk is already {have} MiB "
+                          "(a sandbox's disk can grow, not shrink)",
+                          hint=f"ask for at least {have} MiB, or leave disk_mb out")
+    return int(disk_mb) if int(disk_mb) > have else 0
 
 
 def _plan_checkpoint(cid: str, *, cpus, memory_mb, timeout: int) -> dict:

@@ -397,6 +397,7 @@ class SandboxRecord:
     created_at: float = 0.0
     cpus: int = 1
     memory_mb: int = 1024
+    disk_mb: int = 0
     timeout_secs: int = 0
     used_secs: float = 0.0
     running_since: float | None = None

@@ -407,6 +407,22 @@ class Supervisor:
                                 self.rec.id], env={}, timeout=30)
         if res.exit_status != 0:
             log.warning("identity fixup failed: %s", res.stderr.decode(errors="replace"))
+        if self.rec.disk_mb:
+            await self._grow_disk(self.rec.disk_mb)
+
+    async def _grow_disk(self, disk_mb: int) -> None:
+        """Grow the root disk to ``disk_mb`` MiB: QMP ``block_resize`` (virtio-blk tells the
+        guest kernel), then the agent grows the ext4 online. A failure is recorded as the
+        sandbox's error and logged; the sandbox stays usable at its old size."""
+        want = int(disk_mb) << 20
+        try:
+            await self.machine.qemu.execute("block_resize", {"device": "root", "size": want})
+            res = await self.machine.guest.agent("resizefs", str(want), "/", timeout=60)
+            if res.exit_status != 0:
+                raise GuestError(res.stderr.decode(errors="replace").strip())
+        except (LocalsbxError, OSError) as exc:
+            log.warning("growing the disk to %s MiB failed: %s", disk_mb, exc)
+            store.update_sandbox(self.rec.id, error=f"disk_mb={disk_mb}: {exc}")
 
     async def ready(self) -> None:
         """Wait for the post-restore fixup (every operation that touches the guest does)."""

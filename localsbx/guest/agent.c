@@ -13,6 +13,8 @@
  *   agent put PATH [--mode OCTAL]   stdin -> PATH atomically
  *   agent get PATH                  PATH -> stdout
  *   agent sync
+ *   agent resizefs BYTES [MOUNT]    grow MOUNT's ext4 (default /) online to BYTES, once
+ *                                   its block device is that big (waits up to 10 s)
  *   agent poweroff                  exit 0 at once; PID 1 powers off 0.2 s later
  *   agent -c 'exec /usr/lib/localsbx/agent VERB ...'
  *                                   as the login shell of the `localsbx` account (uid 0)
@@ -48,6 +50,8 @@
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/sysmacros.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -775,6 +779,53 @@ static int cmd_sync(int argc, char **argv) {
     return 0;
 }
 
+/* The size of the block device behind MOUNT, in bytes, from sysfs (0 if unknown). */
+static unsigned long long device_bytes(const char *mnt) {
+    struct stat st;
+    if (stat(mnt, &st) < 0) return 0;
+    char path[96];
+    snprintf(path, sizeof path, "/sys/dev/block/%u:%u/size", major(st.st_dev), minor(st.st_dev));
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    unsigned long long sectors = 0;
+    if (fscanf(f, "%llu", &sectors) != 1) sectors = 0;
+    fclose(f);
+    return sectors * 512ULL;
+}
+
+#ifndef EXT4_IOC_RESIZE_FS
+#define EXT4_IOC_RESIZE_FS _IOW('f', 16, unsigned long long)
+#endif
+
+static int cmd_resizefs(int argc, char **argv) {
+    const char *use = "resizefs BYTES [MOUNT]";
+    if (argc < 1 || argc > 2) usage(use);
+    char *end;
+    unsigned long long want = strtoull(argv[0], &end, 10);
+    if (*end || !want) usage(use);
+    const char *mnt = argc == 2 ? argv[1] : "/";
+    /* the host grew the disk a moment ago; the kernel learns it from a config interrupt */
+    for (int i = 0; i < 100 && device_bytes(mnt) < want; i++) sleep_ms(100);
+    unsigned long long have = device_bytes(mnt);
+    if (have < want) {
+        msg("resizefs %s: the block device is %llu bytes, not %llu", mnt, have, want);
+        return EXIT_FAIL;
+    }
+    int fd = open(mnt, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    struct statfs sfs;
+    if (fd < 0 || fstatfs(fd, &sfs) < 0) {
+        msg("resizefs %s: %s", mnt, strerror(errno));
+        return EXIT_FAIL;
+    }
+    unsigned long long blocks = want / (unsigned long long)sfs.f_bsize;
+    if (blocks <= (unsigned long long)sfs.f_blocks) return 0;  /* already that big */
+    if (ioctl(fd, EXT4_IOC_RESIZE_FS, &blocks) < 0) {
+        msg("resizefs %s to %llu blocks: %s", mnt, blocks, strerror(errno));
+        return EXIT_FAIL;
+    }
+    return 0;
+}
+
 static int cmd_poweroff(int argc, char **argv) {
     (void)argv;
     if (argc) usage("poweroff");
@@ -1060,6 +1111,7 @@ int main(int argc, char **argv) {
     if (!strcmp(verb, "put")) return cmd_put(n, rest);
     if (!strcmp(verb, "get")) return cmd_get(n, rest);
     if (!strcmp(verb, "sync")) return cmd_sync(n, rest);
+    if (!strcmp(verb, "resizefs")) return cmd_resizefs(n, rest);
     if (!strcmp(verb, "poweroff")) return cmd_poweroff(n, rest);
     if (!strcmp(verb, "init")) return cmd_init(n, rest);
     msg("unknown verb %s", verb);

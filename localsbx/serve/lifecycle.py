@@ -79,7 +79,7 @@ def _create_kwargs(ns: str, req: wire.CreateSandbox) -> dict:
         if not math.isfinite(res.cpus) or res.cpus <= 0:
             raise ConfigError(f"resources.cpus {res.cpus}: must be a positive number")
         cpus = max(1, math.ceil(res.cpus))
-    return dict(image=req.image, cpus=cpus, memory_mb=res.memory_mb,
+    return dict(image=req.image, cpus=cpus, memory_mb=res.memory_mb, disk_mb=res.disk_mb,
                 timeout_secs=req.timeout_secs, project=ns, detached=True, name=req.name,
                 snapshot_id=req.snapshot_id, exposed_ports=tuple(req.exposed_ports or ()),
                 allow_internet_access=(req.network.allow_internet_access

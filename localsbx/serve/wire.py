@@ -143,8 +143,8 @@ def user_arg(user: str | ProcessUser | None) -> str | None:
 
 def disk_mb(rec: store.SandboxRecord) -> int:
     """The guest's root disk in MiB: its base's rootfs virtual size (the SDK requires
-    ``resources.disk_mb``)."""
-    return _disk_mb_of(rec.image_digest)
+    ``resources.disk_mb``), or what the sandbox was grown to."""
+    return rec.disk_mb or _disk_mb_of(rec.image_digest)
 
 
 @functools.lru_cache(maxsize=256)

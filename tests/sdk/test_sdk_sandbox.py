@@ -188,9 +188,10 @@ def test_checkpoint_snapshots_and_restore(sbx):
     assert sid not in {s.snapshot_id for s in sbx.list_snapshots()}
 
 
-def test_suspend_and_resume_keep_files_and_processes(image):
-    sb = Sandbox.create(image=image)
+def test_suspend_and_resume_keep_files_processes_and_a_grown_disk(image):
+    sb = Sandbox.create(image=image, disk_mb=10240)
     try:
+        assert sb.info().resources.disk_mb == 10240
         sb.write_file("/root/keep.txt", b"kept")
         p = sb.start_process("sleep", ["600"])
         sb.suspend()
@@ -200,6 +201,8 @@ def test_suspend_and_resume_keep_files_and_processes(image):
         assert sb.status.value == "running"
         assert sb.read_file("/root/keep.txt").value == b"kept"
         assert sb.get_process(p.pid).status.value == "running"
+        size = sb.run("sh", ["-c", "df -B1M --output=size / | tail -1"]).stdout.strip()
+        assert int(size) >= 9700
     finally:
         sb.terminate()
 

@@ -428,3 +428,25 @@ def test_guest_kernel_panic_ends_the_sandbox_not_a_hang(main_image):
     finally:
         sb.terminate()
     assert not store.sandbox_dir(sid).exists()
+
+
+def test_disk_mb_grows_the_root_disk_the_guest_sees(main_image):
+    """``disk_mb`` bigger than the image's: the guest's ``/`` is that big (QMP
+    block_resize, then an online ext4 resize), and it survives a checkpoint clone."""
+    with pytest.raises(ConfigError, match="grow, not shrink"):
+        Sandbox.create(main_image, disk_mb=1024)
+    sb = Sandbox.create(main_image, disk_mb=12288)
+    try:
+        out = sb.run("df -B1M --output=size / | tail -1").stdout.strip()
+        assert 11600 <= int(out) <= 12288, out  # ext4 keeps some for itself
+        assert sb.refresh().disk_mb == 12288 and not sb.refresh().error
+        sb.run("head -c 1M /dev/zero > /grown.bin")
+        cp = sb.checkpoint("filesystem")
+        clone = Sandbox.create(snapshot_id=cp.id)
+        try:
+            size = int(clone.run("df -B1M --output=size / | tail -1").stdout.strip())
+            assert size >= 11600 and clone.run("test -f /grown.bin").exit_code == 0
+        finally:
+            clone.terminate()
+    finally:
+        sb.terminate()
