@@ -98,7 +98,9 @@ VMLINUX = "vmlinux"
 INITRAMFS = "initramfs.cpio"
 METADATA = "base.json"
 BUILD_LOG = "build.log"
-_FORMAT = 1
+#: Base format. 2: the boot kit (agent + dropbear) is in the initramfs, not the rootfs;
+#: a format-1 base cannot boot with today's /init and must be rebuilt.
+_FORMAT = 2
 
 Progress = Callable[[str], None]
 
@@ -137,11 +139,22 @@ _KNOWN = {*_REQUIRED, "variant", "components", "extra_suites", "security", "buil
           "customize"}  # fmt: skip
 
 
-def known_base_names() -> list[str]:
+def recipe_names() -> list[str]:
     """Names of the bases that have a recipe (``images/<name>/recipe.toml``), sorted."""
     if not RECIPES_DIR.is_dir():
         return []
     return sorted(p.parent.name for p in RECIPES_DIR.glob("*/recipe.toml"))
+
+
+def known_base_names() -> list[str]:
+    """Names a ``FROM`` may use: every recipe, plus every base present in the store
+    without one (``localsbx base import``), sorted."""
+    names = set(recipe_names())
+    bases = _bases_dir()
+    if bases.is_dir():
+        names |= {p.name for p in bases.iterdir()
+                  if not p.name.startswith(".") and (p / METADATA).is_file()}
+    return sorted(names)
 
 
 def _unknown(name: str) -> BaseImageError:
@@ -312,7 +325,8 @@ def _info(name: str) -> BaseInfo:
     meta: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         meta = json.loads((path / METADATA).read_text())
-    built = bool(meta) and all((path / f).is_file() for f in (ROOTFS, VMLINUX, INITRAMFS))
+    built = (bool(meta) and meta.get("format", 1) >= _FORMAT
+             and all((path / f).is_file() for f in (ROOTFS, VMLINUX, INITRAMFS)))
     return BaseInfo(
         name=name,
         path=path,
@@ -342,6 +356,15 @@ def get_base(name: str) -> BaseInfo:
     info = _info(name)
     if info.built:
         return info
+    with contextlib.suppress(OSError, ValueError):
+        old = json.loads((info.path / METADATA).read_text()).get("format", 1)
+        if old < _FORMAT:
+            how = (f"localsbx base build {name} --force" if name in recipe_names()
+                   else f"localsbx base import {name} ROOTFS.tar (again)")
+            raise BaseImageError(
+                f"base image {name!r} was made by an older localsbx (base format {old}, now "
+                f"{_FORMAT}: the guest agent and SSH server moved from the rootfs into the "
+                "initramfs boot kit); it must be rebuilt", hint=how)
     if name not in known_base_names():
         raise _unknown(name)
     raise BaseImageError(f"base image {name!r} is not built",
@@ -600,7 +623,7 @@ def _build_into(recipe: Recipe, tmp: Path, work: Path, *, mirror: str, security:
     compression = extract_vmlinux(stage / "vmlinuz", tmp / VMLINUX)
     say("initramfs: busybox + " + ", ".join(recipe.initramfs_modules))
     loaded = make_initramfs(stage / "busybox", stage / "modules", tmp / INITRAMFS,
-                            kernel_version, modules=recipe.initramfs_modules)
+                            kernel_version, modules=recipe.initramfs_modules, kit=stage / "kit")
 
     say("qemu-img convert -> rootfs.qcow2")
     _run_logged(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(ext4),

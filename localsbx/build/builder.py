@@ -184,6 +184,11 @@ async def build_image_async(
         try:
             warm = await vm.guest.exec(["/bin/sh", "-c", "true"], env=runtime_env(env),
                                        cwd=workdir)
+            if warm.exit_status == 127:  # a rootfs without a shell (exec form only)
+                from localsbx.guest.ssh import KIT_BUSYBOX
+
+                warm = await vm.guest.exec([KIT_BUSYBOX, "true"], env=runtime_env(env),
+                                           cwd=workdir)
             if warm.exit_status != 0:
                 raise ImageBuildError(f"image {name}: the snapshot VM cannot run commands in "
                                       f"WORKDIR {workdir}: {warm.stderr.decode(errors='replace')}")
