@@ -43,7 +43,7 @@ from typing import Any
 from localsbx import base as _base
 from localsbx.errors import BaseImageError
 
-__all__ = ["ARCHIVE_MANIFEST", "export_base", "import_base"]
+__all__ = ["ARCHIVE_MANIFEST", "base_from_tree", "export_base", "import_base"]
 
 #: The first member of an archive written by :func:`export_base`.
 ARCHIVE_MANIFEST = "localsbx-base.json"
@@ -134,15 +134,10 @@ def import_base(name: str, source: Path, *, kit: str = DEFAULT_KIT, size_gib: in
             if (tree / ARCHIVE_MANIFEST).is_file():
                 _from_archive(name, tree, tmp, say)
             else:
-                _from_rootfs(name, source, tree, tmp, work, kit=kit, size_gib=size_gib, say=say)
-            tmp.chmod(0o755)
-            old = None
-            if final.exists():
-                old = final.with_name(f".old-{name}-{os.getpid()}-{int(time.time())}")
-                final.rename(old)
-            tmp.rename(final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+                src = {"file": source.name, "sha256": _sha256(source)}
+                _from_tree(name, tree, tmp, work, source=src, kit=kit, size_gib=size_gib,
+                           say=say)
+            _install(tmp, final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
             if tmp.exists():
@@ -150,6 +145,42 @@ def import_base(name: str, source: Path, *, kit: str = DEFAULT_KIT, size_gib: in
     info = _base._info(name)
     say(f"base {name}: {info.size_bytes / 2**20:.0f} MiB ({info.meta.get('kind', 'built')})")
     return info
+
+
+def _install(tmp: Path, final: Path) -> None:
+    tmp.chmod(0o755)
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}-{int(time.time())}")
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def base_from_tree(name: str, tree: Path, *, source: dict[str, Any], kit: str = DEFAULT_KIT,
+                   extra: dict[str, Any] | None = None,
+                   progress: _base.Progress | None = None) -> _base.BaseInfo:
+    """Make (or replace) the base ``name`` from an unpacked root tree (consumed: files may be
+    moved or changed). ``source`` and ``extra`` go into ``base.json`` (an OCI image's
+    reference, digest and config, see :mod:`localsbx.oci`)."""
+    _check_name(name)
+    say = progress or (lambda _text: None)
+    _base._require_tools("mkfs.ext4", "qemu-img")
+    bases = _base._bases_dir()
+    bases.mkdir(parents=True, exist_ok=True)
+    with _base._locked(name):
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=bases))
+        work = Path(tempfile.mkdtemp(prefix=f"localsbx-import-{name}-"))
+        try:
+            _from_tree(name, tree, tmp, work, source=source, kit=kit, size_gib=None, say=say,
+                       extra=extra)
+            _install(tmp, bases / name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return _base._info(name)
 
 
 def _fakeroot(argv: list[str], work: Path) -> list[str]:
@@ -174,15 +205,16 @@ def _untar(source: Path, tree: Path, work: Path) -> None:
         raise BaseImageError(f"{source}: the archive is empty")
 
 
-def _from_rootfs(name: str, source: Path, tree: Path, tmp: Path, work: Path, *, kit: str,
-                 size_gib: int | None, say: _base.Progress) -> None:
+def _from_tree(name: str, tree: Path, tmp: Path, work: Path, *, source: dict[str, Any],
+               kit: str, size_gib: int | None, say: _base.Progress,
+               extra: dict[str, Any] | None = None) -> None:
     t0 = time.monotonic()
     kit_info = _base.get_base(kit)
     used = sum(p.lstat().st_size for p in tree.rglob("*") if not p.is_symlink())
     need = math.ceil(used * 1.3 / 2**30) + 1
     size = size_gib or max(8, need)
     if size < need:
-        raise BaseImageError(f"{source}: {used / 2**30:.1f} GiB of files do not fit in "
+        raise BaseImageError(f"{source.get('file')}: {used / 2**30:.1f} GiB of files do not fit in "
                              f"{size} GiB", hint=f"pass --size-gib {need} or more")
     for note in _lacks(tree):
         say(f"note: {note}")
@@ -212,7 +244,7 @@ def _from_rootfs(name: str, source: Path, tree: Path, tmp: Path, work: Path, *, 
         "kind": "imported",
         "distro": osr.get("ID", "unknown"),
         "suite": osr.get("VERSION_CODENAME") or osr.get("VERSION_ID"),
-        "source": {"file": source.name, "sha256": _sha256(source)},
+        "source": source,
         "kit_from": kit,
         "kit_digest": kit_info.digest,
         "kernel_version": kit_info.kernel_version,
@@ -224,6 +256,7 @@ def _from_rootfs(name: str, source: Path, tree: Path, tmp: Path, work: Path, *, 
         "files": files,
         "build_seconds": round(time.monotonic() - t0, 1),
         "built_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **(extra or {}),
     }
     (tmp / _base.METADATA).write_text(json.dumps(meta, indent=2) + "\n")
 

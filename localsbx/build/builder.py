@@ -116,7 +116,7 @@ async def build_image_async(
     :raises ImageBuildError: a step failed (which, its exit code, its output tail); nothing
         is registered and no QEMU is left.
     """
-    from localsbx.base import get_base
+    from localsbx.build.resolve import resolve_from
     from localsbx.definition.context import BuildContext
 
     rep = reporter or Reporter()
@@ -125,7 +125,7 @@ async def build_image_async(
     name = store.check_name("image", name or definition.name)
     for w in definition.warnings:
         rep.say(f"warning: {w}")
-    base = get_base(definition.base)
+    base, definition = await resolve_from(definition, say=rep.say)  # base or registry image
     ctx = None
     if context_dir is not None:
         ctx = BuildContext(Path(context_dir))
