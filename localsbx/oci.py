@@ -291,6 +291,7 @@ def pull_base(ref: ImageRef, *, progress: Progress | None = None) -> PulledImage
         digest = ref.digest or refs.get(str(ref))
         cached = digest is not None and (layout / "blobs" / "sha256" / digest.split(":")[1]).is_file()
         errors: list[str] = []
+        asked = False  # was a registry contacted successfully?
         if not cached or os.environ.get("LOCALSBX_PULL") == "always":
             for src in _sources(ref):
                 say(f"pulling {src}")
@@ -303,7 +304,7 @@ def pull_base(ref: ImageRef, *, progress: Progress | None = None) -> PulledImage
                 if ref.digest is None:
                     refs[str(ref)] = digest
                     _write_refs(refs)
-                cached = False
+                asked = True
                 break
             else:
                 if not cached:
@@ -338,5 +339,4 @@ def pull_base(ref: ImageRef, *, progress: Progress | None = None) -> PulledImage
                            "oci_config": config.to_json()}, progress=say)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-        return PulledImage(ref=ref, digest=digest, config=config, base=info,
-                           cached=cached and not errors)
+        return PulledImage(ref=ref, digest=digest, config=config, base=info, cached=not asked)
