@@ -42,6 +42,8 @@ Recipe keys (``images/<name>/recipe.toml``):
 ``dpkg_path_exclude``   dpkg ``path-exclude`` patterns (kept in the image)
 ``dpkg_path_include``   dpkg ``path-include`` patterns
 ``customize``           script in the recipe folder, run as ``customize ROOT``
+``mirror``              the archive when the host has no mirror for ``distro`` (Ubuntu's)
+``keyring``             host keyring file for mmdebstrap ``--keyring`` (Ubuntu's archive key)
 ======================  ===================================================================
 
 .. warning:: Rebuilding a base (``force=True``) replaces the ``rootfs.qcow2`` that built
@@ -130,13 +132,15 @@ class Recipe:
     dpkg_path_include: tuple[str, ...]
     customize: Path | None
     digest: str = field(repr=False)
+    mirror: str | None = None
+    keyring: str | None = None
 
 
 _REQUIRED = ("distro", "suite", "packages", "kernel_package", "busybox_package",
              "initramfs_modules")  # fmt: skip
 _KNOWN = {*_REQUIRED, "variant", "components", "extra_suites", "security", "build_packages",
           "rootfs_size_gib", "rootfs_label", "dpkg_path_exclude", "dpkg_path_include",
-          "customize"}  # fmt: skip
+          "customize", "mirror", "keyring"}  # fmt: skip
 
 
 def recipe_names() -> list[str]:
@@ -209,6 +213,8 @@ def load_recipe(name: str) -> Recipe:
         dpkg_path_include=tuple(raw.get("dpkg_path_include", [])),
         customize=customize,
         digest=digest.hexdigest(),
+        mirror=raw.get("mirror"),
+        keyring=raw.get("keyring"),
     )
 
 
@@ -431,6 +437,17 @@ def host_mirrors(distro: str, apt_dir: Path = _APT_DIR) -> tuple[str, str | None
     return main, env_sec or sec
 
 
+def _mirrors(recipe: Recipe, mirror: str | None) -> tuple[str, str | None]:
+    if mirror:
+        return mirror, None
+    try:
+        return host_mirrors(recipe.distro)
+    except ConfigError:
+        if recipe.mirror and not os.environ.get("LOCALSBX_MIRROR"):
+            return recipe.mirror, None
+        raise
+
+
 # ---------------------------------------------------------------------------- build
 
 
@@ -533,6 +550,8 @@ def _mmdebstrap_argv(recipe: Recipe, *, mode: str, stage: Path, agent: Path, ext
         *(f"--dpkgopt=path-include={p}" for p in recipe.dpkg_path_include),
         f"--customize-hook={install}",
     ]
+    if recipe.keyring:
+        argv.append(f"--keyring={recipe.keyring}")
     if recipe.customize is not None:
         argv.append(f"--customize-hook=sh {q(str(recipe.customize))} \"$1\"")
     certs = host_ca_certificates()
@@ -547,13 +566,44 @@ def _mmdebstrap_argv(recipe: Recipe, *, mode: str, stage: Path, agent: Path, ext
     return argv
 
 
-def build_base(name: str, *, force: bool = False, progress: Progress | None = None) -> BaseInfo:
+#: Seconds to wait for the archive's ``dists/<suite>/Release`` before giving up.
+MIRROR_PROBE_TIMEOUT = 10.0
+
+
+def check_archive(mirror: str, suite: str, distro: str, *,
+                  timeout: float = MIRROR_PROBE_TIMEOUT) -> None:
+    """Fail at once, in words, when ``mirror`` does not serve ``suite`` (before mmdebstrap
+    spends minutes finding out). Proxies come from the environment, as for apt.
+
+    :raises BaseImageError: unreachable, or no ``dists/<suite>/Release`` there.
+    """
+    import urllib.error
+    import urllib.request
+
+    url = f"{mirror.rstrip('/')}/dists/{suite}/Release"
+    try:
+        req = urllib.request.Request(url, method="HEAD")
+        with urllib.request.urlopen(req, timeout=timeout):
+            return
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise BaseImageError(
+            f"cannot reach the {distro} archive for {suite}: {url}: {reason}",
+            hint="point LOCALSBX_MIRROR (or `localsbx base build NAME --mirror URL`) at a "
+                 f"reachable mirror of the {distro} archive, or make the base from a rootfs "
+                 "tarball: `localsbx base import NAME ROOTFS.tar`") from exc
+
+
+def build_base(name: str, *, force: bool = False, progress: Progress | None = None,
+               mirror: str | None = None) -> BaseInfo:
     """Build the base ``name`` from ``images/<name>/`` (a no-op when already built).
 
     Concurrent calls for the same name wait for each other (``flock``).
 
     :param force: rebuild even when built (see the module warning about images).
     :param progress: called with one line of text per step (for a CLI); ``None``: quiet.
+    :param mirror: the archive to build from (default: ``LOCALSBX_MIRROR``, the host's apt
+        mirror for the distro, else the recipe's ``mirror``); probed first.
     :returns: the built base.
     :raises BaseImageError: unknown name, or a build step failed (the message carries the
         tail of ``build.log``).
@@ -566,7 +616,14 @@ def build_base(name: str, *, force: bool = False, progress: Progress | None = No
         if current.built and not force:
             return current
         _require_tools("mmdebstrap", "mkfs.ext4", "qemu-img", "gcc", "tar", "zstd")
-        mirror, security = host_mirrors(recipe.distro)
+        mirror, security = _mirrors(recipe, mirror)
+        check_archive(mirror, recipe.suite, recipe.distro)
+        if recipe.keyring and not Path(recipe.keyring).is_file():
+            raise ConfigError(
+                f"base {name}: the {recipe.distro} archive key {recipe.keyring} is not on "
+                "this host, so mmdebstrap cannot check the archive",
+                hint=f"install the host package that ships it ({recipe.distro}-keyring), or "
+                     "make the base from a rootfs: `localsbx base import NAME ROOTFS.tar`")
         final = _bases_dir() / name
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=_bases_dir()))
         # hooks run inside mmdebstrap's user namespace, whose root may be a subordinate

@@ -98,11 +98,14 @@ def _options(debug: Annotated[bool, typer.Option(
 
 @base_app.command("build")
 def base_build(name: Annotated[str, typer.Argument(help="Base name, e.g. debian-minimal.")],
-               force: Annotated[bool, typer.Option("--force", help="Rebuild even if built.")] = False):
+               force: Annotated[bool, typer.Option("--force", help="Rebuild even if built.")] = False,
+               mirror: Annotated[Optional[str], typer.Option(
+                   "--mirror", help="Archive URL (default: LOCALSBX_MIRROR, the host's apt "
+                                    "mirror, the recipe's).")] = None):
     """Build a base image (mmdebstrap rootfs, cloud kernel, initramfs)."""
     from localsbx.base import build_base
 
-    info = build_base(name, force=force, progress=lambda t: err.print(_esc(t)))
+    info = build_base(name, force=force, mirror=mirror, progress=lambda t: err.print(_esc(t)))
     err.print(f"[green]base {info.name} ready[/] at {info.path}")
 
 

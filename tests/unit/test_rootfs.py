@@ -129,3 +129,26 @@ def test_old_format_base_asks_for_a_rebuild(store):
     with pytest.raises(BaseImageError, match="older localsbx") as exc:
         base.get_base("kitbase")
     assert "import" in (exc.value.hint or "")
+
+
+def test_ubuntu_recipe_renders_and_an_unreachable_archive_fails_at_once(tmp_path, monkeypatch):
+    import time
+
+    recipe = base.load_recipe("ubuntu-minimal")
+    assert (recipe.distro, recipe.suite, recipe.kernel_package) == ("ubuntu", "noble",
+                                                                  "linux-image-virtual")
+    argv = base._mmdebstrap_argv(recipe, mode="unshare", stage=tmp_path, agent=tmp_path / "a",
+                                 ext4=tmp_path / "e", mirror=recipe.mirror, security=None)
+    assert f"--keyring={recipe.keyring}" in argv
+    assert "deb http://archive.ubuntu.com/ubuntu noble main universe" in argv
+    assert "deb http://archive.ubuntu.com/ubuntu noble-security main universe" in argv
+    assert base._mirrors(recipe, None)[0] == recipe.mirror  # the host has no ubuntu source
+
+    monkeypatch.setenv("LOCALSBX_HOME", str(tmp_path / "store"))
+    monkeypatch.setenv("LOCALSBX_MIRROR", "http://127.0.0.1:9/ubuntu")
+    t0 = time.monotonic()
+    with pytest.raises(BaseImageError, match="cannot reach the ubuntu archive for noble") as exc:
+        base.build_base("ubuntu-minimal")
+    assert time.monotonic() - t0 < base.MIRROR_PROBE_TIMEOUT + 5
+    assert "LOCALSBX_MIRROR" in exc.value.hint and "base import" in exc.value.hint
+    assert not [p for p in (tmp_path / "store" / "bases").iterdir() if p.name.startswith(".tmp")]
