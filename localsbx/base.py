@@ -241,6 +241,7 @@ class BaseInfo:
     size_bytes: int
     recipe_digest: str | None
     current_recipe_digest: str | None
+    old_format: int | None = None
 
     @property
     def rootfs(self) -> Path:
@@ -289,20 +290,21 @@ class BaseInfo:
 
     @property
     def state(self) -> str:
-        """``built``, ``outdated`` (built, recipe changed since) or ``not built``."""
+        """``built``, ``outdated`` (built, recipe changed since), ``rebuild needed`` (made by
+        an older localsbx: :data:`_FORMAT`) or ``not built``."""
         if not self.built:
-            return "not built"
+            return "rebuild needed" if self.old_format else "not built"
         return "outdated" if self.outdated else "built"
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready summary (the CLI's ``base ls --json``).
 
-        ``state`` is ``built`` or ``not built``; ``outdated`` says whether the recipe
+        ``state`` is ``built``, ``not built`` or ``rebuild needed``; ``outdated`` says whether the recipe
         changed since the build.
         """
         return {
             "name": self.name,
-            "state": "built" if self.built else "not built",
+            "state": "built" if self.built else self.state,
             "outdated": self.outdated,
             "path": str(self.path),
             "distro": self.meta.get("distro"),
@@ -341,6 +343,7 @@ def _info(name: str) -> BaseInfo:
         size_bytes=_du(path) if built else 0,
         recipe_digest=meta.get("recipe_digest") if built else None,
         current_recipe_digest=current,
+        old_format=meta.get("format", 1) if meta and not built else None,
     )
 
 

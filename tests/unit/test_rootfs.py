@@ -129,6 +129,8 @@ def test_old_format_base_asks_for_a_rebuild(store):
     with pytest.raises(BaseImageError, match="older localsbx") as exc:
         base.get_base("kitbase")
     assert "import" in (exc.value.hint or "")
+    assert [b.to_json()["state"] for b in base.list_bases() if b.name == "kitbase"] == [
+        "rebuild needed"]
 
 
 def test_ubuntu_recipe_renders_and_an_unreachable_archive_fails_at_once(tmp_path, monkeypatch):
