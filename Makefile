@@ -12,9 +12,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMPS := .stamps
 BASE ?= debian-minimal
 
-# Host packages: QEMU, the rootfs/initramfs tools, a C compiler for the static guest agent.
+# Host packages: QEMU, the rootfs/initramfs tools, a C compiler for the static guest agent,
+# skopeo + umoci for FROM a registry image, docker-registry for the tests' local registry.
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs busybox-static cpio uidmap \
-	debian-archive-keyring lz4 zstd xz-utils gcc libc6-dev python3-venv coreutils tar passt
+	debian-archive-keyring lz4 zstd xz-utils gcc libc6-dev python3-venv coreutils tar passt \
+	skopeo umoci docker-registry fakeroot
 
 .PHONY: setup apt venv base ts-sdk demo test test-unit bench lint clean-stamps
 

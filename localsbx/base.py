@@ -42,6 +42,8 @@ Recipe keys (``images/<name>/recipe.toml``):
 ``dpkg_path_exclude``   dpkg ``path-exclude`` patterns (kept in the image)
 ``dpkg_path_include``   dpkg ``path-include`` patterns
 ``customize``           script in the recipe folder, run as ``customize ROOT``
+``mirror``              the archive when the host has no mirror for ``distro`` (Ubuntu's)
+``keyring``             host keyring file for mmdebstrap ``--keyring`` (Ubuntu's archive key)
 ======================  ===================================================================
 
 .. warning:: Rebuilding a base (``force=True``) replaces the ``rootfs.qcow2`` that built
@@ -98,7 +100,9 @@ VMLINUX = "vmlinux"
 INITRAMFS = "initramfs.cpio"
 METADATA = "base.json"
 BUILD_LOG = "build.log"
-_FORMAT = 1
+#: Base format. 2: the boot kit (agent + dropbear) is in the initramfs, not the rootfs;
+#: a format-1 base cannot boot with today's /init and must be rebuilt.
+_FORMAT = 2
 
 Progress = Callable[[str], None]
 
@@ -128,20 +132,33 @@ class Recipe:
     dpkg_path_include: tuple[str, ...]
     customize: Path | None
     digest: str = field(repr=False)
+    mirror: str | None = None
+    keyring: str | None = None
 
 
 _REQUIRED = ("distro", "suite", "packages", "kernel_package", "busybox_package",
              "initramfs_modules")  # fmt: skip
 _KNOWN = {*_REQUIRED, "variant", "components", "extra_suites", "security", "build_packages",
           "rootfs_size_gib", "rootfs_label", "dpkg_path_exclude", "dpkg_path_include",
-          "customize"}  # fmt: skip
+          "customize", "mirror", "keyring"}  # fmt: skip
 
 
-def known_base_names() -> list[str]:
+def recipe_names() -> list[str]:
     """Names of the bases that have a recipe (``images/<name>/recipe.toml``), sorted."""
     if not RECIPES_DIR.is_dir():
         return []
     return sorted(p.parent.name for p in RECIPES_DIR.glob("*/recipe.toml"))
+
+
+def known_base_names() -> list[str]:
+    """Names a ``FROM`` may use: every recipe, plus every base present in the store
+    without one (``localsbx base import``), sorted."""
+    names = set(recipe_names())
+    bases = _bases_dir()
+    if bases.is_dir():
+        names |= {p.name for p in bases.iterdir()
+                  if not p.name.startswith(".") and (p / METADATA).is_file()}
+    return sorted(names)
 
 
 def _unknown(name: str) -> BaseImageError:
@@ -196,6 +213,8 @@ def load_recipe(name: str) -> Recipe:
         dpkg_path_include=tuple(raw.get("dpkg_path_include", [])),
         customize=customize,
         digest=digest.hexdigest(),
+        mirror=raw.get("mirror"),
+        keyring=raw.get("keyring"),
     )
 
 
@@ -222,6 +241,7 @@ class BaseInfo:
     size_bytes: int
     recipe_digest: str | None
     current_recipe_digest: str | None
+    old_format: int | None = None
 
     @property
     def rootfs(self) -> Path:
@@ -270,20 +290,21 @@ class BaseInfo:
 
     @property
     def state(self) -> str:
-        """``built``, ``outdated`` (built, recipe changed since) or ``not built``."""
+        """``built``, ``outdated`` (built, recipe changed since), ``rebuild needed`` (made by
+        an older localsbx: :data:`_FORMAT`) or ``not built``."""
         if not self.built:
-            return "not built"
+            return "rebuild needed" if self.old_format else "not built"
         return "outdated" if self.outdated else "built"
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready summary (the CLI's ``base ls --json``).
 
-        ``state`` is ``built`` or ``not built``; ``outdated`` says whether the recipe
+        ``state`` is ``built``, ``not built`` or ``rebuild needed``; ``outdated`` says whether the recipe
         changed since the build.
         """
         return {
             "name": self.name,
-            "state": "built" if self.built else "not built",
+            "state": "built" if self.built else self.state,
             "outdated": self.outdated,
             "path": str(self.path),
             "distro": self.meta.get("distro"),
@@ -312,7 +333,8 @@ def _info(name: str) -> BaseInfo:
     meta: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         meta = json.loads((path / METADATA).read_text())
-    built = bool(meta) and all((path / f).is_file() for f in (ROOTFS, VMLINUX, INITRAMFS))
+    built = (bool(meta) and meta.get("format", 1) >= _FORMAT
+             and all((path / f).is_file() for f in (ROOTFS, VMLINUX, INITRAMFS)))
     return BaseInfo(
         name=name,
         path=path,
@@ -321,6 +343,7 @@ def _info(name: str) -> BaseInfo:
         size_bytes=_du(path) if built else 0,
         recipe_digest=meta.get("recipe_digest") if built else None,
         current_recipe_digest=current,
+        old_format=meta.get("format", 1) if meta and not built else None,
     )
 
 
@@ -342,6 +365,15 @@ def get_base(name: str) -> BaseInfo:
     info = _info(name)
     if info.built:
         return info
+    with contextlib.suppress(OSError, ValueError):
+        old = json.loads((info.path / METADATA).read_text()).get("format", 1)
+        if old < _FORMAT:
+            how = (f"localsbx base build {name} --force" if name in recipe_names()
+                   else f"localsbx base import {name} ROOTFS.tar (again)")
+            raise BaseImageError(
+                f"base image {name!r} was made by an older localsbx (base format {old}, now "
+                f"{_FORMAT}: the guest agent and SSH server moved from the rootfs into the "
+                "initramfs boot kit); it must be rebuilt", hint=how)
     if name not in known_base_names():
         raise _unknown(name)
     raise BaseImageError(f"base image {name!r} is not built",
@@ -406,6 +438,17 @@ def host_mirrors(distro: str, apt_dir: Path = _APT_DIR) -> tuple[str, str | None
             hint="set LOCALSBX_MIRROR to a mirror URL (e.g. the one your apt uses)",
         )
     return main, env_sec or sec
+
+
+def _mirrors(recipe: Recipe, mirror: str | None) -> tuple[str, str | None]:
+    if mirror:
+        return mirror, None
+    try:
+        return host_mirrors(recipe.distro)
+    except ConfigError:
+        if recipe.mirror and not os.environ.get("LOCALSBX_MIRROR"):
+            return recipe.mirror, None
+        raise
 
 
 # ---------------------------------------------------------------------------- build
@@ -510,6 +553,8 @@ def _mmdebstrap_argv(recipe: Recipe, *, mode: str, stage: Path, agent: Path, ext
         *(f"--dpkgopt=path-include={p}" for p in recipe.dpkg_path_include),
         f"--customize-hook={install}",
     ]
+    if recipe.keyring:
+        argv.append(f"--keyring={recipe.keyring}")
     if recipe.customize is not None:
         argv.append(f"--customize-hook=sh {q(str(recipe.customize))} \"$1\"")
     certs = host_ca_certificates()
@@ -524,13 +569,44 @@ def _mmdebstrap_argv(recipe: Recipe, *, mode: str, stage: Path, agent: Path, ext
     return argv
 
 
-def build_base(name: str, *, force: bool = False, progress: Progress | None = None) -> BaseInfo:
+#: Seconds to wait for the archive's ``dists/<suite>/Release`` before giving up.
+MIRROR_PROBE_TIMEOUT = 10.0
+
+
+def check_archive(mirror: str, suite: str, distro: str, *,
+                  timeout: float = MIRROR_PROBE_TIMEOUT) -> None:
+    """Fail at once, in words, when ``mirror`` does not serve ``suite`` (before mmdebstrap
+    spends minutes finding out). Proxies come from the environment, as for apt.
+
+    :raises BaseImageError: unreachable, or no ``dists/<suite>/Release`` there.
+    """
+    import urllib.error
+    import urllib.request
+
+    url = f"{mirror.rstrip('/')}/dists/{suite}/Release"
+    try:
+        req = urllib.request.Request(url, method="HEAD")
+        with urllib.request.urlopen(req, timeout=timeout):
+            return
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise BaseImageError(
+            f"cannot reach the {distro} archive for {suite}: {url}: {reason}",
+            hint="point LOCALSBX_MIRROR (or `localsbx base build NAME --mirror URL`) at a "
+                 f"reachable mirror of the {distro} archive, or make the base from a rootfs "
+                 "tarball: `localsbx base import NAME ROOTFS.tar`") from exc
+
+
+def build_base(name: str, *, force: bool = False, progress: Progress | None = None,
+               mirror: str | None = None) -> BaseInfo:
     """Build the base ``name`` from ``images/<name>/`` (a no-op when already built).
 
     Concurrent calls for the same name wait for each other (``flock``).
 
     :param force: rebuild even when built (see the module warning about images).
     :param progress: called with one line of text per step (for a CLI); ``None``: quiet.
+    :param mirror: the archive to build from (default: ``LOCALSBX_MIRROR``, the host's apt
+        mirror for the distro, else the recipe's ``mirror``); probed first.
     :returns: the built base.
     :raises BaseImageError: unknown name, or a build step failed (the message carries the
         tail of ``build.log``).
@@ -543,7 +619,14 @@ def build_base(name: str, *, force: bool = False, progress: Progress | None = No
         if current.built and not force:
             return current
         _require_tools("mmdebstrap", "mkfs.ext4", "qemu-img", "gcc", "tar", "zstd")
-        mirror, security = host_mirrors(recipe.distro)
+        mirror, security = _mirrors(recipe, mirror)
+        check_archive(mirror, recipe.suite, recipe.distro)
+        if recipe.keyring and not Path(recipe.keyring).is_file():
+            raise ConfigError(
+                f"base {name}: the {recipe.distro} archive key {recipe.keyring} is not on "
+                "this host, so mmdebstrap cannot check the archive",
+                hint=f"install the host package that ships it ({recipe.distro}-keyring), or "
+                     "make the base from a rootfs: `localsbx base import NAME ROOTFS.tar`")
         final = _bases_dir() / name
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=_bases_dir()))
         # hooks run inside mmdebstrap's user namespace, whose root may be a subordinate
@@ -600,7 +683,7 @@ def _build_into(recipe: Recipe, tmp: Path, work: Path, *, mirror: str, security:
     compression = extract_vmlinux(stage / "vmlinuz", tmp / VMLINUX)
     say("initramfs: busybox + " + ", ".join(recipe.initramfs_modules))
     loaded = make_initramfs(stage / "busybox", stage / "modules", tmp / INITRAMFS,
-                            kernel_version, modules=recipe.initramfs_modules)
+                            kernel_version, modules=recipe.initramfs_modules, kit=stage / "kit")
 
     say("qemu-img convert -> rootfs.qcow2")
     _run_logged(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(ext4),

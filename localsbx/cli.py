@@ -98,12 +98,48 @@ def _options(debug: Annotated[bool, typer.Option(
 
 @base_app.command("build")
 def base_build(name: Annotated[str, typer.Argument(help="Base name, e.g. debian-minimal.")],
-               force: Annotated[bool, typer.Option("--force", help="Rebuild even if built.")] = False):
+               force: Annotated[bool, typer.Option("--force", help="Rebuild even if built.")] = False,
+               mirror: Annotated[Optional[str], typer.Option(
+                   "--mirror", help="Archive URL (default: LOCALSBX_MIRROR, the host's apt "
+                                    "mirror, the recipe's).")] = None):
     """Build a base image (mmdebstrap rootfs, cloud kernel, initramfs)."""
     from localsbx.base import build_base
 
-    info = build_base(name, force=force, progress=lambda t: err.print(_esc(t)))
+    info = build_base(name, force=force, mirror=mirror, progress=lambda t: err.print(_esc(t)))
     err.print(f"[green]base {info.name} ready[/] at {info.path}")
+
+
+@base_app.command("import")
+def base_import(
+    name: Annotated[str, typer.Argument(help="Name of the new base.")],
+    source: Annotated[Path, typer.Argument(
+        help="A rootfs tarball (docker export, a cloud root tarball; .tar, .gz, .xz, .zst) "
+             "or an archive from `localsbx base export`.")],
+    kit: Annotated[str, typer.Option(
+        "--kit", help="Built base whose kernel and initramfs (boot kit) a rootfs boots with.")]
+        = "debian-minimal",
+    size_gib: Annotated[Optional[int], typer.Option(
+        "--size-gib", help="Filesystem size for a rootfs (GiB; default 8 or what it needs).")]
+        = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a base of that name.")] = False,
+):
+    """Make a base from any Linux root filesystem, or from an exported base."""
+    from localsbx.rootfs import import_base
+
+    info = import_base(name, source, kit=kit, size_gib=size_gib, force=force,
+                       progress=lambda t: err.print(_esc(t)))
+    err.print(f"[green]base {info.name} ready[/] at {info.path}")
+
+
+@base_app.command("export")
+def base_export(name: Annotated[str, typer.Argument(help="A built base.")],
+                dest: Annotated[Path, typer.Argument(
+                    help="Archive to write (.tar; .gz, .xz, .zst compress).")]):
+    """Write a base to a portable archive that `base import` turns back into the same base."""
+    from localsbx.rootfs import export_base
+
+    path = export_base(name, dest, progress=lambda t: err.print(_esc(t)))
+    err.print(f"[green]base {name} exported[/] to {path} ({_size(path.stat().st_size)})")
 
 
 @base_app.command("ls")

@@ -403,8 +403,12 @@ class Supervisor:
                   'printf "127.0.0.1\\tlocalhost\\n127.0.1.1\\t%s\\n::1\\tlocalhost '
                   'ip6-localhost ip6-loopback\\nff02::1\\tip6-allnodes\\nff02::2\\t'
                   'ip6-allrouters\\n" "$2" > /run/localsbx/hosts')
-        res = await guest.exec(["/bin/sh", "-c", script, "sh", secrets.token_hex(16),
-                                self.rec.id], env={}, timeout=30)
+        args = ["-c", script, "sh", secrets.token_hex(16), self.rec.id]
+        res = await guest.exec(["/bin/sh", *args], env={}, timeout=30)
+        if res.exit_status == 127:  # a rootfs without a shell: the boot kit's busybox
+            from localsbx.guest.ssh import KIT_BUSYBOX
+
+            res = await guest.exec([KIT_BUSYBOX, "sh", *args], env={}, timeout=30)
         if res.exit_status != 0:
             log.warning("identity fixup failed: %s", res.stderr.decode(errors="replace"))
         if self.rec.disk_mb:

@@ -116,7 +116,7 @@ async def build_image_async(
     :raises ImageBuildError: a step failed (which, its exit code, its output tail); nothing
         is registered and no QEMU is left.
     """
-    from localsbx.base import get_base
+    from localsbx.build.resolve import resolve_from
     from localsbx.definition.context import BuildContext
 
     rep = reporter or Reporter()
@@ -125,7 +125,7 @@ async def build_image_async(
     name = store.check_name("image", name or definition.name)
     for w in definition.warnings:
         rep.say(f"warning: {w}")
-    base = get_base(definition.base)
+    base, definition = await resolve_from(definition, say=rep.say)  # base or registry image
     ctx = None
     if context_dir is not None:
         ctx = BuildContext(Path(context_dir))
@@ -184,6 +184,11 @@ async def build_image_async(
         try:
             warm = await vm.guest.exec(["/bin/sh", "-c", "true"], env=runtime_env(env),
                                        cwd=workdir)
+            if warm.exit_status == 127:  # a rootfs without a shell (exec form only)
+                from localsbx.guest.ssh import KIT_BUSYBOX
+
+                warm = await vm.guest.exec([KIT_BUSYBOX, "true"], env=runtime_env(env),
+                                           cwd=workdir)
             if warm.exit_status != 0:
                 raise ImageBuildError(f"image {name}: the snapshot VM cannot run commands in "
                                       f"WORKDIR {workdir}: {warm.stderr.decode(errors='replace')}")

@@ -71,6 +71,7 @@ from localsbx.definition.ops import (
 )
 from localsbx.definition.words import WordError, process_word, split_raw_words
 from localsbx.errors import DefinitionError, SourceLocation
+from localsbx.oci import names_registry_image
 
 __all__ = ["parse_dockerfile", "run_from_text", "copy_op"]
 
@@ -514,13 +515,14 @@ class _Reader:
                                   location=self.loc(ins), hint="write FROM debian-minimal")
         scope = {k: v for k, v in self.meta.items() if v is not None}
         base = self.word(ins, value[0], scope)
-        if known is not None and base not in known:
+        if known is not None and base not in known and not names_registry_image(base):
             listed = ", ".join(sorted(known)) or "(none built yet)"
             raise DefinitionError(
                 f"unknown base image {base!r}" + (f" (from {value[0]})" if base != value[0]
                                                   else "") + f"; known bases: {listed}",
                 location=self.loc(ins),
-                hint="use one of the known bases, or build it with `localsbx base build NAME`",
+                hint="use one of the known bases, build it with `localsbx base build NAME`, "
+                     "or name a registry image with its tag (NAME:TAG, REGISTRY/REPO:TAG)",
             )
         self.base, self.from_line = base, ins.line
 

@@ -31,6 +31,14 @@
  *
  * No NSS: users and groups are read from the guest's /etc/passwd and /etc/group
  * directly (a static glibc cannot safely dlopen the distribution's NSS modules).
+ *
+ * The boot kit: this binary and the dropbear bundle come from the initramfs (mounted
+ * read-only at /usr/lib/localsbx by /init), not from the user's root filesystem.  So
+ * that any rootfs works (no `localsbx` account, no /etc/passwd, no /etc/shells, an
+ * nsswitch.conf naming modules we do not bundle), dropbear runs in a mount namespace
+ * of its own whose /etc is a small tmpfs written here (mgmt_namespace); every other
+ * invocation of the agent (the login shell and its verbs) first joins PID 1's mount
+ * namespace again (join_init_namespace), so commands see the user's real /etc.
  */
 #define _GNU_SOURCE
 #include <ctype.h>
@@ -48,6 +56,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
+#include <sched.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -861,6 +870,58 @@ static int cmd_poweroff(int argc, char **argv) {
 
 static pid_t sshd_pid = -1;
 
+static int write_text(const char *path, const char *text, mode_t mode) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+    if (fd < 0) return -1;
+    size_t len = strlen(text);
+    ssize_t n = write(fd, text, len);
+    close(fd);
+    return n == (ssize_t)len ? 0 : -1;
+}
+
+/* In the child that becomes dropbear: a private mount namespace whose /etc is a tmpfs
+ * holding only what dropbear's login needs (the `localsbx` account, uid 0, login shell
+ * the agent; root likewise; /etc/shells; files-only NSS).  The user's /etc is never
+ * written and never read by the management login. */
+static int mgmt_namespace(void) {
+    struct stat st;
+    const char *home = stat("/root", &st) == 0 && S_ISDIR(st.st_mode) ? "/root" : "/";
+    char passwd[512];
+    if (unshare(CLONE_NEWNS) < 0) return -1;
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) return -1;
+    mkdir("/etc", 0755);
+    if (mount("localsbx-etc", "/etc", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k") < 0)
+        return -1;
+    snprintf(passwd, sizeof passwd,
+             "localsbx:x:0:0:localsbx management:%s:" LIBDIR "/agent\n"
+             "root:x:0:0:root:%s:" LIBDIR "/agent\n", home, home);
+    if (write_text("/etc/passwd", passwd, 0644) < 0 ||
+        write_text("/etc/group", "root:x:0:\n", 0644) < 0 ||
+        write_text("/etc/shadow", "localsbx:*:19000:0:99999:7:::\nroot:*:19000:0:99999:7:::\n",
+                   0600) < 0 ||
+        write_text("/etc/shells", LIBDIR "/agent\n", 0644) < 0 ||
+        write_text("/etc/nsswitch.conf", "passwd: files\ngroup: files\nshadow: files\n",
+                   0644) < 0)
+        return -1;
+    return 0;
+}
+
+/* Every invocation but PID 1 and the sshd wrapper: run in PID 1's mount namespace (the
+ * user's real /etc), also when started from dropbear's private one.  The working
+ * directory is kept (setns moves it to the namespace's root). */
+static void join_init_namespace(void) {
+    char mine[64] = "", init[64] = "", cwd[PATH_MAX];
+    ssize_t a = readlink("/proc/self/ns/mnt", mine, sizeof mine - 1);
+    ssize_t b = readlink("/proc/1/ns/mnt", init, sizeof init - 1);
+    if (a <= 0 || b <= 0 || !strcmp(mine, init)) return;
+    int fd = open("/proc/1/ns/mnt", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    int have_cwd = getcwd(cwd, sizeof cwd) != NULL;
+    if (setns(fd, CLONE_NEWNS) == 0 && have_cwd && chdir(cwd) < 0 && chdir("/") < 0) {
+    }
+    close(fd);
+}
+
 static pid_t start_sshd(void) {
     struct stat st;
     if (stat(HOST_KEY, &st) < 0 || stat(AUTHKEYS_DIR "/authorized_keys", &st) < 0) {
@@ -878,6 +939,10 @@ static pid_t start_sshd(void) {
     if (log >= 0) {
         dup2(log, 1);
         dup2(log, 2);
+    }
+    if (mgmt_namespace() < 0) {
+        dprintf(2, "localsbx: management mount namespace: %s\n", strerror(errno));
+        _exit(EXIT_FAIL);
     }
     char *args[] = {SSHD_LINK, "-F", "-E", "-s", "-p", SSH_PORT, "-r", HOST_KEY, "-D", AUTHKEYS_DIR,
                     "-P", RUN_DIR "/sshd.pid", NULL};
@@ -1099,6 +1164,7 @@ int main(int argc, char **argv) {
     const char *base = argc > 0 ? strrchr(argv[0], '/') : NULL;
     base = base ? base + 1 : (argc > 0 ? argv[0] : "");
     if (!strcmp(base, "sshd")) return run_sshd(argc, argv);
+    if (getpid() != 1) join_init_namespace();
     if (argc == 3 && !strcmp(argv[1], "-c")) return login_shell(argv[2]);
 
     if (argc < 2) usage("agent init|exec|kill|fixup|put|get|sync|poweroff ...");

@@ -10,9 +10,10 @@
 #         kernel package is never installed, so initramfs-tools never runs;
 #       - moves the kernel modules into ROOT/lib/modules/<version> and runs depmod;
 #       - copies vmlinuz, the modules and busybox to STAGE (host side) for the initramfs;
-#       - bundles dropbear + every library it needs + the dynamic loader into
-#         ROOT/usr/lib/localsbx/dropbear/, installs AGENT as ROOT/usr/lib/localsbx/agent
-#         with the ROOT/usr/lib/localsbx/sshd -> agent symlink;
+#       - stages the boot kit in STAGE/kit/ (it goes into the initramfs, never into the
+#         rootfs; /init mounts it at /usr/lib/localsbx): dropbear + every library it needs
+#         + the dynamic loader in kit/dropbear/, AGENT as kit/agent, kit/sshd -> agent;
+#         ROOT/usr/lib/localsbx stays an empty directory (the mount point);
 #       - purges PURGE_PKGS (dropbear-bin) and what only they needed.
 #   guest-install.sh mkfs ROOT IMAGE LABEL
 #       - drops apt lists and caches, copies the tree (without the mounted /proc, /sys,
@@ -63,9 +64,10 @@ install_phase() {
     [ -f "$bb" ] || bb=$root$work/x/usr/bin/busybox
     cp "$bb" "$stage/busybox"
 
-    echo "localsbx: bundling dropbear"
-    bundle=$root/usr/lib/localsbx/dropbear
-    mkdir -p "$bundle"
+    echo "localsbx: bundling dropbear into the boot kit"
+    kit=$stage/kit
+    bundle=$kit/dropbear
+    mkdir -p "$bundle" "$root/usr/lib/localsbx"
     in_root ldd /usr/sbin/dropbear >"$stage/dropbear.ldd"
     if grep -q 'not found' "$stage/dropbear.ldd"; then
         cat "$stage/dropbear.ldd" >&2
@@ -83,13 +85,13 @@ install_phase() {
     [ -s "$bundle/ld.so" ] || { echo "localsbx: no dynamic loader in ldd output" >&2; exit 1; }
     in_root cat /usr/sbin/dropbear >"$bundle/dropbear"
     chmod 0755 "$bundle"/*
-    cp "$agent" "$root/usr/lib/localsbx/agent"
-    chmod 0755 "$root/usr/lib/localsbx/agent"
-    ln -sf agent "$root/usr/lib/localsbx/sshd"
+    cp "$agent" "$kit/agent"
+    chmod 0755 "$kit/agent"
+    ln -sf agent "$kit/sshd"
     # The management account: uid 0 like root, but its login shell is the agent itself, so
-    # host commands never go through bash or its rc files (a user's /root/.bashrc that
-    # prints something, `chsh`, or a missing bash cannot change them).  The host falls back
-    # to root when a user's image dropped this account.
+    # host commands never go through bash or its rc files.  The management SSH server reads
+    # its own copy of this account (agent.c: mgmt_namespace), so any rootfs works without
+    # it; the line stays in Debian bases so images built before the boot kit look the same.
     grep -q '^localsbx:' "$root/etc/passwd" ||
         echo 'localsbx:x:0:0:localsbx management:/root:/usr/lib/localsbx/agent' >>"$root/etc/passwd"
     grep -q '^localsbx:' "$root/etc/shadow" ||

@@ -4,7 +4,10 @@
 #
 # Loads the virtio modules, mounts /dev/vda as the new root with its API filesystems,
 # configures eth0 for QEMU user networking, installs the per-VM identity (appended
-# cpio, files under /localsbx/) into /run/localsbx/, and switch_roots to the agent.
+# cpio, files under /localsbx/) into /run/localsbx/, mounts the boot kit (/kit: the
+# agent and the dropbear bundle, which never live in the user's rootfs) read-only at
+# /usr/lib/localsbx, says in words what the rootfs lacks, and switch_roots to the agent.
+# Any Linux rootfs boots: no shell, no libc, no /etc are needed.
 # Anything fatal prints "localsbx-init: ..." on the console and powers off, so the
 # host sees QEMU exit instead of a hang.
 
@@ -14,6 +17,10 @@ fail() {
     echo "localsbx-init: $*" >/dev/console
     sync
     poweroff -f
+}
+
+note() {
+    echo "localsbx-init: note: $*" >/dev/console
 }
 
 mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev
@@ -37,9 +44,28 @@ while [ ! -b /dev/vda ]; do
     usleep 10000
 done
 mkdir -p /newroot
-mount -t ext4 -o rw /dev/vda /newroot || fail "cannot mount /dev/vda"
+mount -t ext4 -o rw /dev/vda /newroot || fail "cannot mount /dev/vda as ext4 (not a localsbx root filesystem?)"
 
 r=/newroot
+[ -x /kit/agent ] ||
+    fail "this initramfs has no boot kit (/kit/agent): the base was built by an older localsbx; rebuild it (localsbx base build NAME --force)"
+for d in bin sbin usr etc; do
+    [ -e $r/$d ] && break
+    [ $d = etc ] && note "the root filesystem has no /bin, /sbin, /usr or /etc: is it a Linux root filesystem?"
+done
+[ -d $r/etc ] || mkdir -p $r/etc || fail "cannot create /etc on the root filesystem"
+# The boot kit: a read-only tmpfs at /usr/lib/localsbx (the mount point is the only thing
+# ever created for it on the disk; done while /proc/mounts is readable, for the remount).
+# Whatever the rootfs ships there is hidden, not used.
+kit=$r/usr/lib/localsbx
+if [ -L $kit ] || { [ -e $kit ] && [ ! -d $kit ]; }; then
+    fail "/usr/lib/localsbx on the root filesystem is not a directory; the boot kit is mounted there"
+fi
+[ -d $kit ] || mkdir -p $kit || fail "cannot create the mount point /usr/lib/localsbx on the root filesystem"
+mount -t tmpfs -o nosuid,nodev,mode=755,size=32m localsbx-kit $kit || fail "cannot mount a tmpfs for the boot kit"
+cp -a /kit/. $kit/ && cp /bin/busybox $kit/busybox || fail "cannot copy the boot kit into /usr/lib/localsbx"
+mount -o remount,ro,nosuid,nodev $kit || fail "cannot make the boot kit at /usr/lib/localsbx read-only"
+
 for d in dev proc sys run tmp; do  # /tmp stays on the disk, as in Docker: RUN steps write there
     [ -d "$r/$d" ] || mkdir -p "$r/$d"
 done
@@ -93,5 +119,10 @@ for f in hostname hosts resolv.conf machine-id; do
     [ -f $t ] && mount --bind $run/$f $t
 done
 
-[ -x $r/usr/lib/localsbx/agent ] || fail "no /usr/lib/localsbx/agent on the root filesystem"
+# What the rootfs lacks, in words (none of it stops the boot: management goes through the kit)
+[ -e $r/bin/sh ] || [ -L $r/bin/sh ] ||
+    note "no /bin/sh in the root filesystem: shell-form RUN and sh -c commands fail (exit 127); exec form works"
+[ -f $r/etc/passwd ] ||
+    note "no /etc/passwd in the root filesystem: USER and --user take numeric ids only"
+
 exec switch_root $r /usr/lib/localsbx/agent init

@@ -31,6 +31,9 @@ from localsbx.errors import CommandTimeout, GuestError, GuestFileError
 log = logging.getLogger("localsbx.guest")
 
 AGENT = "/usr/lib/localsbx/agent"
+#: The boot kit's static busybox (mounted from the initramfs with the agent): internal
+#: commands fall back to its ``sh`` on a rootfs that has no ``/bin/sh``.
+KIT_BUSYBOX = "/usr/lib/localsbx/busybox"
 #: Longest command string sent inline; longer argv goes through ``--argfile``
 #: (dropbear refuses very long exec requests).
 MAX_INLINE_COMMAND = 8000

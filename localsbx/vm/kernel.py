@@ -367,6 +367,35 @@ def _read_module(path: Path) -> bytes:
     return data
 
 
+#: Files the boot kit (``/kit`` in the initramfs, ``/usr/lib/localsbx`` in the guest) must hold.
+KIT_FILES = ("agent", "sshd", "dropbear/ld.so", "dropbear/dropbear")
+
+
+def kit_entries(kit_dir: Path, prefix: str = "kit") -> list[CpioEntry]:
+    """The boot kit folder ``kit_dir`` as cpio members under ``prefix/`` (files, folders
+    and symlinks; owners root, modes kept).
+
+    :raises BaseImageError: a file of :data:`KIT_FILES` is missing, or the agent is not static.
+    """
+    kit_dir = Path(kit_dir)
+    missing = [f for f in KIT_FILES if not (kit_dir / f).exists() and not (kit_dir / f).is_symlink()]
+    if missing:
+        raise BaseImageError(f"boot kit {kit_dir} lacks {', '.join(missing)}")
+    if _elf_has_interp((kit_dir / "agent").read_bytes()):
+        raise BaseImageError(f"{kit_dir / 'agent'} is dynamically linked; the agent must be static")
+    entries = [_dir(prefix)]
+    for p in sorted(kit_dir.rglob("*")):
+        name = f"{prefix}/{p.relative_to(kit_dir).as_posix()}"
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            entries.append(_symlink(name, os.readlink(p)))
+        elif stat.S_ISDIR(st.st_mode):
+            entries.append(_dir(name, stat.S_IMODE(st.st_mode)))
+        elif stat.S_ISREG(st.st_mode):
+            entries.append(_file(name, p.read_bytes(), stat.S_IMODE(st.st_mode)))
+    return entries
+
+
 def make_initramfs(
     busybox: Path,
     modules_dir: Path,
@@ -374,8 +403,10 @@ def make_initramfs(
     kernel_version: str,
     *,
     modules: Sequence[str],
+    kit: Path,
 ) -> list[str]:
-    """Write the base's initramfs: static busybox, the listed modules, and ``/init``.
+    """Write the base's initramfs: static busybox, the listed modules, the boot kit
+    and ``/init``.
 
     :param busybox: a *static* busybox binary (``busybox-static``).
     :param modules_dir: ``.../lib/modules/<kernel_version>`` of the kernel, after depmod.
@@ -383,6 +414,8 @@ def make_initramfs(
     :param kernel_version: the kernel release, recorded in ``/etc/localsbx-kernel``.
     :param modules: module names to load in ``/init``; their dependencies are added
         and built-in ones skipped (virtio and virtio_ring are built into 6.x cloud kernels).
+    :param kit: the boot kit folder (:data:`KIT_FILES`: the static agent, the ``sshd``
+        symlink, the dropbear bundle); ``/init`` mounts it at ``/usr/lib/localsbx``.
     :returns: the module names ``/init`` loads, in order.
     :raises BaseImageError: when a module is missing or busybox is not static.
     """
@@ -405,6 +438,7 @@ def make_initramfs(
         _file("etc/localsbx-kernel", f"{kernel_version}\n".encode()),
         *(_file(f"lib/modules/{n}.ko", _read_module(p)) for n, p in zip(names, paths)),
         _file("init", init.encode(), 0o755),
+        *kit_entries(kit),
     ]  # fmt: skip
     _write_atomic(Path(out), write_newc(entries, align=512), mode=0o644)
     return names

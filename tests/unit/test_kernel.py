@@ -225,7 +225,8 @@ def test_make_initramfs(tmp_path, monkeypatch):
     busybox.write_bytes(b"\x7fELF\x02\x01\x01" + b"\0" * 9
                         + struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0, 64, 0, 0, 64, 56, 0, 64, 0, 0))
     out = tmp_path / "initramfs.cpio"
-    names = make_initramfs(busybox, mods, out, "6.12.0-test",
+    kit = fake_kit(tmp_path, busybox)
+    names = make_initramfs(busybox, mods, out, "6.12.0-test", kit=kit,
                            modules=["virtio_ring", "virtio_mmio", "virtio_net", "virtio-rng"])
     assert names == ["virtio_mmio", "failover", "net_failover", "virtio_net", "virtio_rng"]
     files = {e.name: e for e in read_newc(out.read_bytes())}
@@ -237,6 +238,15 @@ def test_make_initramfs(tmp_path, monkeypatch):
     assert files["dev/console"].rdev == (5, 1) and stat.S_ISCHR(files["dev/console"].mode)
     for applet in kernel.INIT_APPLETS:
         assert files[f"bin/{applet}"].data == b"busybox"
+    # the boot kit travels in the initramfs: /init mounts it at /usr/lib/localsbx
+    assert stat.S_IMODE(files["kit/agent"].mode) == 0o755
+    assert stat.S_ISLNK(files["kit/sshd"].mode) and files["kit/sshd"].data == b"agent"
+    assert files["kit/dropbear/dropbear"].data == b"dropbear"
+    assert "mount -t tmpfs" in init and "/usr/lib/localsbx" in init
+    (kit / "dropbear" / "ld.so").unlink()
+    with pytest.raises(BaseImageError, match="ld.so"):
+        make_initramfs(busybox, mods, out, "6.12.0-test", kit=kit, modules=["virtio_mmio"])
+    (kit / "dropbear" / "ld.so").write_bytes(b"ld")
     # a dynamically linked busybox is refused
     dyn = bytearray(busybox.read_bytes())
     struct.pack_into("<H", dyn, 0x38, 1)
@@ -244,4 +254,18 @@ def test_make_initramfs(tmp_path, monkeypatch):
     struct.pack_into("<Q", dyn, 0x20, 64)
     busybox.write_bytes(bytes(dyn))
     with pytest.raises(BaseImageError, match="static"):
-        make_initramfs(busybox, mods, out, "6.12.0-test", modules=["virtio_mmio"])
+        make_initramfs(busybox, mods, out, "6.12.0-test", kit=kit, modules=["virtio_mmio"])
+    (kit / "agent").write_bytes(bytes(dyn))
+    with pytest.raises(BaseImageError, match="agent must be static"):
+        kernel.kit_entries(kit)
+
+
+def fake_kit(tmp_path, static_elf):
+    kit = tmp_path / "kit"
+    (kit / "dropbear").mkdir(parents=True)
+    (kit / "agent").write_bytes(static_elf.read_bytes())
+    (kit / "agent").chmod(0o755)
+    (kit / "sshd").symlink_to("agent")
+    (kit / "dropbear" / "ld.so").write_bytes(b"ld")
+    (kit / "dropbear" / "dropbear").write_bytes(b"dropbear")
+    return kit

@@ -1,0 +1,1 @@
+../debian-minimal/customize.sh
