@@ -270,7 +270,7 @@ def exec_(
             raise ConfigError("exec -t: stdin is not a terminal",
                               hint="drop -t to pipe data in (-i alone passes stdin)")
         raise typer.Exit(_interactive(sandbox_id, command, envd, workdir, project))
-    data = sys.stdin.buffer.read() if interactive else None
+    data = sys.stdin.buffer if interactive else None  # streamed as it comes
 
     def w(stream):
         def cb(chunk: bytes) -> None:
