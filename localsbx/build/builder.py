@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from pathlib import Path
 from localsbx import store
 from localsbx.build.steps import TAIL_BYTES, run_ops, runtime_env
 from localsbx.definition.ops import Copy, ImageDefinition
-from localsbx.errors import ConfigError, DefinitionError, ImageBuildError
+from localsbx.errors import ConfigError, DefinitionError, GuestError, ImageBuildError, LocalsbxError
 from localsbx.vm import disk, snapshot
 from localsbx.vm.accel import choose_accel
 from localsbx.vm.machine import Machine
@@ -163,7 +164,10 @@ async def build_image_async(
             accel=accel, client_key=client_key, cpus=definition.build_cpus,
             memory_mib=definition.build_memory_mb, name=f"localsbx-build-{name}",
         ) as vm:
-            state = await run_ops(vm.guest, definition, ctx, rep, timeout=timeout)
+            try:
+                state = await run_ops(vm.guest, definition, ctx, rep, timeout=timeout)
+            except (ImageBuildError, GuestError) as exc:
+                raise _with_console(exc, vm) from exc
             env, workdir = state.env, state.workdir
             rep.say("build steps done; syncing and powering off the build VM")
             if not await vm.poweroff():
@@ -221,6 +225,30 @@ async def build_image_async(
     rep.say(f"image {name} registered in project {project} "
             f"({meta.build_seconds} s, digest {digest[:12]})")
     return rec
+
+
+#: Console lines where a guest's death starts (shown from there on, not its last lines).
+_PANIC_RE = re.compile(r"Kernel panic|sysrq: |Oops|BUG: |reboot: Power down")
+
+
+def _with_console(exc: ImageBuildError | GuestError, vm: Machine) -> LocalsbxError:
+    """``exc`` with the build VM's console tail when the VM is gone or the link to it broke
+    (a panic, a poweroff, ``kill -9 -1`` in a RUN): the step and line are already named."""
+    if isinstance(exc, ImageBuildError) and vm.qemu.proc is not None and (
+            vm.qemu.proc.returncode is None and vm.guest.connected and exc.exit_code is not None):
+        return exc  # an ordinary failing step: its own output says it all
+    lines = vm.qemu.log_tail(300).splitlines()
+    first = next((i for i, ln in enumerate(lines) if _PANIC_RE.search(ln)), None)
+    console = "\n".join(lines[first:first + 25] if first is not None else lines[-20:])
+    if isinstance(exc, ImageBuildError):
+        out = ImageBuildError(exc.message, step=exc.step, exit_code=exc.exit_code,
+                              output_tail=exc.output_tail, hint=exc.hint)
+    else:
+        out = ImageBuildError(f"build failed: {exc.message}", hint=exc.hint)
+    if console:
+        out.output_tail = (out.output_tail.rstrip("\n") + "\n--- build VM console (tail) ---\n"
+                           + console).lstrip("\n")
+    return out
 
 
 def build_image(definition: ImageDefinition, *, context_dir: str | Path | None = None,

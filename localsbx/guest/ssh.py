@@ -40,6 +40,12 @@ KILL_GRACE = 10.0
 #: for images that dropped it.
 MANAGEMENT_USERS = ("localsbx", "root")
 
+#: SSH keepalive: a guest that stops answering (hung, or its QEMU stopped behind a live
+#: port forward) breaks the connection after about INTERVAL * COUNT seconds, so no
+#: guest-touching await waits forever.
+KEEPALIVE_INTERVAL = 15
+KEEPALIVE_COUNT = 8
+
 #: Seconds to keep collecting output after the exit status arrived.
 OUTPUT_GRACE = 2.0
 
@@ -186,7 +192,8 @@ class GuestConnection:
                         self.host, self.port, username=self.username,
                         client_keys=[self._client_key], known_hosts=known, agent_path=None,
                         config=None, preferred_auth="publickey", connect_timeout=15,
-                        keepalive_interval=0, kex_algs=["curve25519-sha256"],
+                        keepalive_interval=KEEPALIVE_INTERVAL,
+                        keepalive_count_max=KEEPALIVE_COUNT, kex_algs=["curve25519-sha256"],
                     )
                 return
             except asyncssh.PermissionDenied as exc:
@@ -363,10 +370,13 @@ class GuestConnection:
     async def kill_cgroup(self, cgroup: str) -> None:
         """SIGKILL every process of a command's cgroup (bounded; errors only logged)."""
         try:
-            res = await self.raw(agent_command("kill", cgroup), timeout=KILL_GRACE)
+            # bounded as a whole: opening the session needs a fork in the guest, which a
+            # fork bomb can stall
+            async with asyncio.timeout(2 * KILL_GRACE):
+                res = await self.raw(agent_command("kill", cgroup), timeout=KILL_GRACE)
             if res.exit_status not in (0, None):
                 log.warning("agent kill %s: %s", cgroup, res.stderr.decode(errors="replace"))
-        except GuestError as exc:
+        except (GuestError, TimeoutError) as exc:
             log.warning("could not kill cgroup %s: %s", cgroup, exc)
 
     async def fixup(self) -> None:

@@ -132,3 +132,69 @@ def test_exec_i_from_an_endless_producer_stays_bounded(sb):  # item 5
     assert out.stdout.strip() == b"3000000", out.stderr
     if sup_pid:
         assert _rss_kib(sup_pid) - before < 64 * 1024
+
+
+def _build_fails(tmp_path, name: str, body: str, bound: float):
+    """Build ``FROM debian-minimal`` + ``body``; return the ImageBuildError, checking the
+    bound, that no QEMU of this build is left and that nothing was registered."""
+    from localsbx import paths, store
+    from localsbx.errors import ImageBuildError, ImageNotFound
+
+    from .conftest import build, qemu_pids
+
+    (tmp_path / "Dockerfile").write_text("FROM debian-minimal\n" + body)
+    t = time.monotonic()
+    with pytest.raises(ImageBuildError) as ei:
+        build(tmp_path / "Dockerfile", name, force=True)
+    took = time.monotonic() - t
+    assert took < bound, f"the failure took {took:.0f} s"
+    assert not qemu_pids(f"localsbx-build-{name}")
+    with pytest.raises(ImageNotFound):
+        store.lookup_image(name)
+    assert not list((paths.data_dir() / "images").glob(".tmp-*"))
+    return ei.value
+
+
+def test_kernel_panic_in_run_ends_the_step_at_once(base_ready, tmp_path):  # item 7
+    exc = _build_fails(tmp_path, "faults-panic",
+                       "RUN echo before-the-panic && sleep 2 && echo c > /proc/sysrq-trigger\n", 180)
+    assert "line 2" in exc.step and "RUN" in exc.step
+    assert "before-the-panic" in exc.output_tail  # the step's output so far
+    assert "build VM console" in exc.output_tail and "Kernel panic" in exc.output_tail
+    assert "LOCALSBX_STEP_TIMEOUT" not in (exc.hint or "")
+
+
+def test_run_that_kills_everything_names_the_step(base_ready, tmp_path):  # item 7 (Poor)
+    exc = _build_fails(tmp_path, "faults-kill-all",
+                       "RUN echo ok\nRUN echo partial-output; sleep 1; kill -9 -1; sleep 30\n",
+                       240)
+    assert "line 3" in exc.step
+    assert "partial-output" in exc.output_tail and "build VM console" in exc.output_tail
+    assert "stopped or the connection" in exc.message
+
+
+def test_run_that_powers_off_names_the_step(base_ready, tmp_path):  # item 7 (Poor)
+    exc = _build_fails(tmp_path, "faults-poweroff",
+                       "RUN echo going-down; sync; echo o > /proc/sysrq-trigger\n", 180)
+    assert "line 2" in exc.step and "going-down" in exc.output_tail
+
+
+def test_fork_bomb_still_hits_the_step_timeout(base_ready, tmp_path, monkeypatch):  # item 8
+    monkeypatch.setenv("LOCALSBX_STEP_TIMEOUT", "20")
+    exc = _build_fails(tmp_path, "faults-bomb",
+                       "RUN bomb() { bomb | bomb & }; bomb; sleep 60\n", 20 + 150)
+    assert "line 2" in exc.step
+
+
+def test_bad_step_timeout_is_refused_before_any_vm(base_ready, tmp_path, monkeypatch):
+    from localsbx.errors import ConfigError
+
+    from .conftest import build, qemu_pids
+
+    monkeypatch.setenv("LOCALSBX_STEP_TIMEOUT", "abc")
+    (tmp_path / "Dockerfile").write_text("FROM debian-minimal\nRUN true\n")
+    before = qemu_pids()
+    t = time.monotonic()
+    with pytest.raises(ConfigError, match="LOCALSBX_STEP_TIMEOUT"):
+        build(tmp_path / "Dockerfile", "faults-bad-timeout", force=True)
+    assert time.monotonic() - t < 5 and qemu_pids() <= before
