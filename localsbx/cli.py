@@ -145,6 +145,9 @@ def image_build(
     """Build an image and register it in the project."""
     from localsbx.build.builder import build_image
 
+    if name is not None and not name.strip():
+        raise ConfigError("image build: -n/--name is empty",
+                          hint="give a name, or leave -n out to use the definition's name")
     if path.is_dir():  # like `docker build DIR`: DIR/Dockerfile, DIR is the context
         path = path / "Dockerfile"
     if not path.exists():
@@ -217,6 +220,8 @@ def new(
     """Start a sandbox (restored from its image's snapshot) and print its id."""
     from localsbx.sandbox import Sandbox
 
+    if name is not None and not name.strip():
+        raise ConfigError("new: --name is empty", hint="give a name, or leave --name out")
     t = time.monotonic()
     sb = Sandbox.create(image, cpus=cpus, memory_mb=memory, timeout_secs=timeout,
                         project=project, detached=True, name=name, snapshot_id=snapshot,
