@@ -168,6 +168,8 @@ def image_build(
 def image_ls(as_json: JsonOpt = False, project: ProjectOpt = None):
     """List the project's images."""
     imgs = store.list_images(project)
+    for _name, why in store.broken_images(project):
+        err.print(f"[yellow]warning: {_esc(why)}[/]")
     if as_json:
         out.print_json(data=[_image_json(i) for i in imgs])
         return

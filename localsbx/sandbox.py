@@ -276,7 +276,7 @@ class AsyncSandbox:
         me = os.getpid()
         sid = _new_id()
         d = store.sandbox_dir(sid)
-        d.mkdir(parents=True)
+        d.mkdir(mode=0o700, parents=True)
         (d / "creator").write_text(f"{me} {proc_start_time(me)}")
         try:
             launch = supervisor.Launch(sid, "create")  # imports while we plan
@@ -991,22 +991,8 @@ def _shape_spec(base, accel: Accel, cpus: int, memory_mb: int) -> VMSpec:
 
 
 def _check_snapshot_files(img: store.ImageRecord) -> None:
-    snap = img.path / "snap"
-    meta = img.meta.snapshot
-    expect = {"state.mig": meta.state_size, "ram": meta.ram_size, "disk.qcow2": None,
-              "initrd.cpio": None}
-    for fname, size in expect.items():
-        f = snap / fname
-        hint = f"rebuild the image: localsbx image build <Dockerfile> -n {img.name} --force"
-        if not f.exists():
-            raise SnapshotError(f"image {img.name!r}: snapshot file {f} is missing", hint=hint)
-        if size is not None and f.stat().st_size != size:
-            raise SnapshotError(
-                f"image {img.name!r}: snapshot file {f} is damaged "
-                f"({f.stat().st_size} bytes, expected {size})", hint=hint)
-    if not (img.path / "build.qcow2").exists():
-        raise SnapshotError(f"image {img.name!r}: disk {img.path / 'build.qcow2'} is missing",
-                            hint=f"rebuild the image (-n {img.name} --force)")
+    """Sizes and sampled digests of the snapshot files, before a restore."""
+    snapshot.check_image_snapshot(img.path, img.meta.snapshot, img.name)
 
 
 class Sandbox:

@@ -995,6 +995,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--go-fd", type=int)
     a = p.parse_args(argv)
+    os.umask(0o077)  # its QEMU's files (RAM state, logs, overlays) are the owner's alone
     if a.go_fd is not None:
         # import now, while the caller writes the record; then wait for its word
         import localsbx.build.builder

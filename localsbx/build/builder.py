@@ -144,7 +144,7 @@ async def build_image_async(
     if not force:
         with contextlib.suppress(Exception):
             old = store.ImageMeta.from_json(store.read_json(store.image_dir(digest) / "image.json"))
-            if old.digest == digest:
+            if old.digest == digest and _intact(store.image_dir(digest), old, name, rep):
                 rep.say(f"image {name}: unchanged definition, reusing build {digest[:12]}")
                 return store.register_image(project, name, digest)
 
@@ -208,14 +208,16 @@ async def build_image_async(
         await disk.rebase_unsafe(snap_disk, final / "build.qcow2")
         meta = store.ImageMeta(
             name=name, digest=digest, base=base.name, base_digest=base.digest,
-            source=definition.source, definition=definition.to_json(),
+            source=definition.source, definition=_redacted(definition.to_json()),
             warnings=tuple(definition.warnings), env=env, workdir=workdir, user=state.user,
             created_at=time.time(), build_seconds=round(time.monotonic() - started, 1),
             accel=accel.kind,
             snapshot=store.SnapshotMeta(
                 key=key, host_key=host_key, cpus=SANDBOX_CPUS, memory_mib=SANDBOX_MEMORY_MIB,
                 state_size=(snap / "state.mig").stat().st_size,
-                ram_size=(snap / "ram").stat().st_size, format=SNAPSHOT_FORMAT))
+                ram_size=(snap / "ram").stat().st_size, format=SNAPSHOT_FORMAT,
+                state_digest=await asyncio.to_thread(snapshot.file_digest, snap / "state.mig"),
+                ram_digest=await asyncio.to_thread(snapshot.file_digest, snap / "ram")))
         store.write_json_atomic(tmp / "image.json", meta.to_json())
         store.commit_image_dir(tmp, digest)
     except BaseException:
@@ -225,6 +227,35 @@ async def build_image_async(
     rep.say(f"image {name} registered in project {project} "
             f"({meta.build_seconds} s, digest {digest[:12]})")
     return rec
+
+
+def _redacted(defn: dict) -> dict:
+    """The definition for ``image.json`` with build-time values (``ARG``/``--build-arg``)
+    replaced by a short digest, so no secret passed as a build argument is kept in clear."""
+    import hashlib
+
+    ops = []
+    for op in defn.get("ops", []):
+        if op.get("build_env"):
+            op = {**op, "build_env": [
+                [k, "sha256:" + hashlib.sha256(str(v).encode()).hexdigest()[:16]]
+                for k, v in op["build_env"]]}
+        ops.append(op)
+    return {**defn, "ops": ops}
+
+
+def _intact(image_dir: Path, meta: store.ImageMeta, name: str, rep: Reporter) -> bool:
+    """Whether a previous build's snapshot files are all there and undamaged (else it is
+    rebuilt, not reused)."""
+    from localsbx.errors import SnapshotError
+
+    try:
+        snapshot.check_image_snapshot(image_dir, meta.snapshot, name)
+    except SnapshotError as exc:
+        rep.say(f"image {name}: previous build {meta.digest[:12]} is damaged "
+                f"({exc.message}); building again")
+        return False
+    return True
 
 
 #: Console lines where a guest's death starts (shown from there on, not its last lines).
