@@ -90,6 +90,26 @@ def _alive(pid, start) -> bool:
     return fields[0] != "Z" and (start is None or int(fields[19]) == start)
 
 
+def _start_stdin_pump(s: socket.socket) -> None:
+    """Stream our stdin to the supervisor as stdin frames while the output is read (the
+    command starts at once; the socket's back-pressure bounds memory). A daemon thread: the
+    command may end before its input does (``yes | ... head -1``)."""
+    import threading
+
+    def pump() -> None:
+        try:
+            while True:
+                chunk = os.read(0, 1 << 16)
+                if not chunk:
+                    s.sendall(b'{"stream":"stdin","eof":true}\n')
+                    return
+                s.sendall(b'{"stream":"stdin","size":%d}\n' % len(chunk) + chunk)
+        except OSError:  # the supervisor has answered and closed, or stdin is unreadable
+            return
+
+    threading.Thread(target=pump, name="localsbx-stdin", daemon=True).start()
+
+
 def _fast_exec(args: list[str]) -> int | None:
     opts = _parse(args)
     if opts is None:
@@ -102,11 +122,9 @@ def _fast_exec(args: list[str]) -> int | None:
     if (rec.get("state") != "running" or not rec.get("control_socket")
             or not _alive(rec.get("supervisor_pid"), rec.get("supervisor_start"))):
         return None
-    payload = sys.stdin.buffer.read() if opts["stdin"] else b""
     header = {"op": "exec", "argv": opts["argv"], "env": opts["env"], "cwd": opts["cwd"],
-              "user": None, "stdin": opts["stdin"], "timeout": opts["timeout"]}
-    if payload:
-        header["size"] = len(payload)
+              "user": None, "stdin": "stream" if opts["stdin"] else False,
+              "timeout": opts["timeout"]}
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(rec["control_socket"])
@@ -114,7 +132,9 @@ def _fast_exec(args: list[str]) -> int | None:
         s.close()
         return None
     try:
-        s.sendall(json.dumps(header).encode() + b"\n" + payload)
+        s.sendall(json.dumps(header).encode() + b"\n")
+        if opts["stdin"]:
+            _start_stdin_pump(s)
         f = s.makefile("rb", buffering=1 << 16)
         out, err = sys.stdout.buffer, sys.stderr.buffer
         while True:

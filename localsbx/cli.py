@@ -181,6 +181,9 @@ def image_build(
     """Build an image and register it in the project."""
     from localsbx.build.builder import build_image
 
+    if name is not None and not name.strip():
+        raise ConfigError("image build: -n/--name is empty",
+                          hint="give a name, or leave -n out to use the definition's name")
     if path.is_dir():  # like `docker build DIR`: DIR/Dockerfile, DIR is the context
         path = path / "Dockerfile"
     if not path.exists():
@@ -201,6 +204,8 @@ def image_build(
 def image_ls(as_json: JsonOpt = False, project: ProjectOpt = None):
     """List the project's images."""
     imgs = store.list_images(project)
+    for _name, why in store.broken_images(project):
+        err.print(f"[yellow]warning: {_esc(why)}[/]")
     if as_json:
         out.print_json(data=[_image_json(i) for i in imgs])
         return
@@ -255,6 +260,8 @@ def new(
     """Start a sandbox (restored from its image's snapshot) and print its id."""
     from localsbx.sandbox import Sandbox
 
+    if name is not None and not name.strip():
+        raise ConfigError("new: --name is empty", hint="give a name, or leave --name out")
     t = time.monotonic()
     sb = Sandbox.create(image, cpus=cpus, memory_mb=memory, disk_mb=disk, timeout_secs=timeout,
                         project=project, detached=True, name=name, snapshot_id=snapshot,
@@ -308,7 +315,7 @@ def exec_(
             raise ConfigError("exec -t: stdin is not a terminal",
                               hint="drop -t to pipe data in (-i alone passes stdin)")
         raise typer.Exit(_interactive(sandbox_id, command, envd, workdir, project))
-    data = sys.stdin.buffer.read() if interactive else None
+    data = sys.stdin.buffer if interactive else None  # streamed as it comes
 
     def w(stream):
         def cb(chunk: bytes) -> None:

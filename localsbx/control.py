@@ -20,6 +20,7 @@ milliseconds (no typer, rich or asyncssh import).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -116,8 +117,10 @@ async def request(socket_path: str, op: str, args: dict | None = None, *,
         file content); without it data frames are collected and returned as
         ``{"result": ..., "data": {stream: bytes}}``.
     :param timeout: seconds for the whole exchange, ``None`` = no limit (long commands).
-    :param payload_source: writes streamed data frames after the request (uploads); then
-        ``payload`` must be empty.
+    :param payload_source: writes streamed data frames after the request (a command's
+        stdin); it runs alongside the reading of the answer and is cancelled when the final
+        frame arrives (the command may end before its input does). ``payload`` must be
+        empty then.
     :raises SandboxNotFound: nothing listens on the socket (the supervisor is gone).
     :raises LocalsbxError: the error the supervisor reported, as its own class.
     """
@@ -128,12 +131,13 @@ async def request(socket_path: str, op: str, args: dict | None = None, *,
         raise errors.SandboxNotFound(f"the sandbox supervisor at {socket_path} does not answer "
                                      f"({type(exc).__name__})") from exc
     collected: dict[str, bytearray] = {}
+    feeder: asyncio.Task | None = None
     try:
         async with asyncio.timeout(timeout):
             writer.write(encode_frame({"op": op, **(args or {})}, payload))
-            if payload_source is not None:
-                await payload_source(writer)
             await writer.drain()
+            if payload_source is not None:
+                feeder = asyncio.create_task(_feed(payload_source, writer))
             while True:
                 frame = await read_frame(reader)
                 if frame is None:
@@ -159,8 +163,29 @@ async def request(socket_path: str, op: str, args: dict | None = None, *,
         raise errors.GuestError(f"the sandbox supervisor did not finish {op!r} within "
                                 f"{timeout} s") from None
     finally:
+        if feeder is not None:
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await feeder
         writer.close()
         try:
             await writer.wait_closed()
         except (OSError, ConnectionError):
             pass
+
+
+async def _feed(source: Callable[[asyncio.StreamWriter], Awaitable[None]],
+                writer: asyncio.StreamWriter) -> None:
+    """Run a payload source; the peer closing early is not an error (it has answered)."""
+    with contextlib.suppress(ConnectionError, OSError):
+        await source(writer)
+        await writer.drain()
+
+
+def stdin_frame(data: bytes) -> bytes:
+    """A chunk of a streamed stdin (``exec`` with ``"stdin": "stream"``)."""
+    return encode_frame({"stream": "stdin"}, data)
+
+
+#: The end of a streamed stdin.
+STDIN_EOF = encode_frame({"stream": "stdin", "eof": True})

@@ -14,10 +14,18 @@ import platformdirs
 
 
 def data_dir() -> Path:
-    """The store root (created on first use)."""
+    """The store root (created on first use), private to its owner (0700): it holds guest
+    disks and memory, SSH keys and build arguments, so no other local user may enter it,
+    whatever the modes of the files inside."""
     env = os.environ.get("LOCALSBX_HOME")
     root = Path(env).expanduser() if env else Path(platformdirs.user_data_dir("localsbx"))
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        st = root.stat()
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.chmod(root, 0o700)
+    except OSError:
+        pass
     return root.resolve()
 
 

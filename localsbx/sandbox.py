@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, BinaryIO, Self
 
 from localsbx import control, paths, store, supervisor
 from localsbx._loop import run_sync
@@ -135,6 +135,51 @@ def shell_argv(command: str | Sequence[str], args: Sequence[str] | None) -> list
     if isinstance(command, (list, tuple)):
         return [str(c) for c in command]
     return ["/bin/sh", "-c", command]
+
+
+def _stdin_source(fobj: BinaryIO):
+    """A control ``payload_source`` streaming ``fobj`` as stdin frames. The reads happen in
+    a daemon thread (a blocked read of a pipe never holds the process's exit), handing
+    over at most a few chunks at a time, so memory stays bounded."""
+    import threading
+
+    async def source(writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+        stop = threading.Event()
+
+        def pump() -> None:
+            try:
+                fd = fobj.fileno()
+            except (AttributeError, OSError, ValueError):
+                fd = None
+            read = getattr(fobj, "read1", None) or fobj.read
+            while not stop.is_set():
+                try:
+                    chunk = os.read(fd, control.CHUNK) if fd is not None else read(control.CHUNK)
+                except OSError:
+                    chunk = b""
+                try:
+                    asyncio.run_coroutine_threadsafe(q.put(chunk), loop).result()
+                except (RuntimeError, asyncio.CancelledError):  # the loop is gone
+                    return
+                if not chunk:
+                    return
+
+        threading.Thread(target=pump, name="localsbx-stdin", daemon=True).start()
+        try:
+            while True:
+                chunk = await q.get()
+                writer.write(control.stdin_frame(chunk) if chunk else control.STDIN_EOF)
+                await writer.drain()
+                if not chunk:
+                    return
+        finally:
+            stop.set()
+            with contextlib.suppress(asyncio.QueueEmpty):
+                q.get_nowait()  # unblock a pending put; the thread then sees ``stop``
+
+    return source
 
 
 @dataclass
@@ -247,7 +292,7 @@ class AsyncSandbox:
                               "and digits")
         sid = sandbox_id or _new_id()
         d = store.sandbox_dir(sid)
-        d.mkdir(parents=True)
+        d.mkdir(mode=0o700, parents=True)
         (d / "creator").write_text(f"{me} {proc_start_time(me)}")
         try:
             launch = supervisor.Launch(sid, "create")  # imports while we plan
@@ -450,11 +495,15 @@ class AsyncSandbox:
 
     async def exec(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                    working_dir: str | None = None, timeout: float | None = None,
-                   user: str | None = None, stdin: bytes | None = None,
+                   user: str | None = None, stdin: bytes | BinaryIO | None = None,
                    stdout_cb: Callable[[bytes], None] | None = None,
                    stderr_cb: Callable[[bytes], None] | None = None) -> ExecResult:
         """Run ``argv`` (no shell) with the image ENV + ``env``, in ``working_dir`` (default
         the image WORKDIR). Lower level than :meth:`run`: returns the raw ExecResult.
+
+        :param stdin: bytes (then EOF), or a binary file (``sys.stdin.buffer``) streamed
+            as it is read, until its end or until the command ends (``exec -i``: the
+            command starts at once, and host memory stays bounded).
 
         :raises SandboxStateError: terminated or suspended.
         :raises SandboxNotFound: its QEMU is gone.
@@ -472,10 +521,14 @@ class AsyncSandbox:
                 stderr_cb(data) if stderr_cb else err.extend(data)
 
         t = time.monotonic()
+        streamed = stdin is not None and not isinstance(stdin, (bytes, bytearray, memoryview))
         res = await self._call("exec", {"argv": [str(a) for a in argv], "env": dict(env or {}),
                                         "cwd": working_dir, "user": user,
-                                        "stdin": stdin is not None, "timeout": timeout},
-                               payload=stdin or b"", on_data=on_data, timeout=None)
+                                        "stdin": "stream" if streamed else stdin is not None,
+                                        "timeout": timeout},
+                               payload=b"" if streamed else bytes(stdin or b""),
+                               payload_source=_stdin_source(stdin) if streamed else None,
+                               on_data=on_data, timeout=None)
         result = ExecResult(res["exit_status"], res["signal"], bytes(out), bytes(err),
                             timed_out=bool(res["timed_out"]))
         self.history.append(HistoryEntry(
@@ -1074,22 +1127,8 @@ def _shape_spec(base, accel: Accel, cpus: int, memory_mb: int) -> VMSpec:
 
 
 def _check_snapshot_files(img: store.ImageRecord) -> None:
-    snap = img.path / "snap"
-    meta = img.meta.snapshot
-    expect = {"state.mig": meta.state_size, "ram": meta.ram_size, "disk.qcow2": None,
-              "initrd.cpio": None}
-    for fname, size in expect.items():
-        f = snap / fname
-        hint = f"rebuild the image: localsbx image build <Dockerfile> -n {img.name} --force"
-        if not f.exists():
-            raise SnapshotError(f"image {img.name!r}: snapshot file {f} is missing", hint=hint)
-        if size is not None and f.stat().st_size != size:
-            raise SnapshotError(
-                f"image {img.name!r}: snapshot file {f} is damaged "
-                f"({f.stat().st_size} bytes, expected {size})", hint=hint)
-    if not (img.path / "build.qcow2").exists():
-        raise SnapshotError(f"image {img.name!r}: disk {img.path / 'build.qcow2'} is missing",
-                            hint=f"rebuild the image (-n {img.name} --force)")
+    """Sizes and sampled digests of the snapshot files, before a restore."""
+    snapshot.check_image_snapshot(img.path, img.meta.snapshot, img.name)
 
 
 class Sandbox:

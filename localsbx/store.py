@@ -23,7 +23,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from localsbx import paths
@@ -65,7 +65,7 @@ def locked(path: Path, *, shared: bool = False) -> Iterator[None]:
     Cross-process and cross-thread (each call opens its own file description).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
@@ -75,9 +75,10 @@ def locked(path: Path, *, shared: bool = False) -> Iterator[None]:
 
 def write_json_atomic(path: Path, data: object) -> None:
     """Write JSON to ``path`` via a temp file in the same folder, fsync and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),
+              "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
         f.flush()
@@ -106,7 +107,13 @@ def management_key():
             os.chmod(tmp, 0o600)
             key.write_public_key(str(key_path.with_suffix(".pub")))
             os.replace(tmp, key_path)
-    return asyncssh.read_private_key(str(key_path))
+    try:
+        return asyncssh.read_private_key(str(key_path))
+    except (asyncssh.KeyImportError, OSError, ValueError) as exc:
+        raise ConfigError(
+            f"the store's management SSH key {key_path} is damaged or unreadable ({exc})",
+            hint=f"restore it from a backup; or remove {kdir} (a new key is made) and rebuild "
+                 "your images with --force (their snapshots trust the old key)") from None
 
 
 # --------------------------------------------------------------------------- images
@@ -125,6 +132,10 @@ class SnapshotMeta:
     state_size: int
     ram_size: int
     format: int
+    #: :func:`localsbx.vm.snapshot.file_digest` of ``state.mig`` and ``ram`` ("" for images
+    #: built before digests were recorded: sizes only)
+    state_digest: str = ""
+    ram_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -164,7 +175,8 @@ class ImageMeta:
         try:
             known = {f.name for f in fields(cls)} - {"extra"}
             kw = {k: v for k, v in data.items() if k in known}
-            snap = {f.name: data["snapshot"][f.name] for f in fields(SnapshotMeta)}
+            snap = {f.name: data["snapshot"][f.name] for f in fields(SnapshotMeta)
+                    if f.name in data["snapshot"] or f.default is MISSING}
             kw["snapshot"] = SnapshotMeta(**snap)
             kw["warnings"] = tuple(kw.get("warnings") or ())
             return cls(**kw, extra={k: v for k, v in data.items() if k not in known})
@@ -209,9 +221,19 @@ def _project_file(project: str) -> Path:
 def _read_table(project: str) -> dict[str, dict]:
     p = _project_file(project)
     try:
-        return read_json(p).get("images", {})
+        table = read_json(p).get("images", {})
     except FileNotFoundError:
         return {}
+    except (ValueError, AttributeError, OSError) as exc:
+        raise ConfigError(f"project {project!r}: its image table {p} is damaged ({exc})",
+                          hint="fix or delete that file, then register the images again "
+                               "(localsbx image build ...: unchanged builds are reused)") from None
+    if not isinstance(table, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("digest"), str) for v in table.values()):
+        raise ConfigError(f"project {project!r}: its image table {p} is damaged (not a "
+                          "name -> {digest} table)",
+                          hint="fix or delete that file, then register the images again")
+    return table
 
 
 def image_dir(digest: str) -> Path:
@@ -248,14 +270,19 @@ def lookup_image(name: str, *, project: str | None = None) -> ImageRecord:
     d = image_dir(entry["digest"])
     try:
         meta = ImageMeta.from_json(read_json(d / "image.json"))
-    except (FileNotFoundError, ValueError) as exc:
+    except FileNotFoundError as exc:
         raise ImageNotFound(f"image {name!r} is registered but its files are missing ({d})",
                             hint=f"rebuild it, or remove it: localsbx image rm {name}") from exc
+    except (ValueError, AttributeError, OSError) as exc:
+        raise ImageNotFound(f"image {name!r}: its metadata {d / 'image.json'} is damaged "
+                            f"({exc})", hint=f"rebuild it (--force), or remove it: "
+                                             f"localsbx image rm {name}") from exc
     return ImageRecord(name, project, entry["digest"], d, meta)
 
 
 def list_images(project: str | None = None) -> list[ImageRecord]:
-    """All images of a project, sorted by name (broken entries are skipped with a warning)."""
+    """All images of a project, sorted by name (broken entries are skipped with a warning;
+    :func:`broken_images` lists them)."""
     project = current_project(project)
     out = []
     for name in sorted(_read_table(project)):
@@ -263,6 +290,18 @@ def list_images(project: str | None = None) -> list[ImageRecord]:
             out.append(lookup_image(name, project=project))
         except ImageNotFound as exc:
             log.warning("%s", exc.message)
+    return out
+
+
+def broken_images(project: str | None = None) -> list[tuple[str, str]]:
+    """``(name, why)`` for each image of a project whose files or metadata are damaged."""
+    project = current_project(project)
+    out = []
+    for name in sorted(_read_table(project)):
+        try:
+            lookup_image(name, project=project)
+        except ImageNotFound as exc:
+            out.append((name, exc.message))
     return out
 
 
@@ -327,9 +366,9 @@ def _rmtree(path: Path) -> None:
 def new_image_tmpdir() -> Path:
     """A fresh ``images/.tmp-*`` folder for a build in progress."""
     root = paths.images_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
     d = root / f".tmp-{os.getpid()}-{time.time_ns()}"
-    d.mkdir()
+    d.mkdir(mode=0o700)
     (d / "owner").write_text(str(os.getpid()))
     return d
 
@@ -821,9 +860,9 @@ def checkpoints_dir() -> Path:
 def new_checkpoint_tmpdir() -> Path:
     """A fresh ``checkpoints/.tmp-*`` folder for a checkpoint being written."""
     root = checkpoints_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
     d = root / f".tmp-{os.getpid()}-{time.time_ns()}"
-    d.mkdir()
+    d.mkdir(mode=0o700)
     return d
 
 

@@ -492,7 +492,12 @@ class Supervisor:
 
     async def op_exec(self, h, payload, reader, writer) -> dict:
         """Run argv in the guest; output streams back as frames while it runs. If the client
-        goes away (Ctrl-C), the command's process tree is killed."""
+        goes away (Ctrl-C), the command's process tree is killed.
+
+        ``"stdin": true`` feeds the request's payload, then EOF; ``"stdin": "stream"`` feeds
+        the client's stdin frames (``{"stream": "stdin", "size": N}`` + N bytes) as they
+        come, until ``{"stream": "stdin", "eof": true}``; they are read only as fast as the
+        guest takes them, so host memory stays bounded whatever the producer does."""
         from localsbx.build.builder import runtime_env
 
         self._require_running()
@@ -505,11 +510,40 @@ class Supervisor:
                 writer.write(control.encode_frame({"stream": stream}, chunk))
             return send
 
+        streaming = h.get("stdin") == "stream"
+        stdin_done, client_gone = asyncio.Event(), asyncio.Event()
+
+        async def stdin_frames():
+            try:
+                while True:
+                    frame = await control.read_frame(reader)
+                    if frame is None:
+                        client_gone.set()
+                        return
+                    hdr, data = frame
+                    if hdr.get("eof"):
+                        return
+                    if data:
+                        yield data
+            except (control.ProtocolError, ConnectionError):
+                client_gone.set()
+            finally:
+                stdin_done.set()
+
+        async def watch_client():
+            if streaming:
+                await stdin_done.wait()
+                if client_gone.is_set():
+                    return
+            await reader.read(1)
+
         task = asyncio.create_task(self.machine.guest.exec(
             list(h["argv"]), env=env, cwd=h.get("cwd") or rec.workdir,
-            user=h.get("user") or rec.user, stdin=payload if h.get("stdin") else None,
+            user=h.get("user") or rec.user,
+            stdin=payload if h.get("stdin") and not streaming else None,
+            stdin_stream=stdin_frames() if streaming else None,
             timeout=h.get("timeout"), stdout_cb=cb("stdout"), stderr_cb=cb("stderr")))
-        gone = asyncio.create_task(reader.read(1))
+        gone = asyncio.create_task(watch_client())
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
             task.cancel()
@@ -528,9 +562,22 @@ class Supervisor:
         return {"exit_status": res.exit_status, "signal": res.signal, "timed_out": res.timed_out}
 
     async def op_put(self, h, payload, reader, writer) -> None:
+        """Write a file. If the client goes away before the guest has it all (Ctrl-C or a
+        SIGKILLed ``cp``), the transfer is abandoned and the guest keeps the previous file
+        (the agent commits only after exactly the announced size)."""
         self._require_running()
         await self.ready()
-        await self.machine.guest.put_file(h["path"], payload, mode=int(h.get("mode", 0o644)))
+        task = asyncio.create_task(self.machine.guest.put_file(
+            h["path"], payload, mode=int(h.get("mode", 0o644))))
+        gone = asyncio.create_task(reader.read(1))
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise ConnectionError("client went away")
+        gone.cancel()
+        task.result()
 
     async def op_get(self, h, payload, reader, writer) -> dict:
         self._require_running()
@@ -968,6 +1015,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--go-fd", type=int)
     a = p.parse_args(argv)
+    os.umask(0o077)  # its QEMU's files (RAM state, logs, overlays) are the owner's alone
     if a.go_fd is not None:
         # import now, while the caller writes the record; then wait for its word
         import localsbx.build.builder

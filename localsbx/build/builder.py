@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from pathlib import Path
 from localsbx import store
 from localsbx.build.steps import TAIL_BYTES, run_ops, runtime_env
 from localsbx.definition.ops import Copy, ImageDefinition
-from localsbx.errors import ConfigError, DefinitionError, ImageBuildError
+from localsbx.errors import ConfigError, DefinitionError, GuestError, ImageBuildError, LocalsbxError
 from localsbx.vm import disk, snapshot
 from localsbx.vm.accel import choose_accel
 from localsbx.vm.machine import Machine
@@ -143,7 +144,7 @@ async def build_image_async(
     if not force:
         with contextlib.suppress(Exception):
             old = store.ImageMeta.from_json(store.read_json(store.image_dir(digest) / "image.json"))
-            if old.digest == digest:
+            if old.digest == digest and _intact(store.image_dir(digest), old, name, rep):
                 rep.say(f"image {name}: unchanged definition, reusing build {digest[:12]}")
                 return store.register_image(project, name, digest)
 
@@ -163,7 +164,10 @@ async def build_image_async(
             accel=accel, client_key=client_key, cpus=definition.build_cpus,
             memory_mib=definition.build_memory_mb, name=f"localsbx-build-{name}",
         ) as vm:
-            state = await run_ops(vm.guest, definition, ctx, rep, timeout=timeout)
+            try:
+                state = await run_ops(vm.guest, definition, ctx, rep, timeout=timeout)
+            except (ImageBuildError, GuestError) as exc:
+                raise _with_console(exc, vm) from exc
             env, workdir = state.env, state.workdir
             rep.say("build steps done; syncing and powering off the build VM")
             if not await vm.poweroff():
@@ -209,14 +213,16 @@ async def build_image_async(
         await disk.rebase_unsafe(snap_disk, final / "build.qcow2")
         meta = store.ImageMeta(
             name=name, digest=digest, base=base.name, base_digest=base.digest,
-            source=definition.source, definition=definition.to_json(),
+            source=definition.source, definition=_redacted(definition.to_json()),
             warnings=tuple(definition.warnings), env=env, workdir=workdir, user=state.user,
             created_at=time.time(), build_seconds=round(time.monotonic() - started, 1),
             accel=accel.kind,
             snapshot=store.SnapshotMeta(
                 key=key, host_key=host_key, cpus=SANDBOX_CPUS, memory_mib=SANDBOX_MEMORY_MIB,
                 state_size=(snap / "state.mig").stat().st_size,
-                ram_size=(snap / "ram").stat().st_size, format=SNAPSHOT_FORMAT))
+                ram_size=(snap / "ram").stat().st_size, format=SNAPSHOT_FORMAT,
+                state_digest=await asyncio.to_thread(snapshot.file_digest, snap / "state.mig"),
+                ram_digest=await asyncio.to_thread(snapshot.file_digest, snap / "ram")))
         store.write_json_atomic(tmp / "image.json", meta.to_json())
         store.commit_image_dir(tmp, digest)
     except BaseException:
@@ -226,6 +232,59 @@ async def build_image_async(
     rep.say(f"image {name} registered in project {project} "
             f"({meta.build_seconds} s, digest {digest[:12]})")
     return rec
+
+
+def _redacted(defn: dict) -> dict:
+    """The definition for ``image.json`` with build-time values (``ARG``/``--build-arg``)
+    replaced by a short digest, so no secret passed as a build argument is kept in clear."""
+    import hashlib
+
+    ops = []
+    for op in defn.get("ops", []):
+        if op.get("build_env"):
+            op = {**op, "build_env": [
+                [k, "sha256:" + hashlib.sha256(str(v).encode()).hexdigest()[:16]]
+                for k, v in op["build_env"]]}
+        ops.append(op)
+    return {**defn, "ops": ops}
+
+
+def _intact(image_dir: Path, meta: store.ImageMeta, name: str, rep: Reporter) -> bool:
+    """Whether a previous build's snapshot files are all there and undamaged (else it is
+    rebuilt, not reused)."""
+    from localsbx.errors import SnapshotError
+
+    try:
+        snapshot.check_image_snapshot(image_dir, meta.snapshot, name)
+    except SnapshotError as exc:
+        rep.say(f"image {name}: previous build {meta.digest[:12]} is damaged "
+                f"({exc.message}); building again")
+        return False
+    return True
+
+
+#: Console lines where a guest's death starts (shown from there on, not its last lines).
+_PANIC_RE = re.compile(r"Kernel panic|sysrq: |Oops|BUG: |reboot: Power down")
+
+
+def _with_console(exc: ImageBuildError | GuestError, vm: Machine) -> LocalsbxError:
+    """``exc`` with the build VM's console tail when the VM is gone or the link to it broke
+    (a panic, a poweroff, ``kill -9 -1`` in a RUN): the step and line are already named."""
+    if isinstance(exc, ImageBuildError) and vm.qemu.proc is not None and (
+            vm.qemu.proc.returncode is None and vm.guest.connected and exc.exit_code is not None):
+        return exc  # an ordinary failing step: its own output says it all
+    lines = vm.qemu.log_tail(300).splitlines()
+    first = next((i for i, ln in enumerate(lines) if _PANIC_RE.search(ln)), None)
+    console = "\n".join(lines[first:first + 25] if first is not None else lines[-20:])
+    if isinstance(exc, ImageBuildError):
+        out = ImageBuildError(exc.message, step=exc.step, exit_code=exc.exit_code,
+                              output_tail=exc.output_tail, hint=exc.hint)
+    else:
+        out = ImageBuildError(f"build failed: {exc.message}", hint=exc.hint)
+    if console:
+        out.output_tail = (out.output_tail.rstrip("\n") + "\n--- build VM console (tail) ---\n"
+                           + console).lstrip("\n")
+    return out
 
 
 def build_image(definition: ImageDefinition, *, context_dir: str | Path | None = None,

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from localsbx.definition.ops import DEFAULT_PATH, Copy, Env, ImageDefinition, Op, Run, Workdir
-from localsbx.errors import DefinitionError, ImageBuildError
+from localsbx.errors import DefinitionError, GuestError, ImageBuildError
 from localsbx.guest.ssh import ExecResult
 
 if TYPE_CHECKING:
@@ -173,9 +173,18 @@ async def _run(guest: Guest, op: Run, state: BuildState, rep: Reporter, source: 
         await guest.put_file(path, op.script.encode(), mode=0o755)
         argv = [*argv, path]
     tail = _Tail(rep.output)
-    res = await guest.exec(argv, env={**runtime_env(state.env), **dict(op.build_env)},
-                           cwd=state.workdir, user=state.user, timeout=timeout,
-                           stdout_cb=tail, stderr_cb=tail, kill_tree=True)
+    try:
+        res = await guest.exec(argv, env={**runtime_env(state.env), **dict(op.build_env)},
+                               cwd=state.workdir, user=state.user, timeout=timeout,
+                               stdout_cb=tail, stderr_cb=tail, kill_tree=True)
+    except GuestError as exc:  # the VM powered off, panicked, or `kill -9 -1` took its sshd
+        where = f"{source}, " if source and not source.startswith("<") else ""
+        raise ImageBuildError(
+            f"build failed at {where}{op.describe()}: the build VM stopped or the connection "
+            f"to it broke during the step ({exc.message})", step=op.describe(),
+            output_tail=tail.text(),
+            hint="the step may power off or panic the VM, or kill every process "
+                 "(`kill -9 -1`); the build VM's console is shown below") from exc
     if op.script is not None:
         with contextlib.suppress(Exception):
             await guest.exec(["rm", "-f", argv[-1]], env=runtime_env(state.env))

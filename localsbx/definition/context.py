@@ -37,6 +37,7 @@ What is copied from Docker/BuildKit:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -204,9 +205,24 @@ class _Item:
     archive: Path | None = None
 
 
+def _special_type(st: os.stat_result) -> bytes | None:
+    """The tar type of a FIFO or a device node, else ``None``. Such entries are sent as tar
+    headers only, never opened or read (a FIFO would block, ``/dev/zero`` never ends), as
+    BuildKit does; the build VM's tar recreates them (mknod)."""
+    if stat.S_ISFIFO(st.st_mode):
+        return tarfile.FIFOTYPE
+    if stat.S_ISCHR(st.st_mode):
+        return tarfile.CHRTYPE
+    if stat.S_ISBLK(st.st_mode):
+        return tarfile.BLKTYPE
+    return None
+
+
 def _is_tar(path: Path) -> bool:
     """Whether ``path`` is a tar archive (plain/gzip/bzip2/xz), by content."""
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # never open a FIFO or a device
+            return False
         with tarfile.open(path, "r:*") as tf:
             return tf.next() is not None
     except (tarfile.TarError, OSError, EOFError, ValueError):
@@ -230,7 +246,9 @@ class BuildContext:
     def index(self) -> dict[str, str]:
         """Every visible path (relative, ``/``-separated) -> ``"dir"|"file"|"symlink"``.
 
-        A directory is visible if it is not excluded or holds a visible path.
+        A directory is visible if it is not excluded or holds a visible path. ``"file"``
+        includes FIFOs and device nodes (copied as such, never read); sockets are left out,
+        as Docker's and BuildKit's context tar writers do (a socket cannot be archived).
         """
         if self._index is not None:
             return self._index
@@ -245,7 +263,13 @@ class BuildContext:
                     rel = prefix + name
                     if not self.ignore.excluded(rel):
                         full = os.path.join(dirpath, name)
-                        found[rel] = "symlink" if os.path.islink(full) else "file"
+                        try:
+                            mode = os.lstat(full).st_mode
+                        except OSError:  # removed while we looked
+                            continue
+                        if stat.S_ISSOCK(mode):
+                            continue
+                        found[rel] = "symlink" if stat.S_ISLNK(mode) else "file"
                 dirnames[:] = [d for d in dirnames
                                if not os.path.islink(os.path.join(dirpath, d))]
                 if prefix and not self.ignore.excluded(base):
@@ -295,11 +319,22 @@ class BuildContext:
                 out.extend(hits)
                 continue
             kind = "dir" if rel == "." and self.root else index.get(rel)
+            if kind is None and self.root is not None and "/" in rel:
+                # a path through an in-context symlinked folder (``self/self/``): BuildKit
+                # follows it; name what it points at
+                target = self._follow(op, src, rel, where)
+                if target is not None:
+                    trel = target.relative_to(self.root).as_posix()
+                    kind = "dir" if trel == "." else index.get(trel)
+                    if kind is not None:
+                        rel = trel
             if kind == "symlink":  # a named source is followed, as Docker does
-                target = (self.root / rel).resolve()
-                if not target.is_relative_to(self.root):
-                    raise self._error(op, f"{name} source {src!r} is a symlink leaving the "
-                                      f"build context {where}", "copy the target instead")
+                target = self._follow(op, src, rel, where)
+                if target is None:
+                    raise self._error(op, f"{name} source {src!r} is a dangling symlink "
+                                      f"({os.readlink(self.root / rel)!r} does not exist) in "
+                                      f"the build context {where}",
+                                      "fix the link or copy its target")
                 kind = "dir" if target.is_dir() else "file"
             if kind is None:
                 raise self._error(
@@ -309,6 +344,28 @@ class BuildContext:
                 )
             out.append((kind, rel))
         return out
+
+    def _follow(self, op: Copy, src: str, rel: str, where: str) -> Path | None:
+        """Where ``rel`` leads with its symlinks followed, inside the context; ``None`` if
+        it leads nowhere.
+
+        :raises DefinitionError: a symlink loop, or a link leaving the context.
+        """
+        name = type(op).__name__.upper()
+        try:
+            target = (self.root / rel).resolve(strict=True)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                return None  # missing, or through a file (ENOTDIR)
+            raise self._error(op, f"{name} source {src!r}: symlink loop in the build "
+                              f"context {where} ({exc})", "fix or remove the link") from None
+        except RuntimeError as exc:  # Python < 3.13 reports a loop this way
+            raise self._error(op, f"{name} source {src!r}: symlink loop in the build "
+                              f"context {where} ({exc})", "fix or remove the link") from None
+        if not target.is_relative_to(self.root):
+            raise self._error(op, f"{name} source {src!r} is a symlink leaving the "
+                              f"build context {where}", "copy the target instead")
+        return target
 
     def _walk(self, rel: str) -> list[tuple[str, str]]:
         """Visible entries under directory ``rel``: ``[(relative-to-rel, kind)]``."""
@@ -349,6 +406,9 @@ class BuildContext:
                     h.update(f"{sub}\0{k}\0{stat.S_IMODE(st.st_mode):o}\0".encode())
                     if k == "symlink":
                         h.update(os.readlink(path).encode() + b"\0")
+                    elif k == "file" and _special_type(st):  # a FIFO or device: never read
+                        h.update(f"special\0{stat.S_IFMT(st.st_mode):o}\0{st.st_rdev}\0"
+                                 .encode())
                     elif k == "file":
                         with open(path, "rb") as f:
                             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -473,6 +533,10 @@ def _write_item(tf: tarfile.TarFile, it: _Item, uid: int, gid: int, chmod: int |
         tf.addfile(ti)
     elif it.kind == "dir":
         tf.addfile(_info(it.target, tarfile.DIRTYPE, chmod or it.mode, uid, gid, mtime))
+    elif (special := _special_type(st)) is not None:
+        ti = _info(it.target, special, chmod or it.mode, uid, gid, mtime)
+        ti.devmajor, ti.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        tf.addfile(ti)
     else:
         ti = _info(it.target, tarfile.REGTYPE, chmod or it.mode, uid, gid, mtime)
         ti.size = st.st_size

@@ -10,7 +10,9 @@
  *   agent exec [opts] -- ARGV...    set up env/cwd/user/cgroup/stdin, then execvp in place
  *   agent kill NAME [--signal N] [--timeout S]
  *   agent fixup [--time-ns N] [--entropy HEX]
- *   agent put PATH [--mode OCTAL]   stdin -> PATH atomically
+ *   agent put PATH [--mode OCTAL] [--size N]
+ *                                   stdin -> PATH atomically (with --size: only after
+ *                                   exactly N bytes and then end of input)
  *   agent get PATH                  PATH -> stdout
  *   agent sync
  *   agent resizefs BYTES [MOUNT]    grow MOUNT's ext4 (default /) online to BYTES, once
@@ -690,15 +692,54 @@ static int cmd_fixup(int argc, char **argv) {
 
 /* ------------------------------------------------------------------ put, get */
 
+/* The temp file of a put in progress, removed if a signal ends the agent (the SSH
+ * session torn down by dropbear), so an interrupted put leaves nothing behind. */
+static char put_tmp[PATH_MAX + 32];
+
+static void put_abort(int sig) {
+    (void)sig;
+    if (put_tmp[0]) unlink(put_tmp);
+    _exit(EXIT_FAIL);
+}
+
+/* Copy exactly `size` bytes of stdin to out, then require end of input.  Returns 0; -1 with
+ * errno (*failed_read says which side); -2 when stdin ended early (*got = bytes read); -3
+ * when stdin had more than `size` bytes. */
+static int copy_exact(int out, long long size, int *failed_read, long long *got) {
+    static char buf[65536];
+    long long left = size;
+    *got = 0;
+    for (;;) {
+        size_t want = left > 0 ? (left < (long long)sizeof buf ? (size_t)left : sizeof buf) : 1;
+        ssize_t r = read(0, buf, want);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            *failed_read = 1;
+            return -1;
+        }
+        if (r == 0) return left > 0 ? -2 : 0;
+        if (left == 0) return -3;
+        if (write_all(out, buf, (size_t)r) < 0) {
+            *failed_read = 0;
+            return -1;
+        }
+        left -= r;
+        *got += r;
+    }
+}
+
 static int cmd_put(int argc, char **argv) {
-    static const char use[] = "put PATH [--mode OCTAL]";
+    static const char use[] = "put PATH [--mode OCTAL] [--size BYTES]";
     const char *path = NULL;
     long mode = -1;
+    long long size = -1;
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--mode") && i + 1 < argc) {
             char *end;
             mode = strtol(argv[++i], &end, 8);
             if (*end || mode < 0 || mode > 07777) usage(use);
+        } else if (!strcmp(argv[i], "--size") && i + 1 < argc) {
+            if (parse_long(argv[++i], 0, LLONG_MAX, &size)) usage(use);
         } else if (!path) {
             path = argv[i];
         } else {
@@ -707,7 +748,8 @@ static int cmd_put(int argc, char **argv) {
     }
     if (!path || !*path) usage(use);
 
-    char dir[PATH_MAX], tmp[PATH_MAX + 32];
+    char dir[PATH_MAX];
+    char *tmp = put_tmp;
     snprintf(dir, sizeof dir, "%s", path);
     char *slash = strrchr(dir, '/');
     if (!slash)
@@ -726,15 +768,53 @@ static int cmd_put(int argc, char **argv) {
         msg("put %s: is a directory", path);
         return EXIT_FAIL;
     }
-    snprintf(tmp, sizeof tmp, "%s/.localsbx-put.XXXXXX", dir);
+    struct sigaction sa = {0};
+    sa.sa_handler = put_abort;
+    sigemptyset(&sa.sa_mask);
+    sigaddset(&sa.sa_mask, SIGHUP);
+    sigaddset(&sa.sa_mask, SIGTERM);
+    sigaddset(&sa.sa_mask, SIGINT);
+    sigaddset(&sa.sa_mask, SIGPIPE);
+    sigset_t block, prev;
+    sigemptyset(&block);
+    sigaddset(&block, SIGHUP);
+    sigaddset(&block, SIGTERM);
+    sigaddset(&block, SIGINT);
+    sigaddset(&block, SIGPIPE);
+    sigprocmask(SIG_BLOCK, &block, &prev);
+    sigaction(SIGHUP, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGPIPE, &sa, NULL);
+    snprintf(tmp, sizeof put_tmp, "%s/.localsbx-put.XXXXXX", dir);
     int fd = mkostemp(tmp, O_CLOEXEC);
+    if (fd < 0) tmp[0] = 0;
+    sigprocmask(SIG_SETMASK, &prev, NULL);
     if (fd < 0) {
         msg("put %s: %s", path, strerror(errno));
         return EXIT_FAIL;
     }
     int failed_read = 0;
     mode_t final_mode = mode >= 0 ? (mode_t)mode : exists ? (old.st_mode & 07777) : 0644;
-    if (copy_fd(0, fd, &failed_read) < 0) {
+    if (size >= 0) {
+        long long got = 0;
+        int rc = copy_exact(fd, size, &failed_read, &got);
+        if (rc == -2) {
+            msg("put %s: input ended after %lld of %lld bytes (interrupted); %s left unchanged",
+                path, got, size, path);
+            goto fail;
+        }
+        if (rc == -3) {
+            msg("put %s: more input than the %lld bytes announced; %s left unchanged", path,
+                size, path);
+            goto fail;
+        }
+        if (rc < 0) {
+            msg("put %s: %s: %s", path, failed_read ? "reading stdin" : "writing",
+                strerror(errno));
+            goto fail;
+        }
+    } else if (copy_fd(0, fd, &failed_read) < 0) {
         msg("put %s: %s: %s", path, failed_read ? "reading stdin" : "writing", strerror(errno));
         goto fail;
     }
@@ -748,14 +828,24 @@ static int cmd_put(int argc, char **argv) {
         goto fail;
     }
     fd = -1;
+    sigprocmask(SIG_BLOCK, &block, &prev);
     if (rename(tmp, path) < 0) {
-        msg("put %s: %s", path, strerror(errno));
-        goto fail;
+        int e = errno;
+        unlink(tmp);
+        tmp[0] = 0;
+        sigprocmask(SIG_SETMASK, &prev, NULL);
+        msg("put %s: %s", path, strerror(e));
+        return EXIT_FAIL;
     }
+    tmp[0] = 0;
+    sigprocmask(SIG_SETMASK, &prev, NULL);
     return 0;
 fail:
+    sigprocmask(SIG_BLOCK, &block, &prev);
     if (fd >= 0) close(fd);
     unlink(tmp);
+    tmp[0] = 0;
+    sigprocmask(SIG_SETMASK, &prev, NULL);
     return EXIT_FAIL;
 }
 

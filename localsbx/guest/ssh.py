@@ -21,7 +21,7 @@ import shlex
 import signal as _signal
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import asyncssh
@@ -43,6 +43,12 @@ KILL_GRACE = 10.0
 #: for images that dropped it.
 MANAGEMENT_USERS = ("localsbx", "root")
 
+#: SSH keepalive: a guest that stops answering (hung, or its QEMU stopped behind a live
+#: port forward) breaks the connection after about INTERVAL * COUNT seconds, so no
+#: guest-touching await waits forever.
+KEEPALIVE_INTERVAL = 15
+KEEPALIVE_COUNT = 8
+
 #: Seconds to keep collecting output after the exit status arrived.
 OUTPUT_GRACE = 2.0
 
@@ -60,6 +66,15 @@ class _Session(asyncssh.SSHClientSession):
         self.status: int | None = None
         self.signal: int | None = None
         self.exc: Exception | None = None
+        #: set while the channel takes more input (SSH flow control), for streamed stdin
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
 
     def data_received(self, data: bytes, datatype) -> None:
         if datatype == asyncssh.EXTENDED_DATA_STDERR:
@@ -77,6 +92,7 @@ class _Session(asyncssh.SSHClientSession):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.exc = exc
+        self.writable.set()
         self.exited.set()
         self.closed.set()
 
@@ -179,7 +195,8 @@ class GuestConnection:
                         self.host, self.port, username=self.username,
                         client_keys=[self._client_key], known_hosts=known, agent_path=None,
                         config=None, preferred_auth="publickey", connect_timeout=15,
-                        keepalive_interval=0, kex_algs=["curve25519-sha256"],
+                        keepalive_interval=KEEPALIVE_INTERVAL,
+                        keepalive_count_max=KEEPALIVE_COUNT, kex_algs=["curve25519-sha256"],
                     )
                 return
             except asyncssh.PermissionDenied as exc:
@@ -216,7 +233,8 @@ class GuestConnection:
     async def raw(self, command: str, *, stdin: bytes | None = None,
                   stdout_cb: OutputCallback | None = None,
                   stderr_cb: OutputCallback | None = None,
-                  timeout: float | None = None) -> ExecResult:
+                  timeout: float | None = None,
+                  stdin_stream: AsyncIterator[bytes] | None = None) -> ExecResult:
         """Run one command string on the guest's login shell; bytes in, bytes out.
 
         stdin gets ``stdin`` (if any) and then EOF, always (asyncssh#669: a channel whose
@@ -224,6 +242,10 @@ class GuestConnection:
         exit status arrives; output still in flight is collected for up to
         ``OUTPUT_GRACE`` seconds after that (a background process that keeps stdout open
         does not hold the call, as with ``docker exec``).
+
+        With ``stdin_stream``, its chunks are written as they come (waiting on the channel's
+        flow control, so a fast producer never piles up in memory), then EOF; the command
+        may end before the stream does (``head -1``), and the rest is not read.
 
         :param timeout: seconds, ``None`` for no limit. On expiry the channel is closed and
             :class:`CommandTimeout` is raised with the output so far (callers that need the
@@ -236,12 +258,16 @@ class GuestConnection:
                 lambda: _Session(stdout_cb, stderr_cb), command, encoding=None)
         except (asyncssh.Error, OSError) as exc:
             raise GuestError(f"cannot start a command in the guest: {exc}") from exc
-        try:
-            if stdin:
-                chan.write(stdin)
-            chan.write_eof()
-        except (asyncssh.Error, OSError, BrokenPipeError):
-            pass
+        pump: asyncio.Task | None = None
+        if stdin_stream is not None:
+            pump = asyncio.create_task(self._pump(chan, sess, stdin_stream))
+        else:
+            try:
+                if stdin:
+                    chan.write(stdin)
+                chan.write_eof()
+            except (asyncssh.Error, OSError, BrokenPipeError):
+                pass
         try:
             try:
                 async with asyncio.timeout(timeout):
@@ -254,25 +280,51 @@ class GuestConnection:
                 async with asyncio.timeout(OUTPUT_GRACE):
                     await sess.closed.wait()
         finally:
-            chan.close()
+            if pump is not None:
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pump
+            if sess.exited.is_set():
+                chan.close()
+            else:
+                # cancelled or timed out: drop unsent stdin instead of flushing it (a close
+                # would still deliver all of it, then EOF, and a cut-short ``put`` would
+                # commit); the agent sees its input end early
+                chan.abort()
         if sess.status is None and sess.signal is None:
             raise GuestError("the guest closed the command's channel without an exit status "
                              f"(the SSH connection or the guest died: {sess.exc})")
         return ExecResult(sess.status if sess.signal is None else None, sess.signal,
                           bytes(sess.out), bytes(sess.err))
 
+    @staticmethod
+    async def _pump(chan, sess: _Session, stream: AsyncIterator[bytes]) -> None:
+        """Feed a stdin stream into a channel, then EOF (stops quietly if it closes)."""
+        try:
+            async for chunk in stream:
+                if sess.closed.is_set():
+                    return
+                if chunk:
+                    chan.write(chunk)
+                    await sess.writable.wait()
+            chan.write_eof()
+        except (asyncssh.Error, OSError, BrokenPipeError):
+            pass
+
     async def exec(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                    cwd: str | None = None, user: str | None = None,
                    stdin: bytes | None = None, timeout: float | None = None,
                    stdout_cb: OutputCallback | None = None,
                    stderr_cb: OutputCallback | None = None,
-                   kill_tree: bool = False) -> ExecResult:
+                   kill_tree: bool = False,
+                   stdin_stream: AsyncIterator[bytes] | None = None) -> ExecResult:
         """Run ``argv`` (no shell) in the guest through the agent.
 
         :param env: the complete environment of the command (nothing else is inherited).
         :param cwd: working directory; the command fails with 126 when it does not exist.
         :param user: ``name``, ``uid`` or ``user:group``; ``None`` = root.
         :param stdin: bytes fed to stdin, then EOF; ``None`` = stdin is ``/dev/null``.
+        :param stdin_stream: instead of ``stdin``, chunks fed as they come (see :meth:`raw`).
         :param timeout: seconds; on expiry every process of the command (its cgroup) is
             SIGKILLed and the result has ``timed_out=True``; ``None`` = no limit.
         :param kill_tree: when the command ends, kill whatever it left running (a build
@@ -290,7 +342,7 @@ class GuestConnection:
             opts += ["--user", user]
         for k, v in (env or {}).items():
             opts += ["--env", f"{k}={v}"]
-        if stdin is not None:
+        if stdin is not None or stdin_stream is not None:
             opts.append("--stdin")
         if self.fixup_pending:
             self.fixup_pending = False
@@ -303,7 +355,8 @@ class GuestConnection:
             command = agent_command("exec", *opts, "--argfile", argfile, "--")
         try:
             res = await self.raw(command, stdin=stdin, stdout_cb=stdout_cb,
-                                 stderr_cb=stderr_cb, timeout=timeout)
+                                 stderr_cb=stderr_cb, timeout=timeout,
+                                 stdin_stream=stdin_stream)
         except CommandTimeout as exc:
             await self.kill_cgroup(cgroup)
             return ExecResult(None, int(_signal.SIGKILL), exc.stdout, exc.stderr, timed_out=True)
@@ -320,10 +373,13 @@ class GuestConnection:
     async def kill_cgroup(self, cgroup: str) -> None:
         """SIGKILL every process of a command's cgroup (bounded; errors only logged)."""
         try:
-            res = await self.raw(agent_command("kill", cgroup), timeout=KILL_GRACE)
+            # bounded as a whole: opening the session needs a fork in the guest, which a
+            # fork bomb can stall
+            async with asyncio.timeout(2 * KILL_GRACE):
+                res = await self.raw(agent_command("kill", cgroup), timeout=KILL_GRACE)
             if res.exit_status not in (0, None):
                 log.warning("agent kill %s: %s", cgroup, res.stderr.decode(errors="replace"))
-        except GuestError as exc:
+        except (GuestError, TimeoutError) as exc:
             log.warning("could not kill cgroup %s: %s", cgroup, exc)
 
     async def fixup(self) -> None:
@@ -347,11 +403,24 @@ class GuestConnection:
         return await self.raw(agent_command(verb, *args), stdin=stdin, timeout=timeout)
 
     async def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
-        """Write ``data`` to ``path`` in the guest atomically (parent must exist).
+        """Write ``data`` to ``path`` in the guest atomically (missing parents are created).
+
+        The agent is told the size (``put --size N``) and renames its temp file into place
+        only after exactly that many bytes and then end of input, so a transfer cut short
+        (the connection, the supervisor or the client killed) leaves the previous file as it
+        was and no temp file. Bounded: 120 s plus 4 s per MiB.
 
         :raises GuestFileError: the agent could not write it.
         """
-        res = await self.agent("put", path, "--mode", f"{mode:o}", stdin=data, timeout=None)
+        timeout = 120.0 + 4.0 * len(data) / (1 << 20)
+        res = await self.agent("put", path, "--mode", f"{mode:o}", "--size", str(len(data)),
+                               stdin=data, timeout=timeout)
+        if res.exit_status == 2 and b"usage: put" in res.stderr:
+            # A base built before ``--size`` existed (rebuild it: ``localsbx base build``).
+            log.warning("the guest agent has no put --size; writing %s without the "
+                        "interruption guard (rebuild the base)", path)
+            res = await self.agent("put", path, "--mode", f"{mode:o}", stdin=data,
+                                   timeout=timeout)
         if res.exit_status != 0:
             raise GuestFileError(f"cannot write {path} in the sandbox: "
                                  f"{res.stderr.decode(errors='replace').strip()}")

@@ -26,7 +26,7 @@ from localsbx import _proc
 #: few KiB, so this only trips on a stuck file system.
 QEMU_IMG_TIMEOUT = 60.0
 #: Mode of a frozen image file (the backing files of a chain are never written again).
-FROZEN_MODE = 0o444
+FROZEN_MODE = 0o400
 
 
 async def create_overlay(overlay: Path, backing: Path, *,

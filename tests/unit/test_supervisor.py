@@ -32,8 +32,17 @@ class FakeGuest:
         self.fixup_pending = False
 
     async def exec(self, argv, *, env=None, cwd=None, user=None, stdin=None, timeout=None,
-                   stdout_cb=None, stderr_cb=None, kill_tree=False):
+                   stdout_cb=None, stderr_cb=None, kill_tree=False, stdin_stream=None):
         self.calls.append(("exec", list(argv), env, cwd, user, stdin, timeout))
+        if argv[0] == "head1":  # reads its first chunk of a streamed stdin, then ends
+            async for chunk in stdin_stream:
+                stdout_cb(chunk.split(b"\n")[0] + b"\n")
+                break
+            return ExecResult(0, None, b"", b"")
+        if argv[0] == "cat":
+            async for chunk in stdin_stream:
+                stdout_cb(chunk)
+            return ExecResult(0, None, b"", b"")
         if argv[0] == "echo":
             stdout_cb(" ".join(argv[1:]).encode() + b"\n")
             stderr_cb(b"to stderr\n")
@@ -125,6 +134,48 @@ async def test_exec_streams_output_and_applies_the_image_env(vm_process):
     assert env == {"HOME": "/root", "A": "1", "B": "2"} and cwd == "/work" and stdin == b"in"
     res = await control.request(sup.rec.control_socket, "exec", {"argv": ["x"]}, on_data=print)
     assert res["timed_out"] and res["signal"] == 9
+
+
+async def test_exec_stdin_is_streamed_not_read_first(vm_process, tmp_path):
+    """Issue 10 item 5: ``(echo first; sleep 25) | exec -i ... head -1`` answers at once,
+    and ``yes | ... head -1`` does not pile the input up anywhere."""
+    sup = await started(vm_process)
+    sent = 0
+
+    async def first_then_wait(writer):
+        writer.write(control.stdin_frame(b"first\n"))
+        await writer.drain()
+        await asyncio.sleep(25)
+
+    async def yes(writer):
+        nonlocal sent
+        while True:
+            writer.write(control.stdin_frame(b"y\n" * 32768))
+            sent += 65536
+            await writer.drain()
+
+    for source in (first_then_wait, yes):
+        seen = []
+        t = time.monotonic()
+        res = await asyncio.wait_for(control.request(
+            sup.rec.control_socket, "exec", {"argv": ["head1"], "stdin": "stream"},
+            payload_source=source, on_data=lambda s, d, seen=seen: seen.append(d),
+            timeout=None), 10)
+        assert time.monotonic() - t < 5 and res["exit_status"] == 0
+        assert seen[0] in (b"first\n", b"y\n")
+    assert sent < 16 << 20  # the producer was held back, not drained into memory
+
+    # a whole stream, then EOF, reaches the command (library: a binary file object)
+    (tmp_path / "in").write_bytes(b"a" * 300_000)
+    seen = []
+    with open(tmp_path / "in", "rb") as f:
+        from localsbx.sandbox import _stdin_source
+
+        res = await asyncio.wait_for(control.request(
+            sup.rec.control_socket, "exec", {"argv": ["cat"], "stdin": "stream"},
+            payload_source=_stdin_source(f), on_data=lambda s, d: seen.append(d),
+            timeout=None), 10)
+    assert b"".join(seen) == b"a" * 300_000
 
 
 async def test_errors_keep_their_class_and_hint(vm_process):
