@@ -26,11 +26,11 @@ __all__ = ["resolve_from", "with_image_config"]
 def with_image_config(definition: ImageDefinition, config: Any) -> ImageDefinition:
     """``definition`` with the image config's ENV, WORKDIR (and USER) as leading ops."""
     head: list[Any] = [Env(k, v, text=f"{k}={v} (image config)") for k, v in config.env]
-    user_op = getattr(_ops, "User", None)
-    if config.user and user_op is not None:  # pragma: no cover - with the USER instruction
-        head.append(user_op(config.user))
     if config.workdir and config.workdir != "/":  # "/" is where a build starts anyway
         head.append(Workdir(config.workdir, text=f"{config.workdir} (image config)"))
+    user_op = getattr(_ops, "User", None)  # last: the WORKDIR is made as root, as BuildKit does
+    if config.user and user_op is not None:  # pragma: no cover - with the USER instruction
+        head.append(user_op(config.user))
     return dataclasses.replace(definition, ops=(*head, *definition.ops))
 
 

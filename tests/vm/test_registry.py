@@ -3,6 +3,7 @@
 tree, a busybox-only one) pushed with skopeo, then built FROM, then built again with the
 registry stopped (layers cached by digest, offline once pulled)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -68,6 +69,23 @@ def registry(tmp_path_factory):
     reg.stop()
 
 
+@pytest.fixture
+def made_here():
+    """Removes, after the test, the images it registers and the oci-* bases it pulled
+    (each run pushes new digests: without this the store grows by a base per run)."""
+    from localsbx import store
+
+    before = {p.name for p in base.paths.bases_dir().glob("oci-*")}
+    images: list[str] = []
+    yield images
+    for name in images:
+        with contextlib.suppress(Exception):
+            store.remove_image(name)
+    for p in base.paths.bases_dir().glob("oci-*"):
+        if p.name not in before:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def push_tree(tree: Path, work: Path, dest: str, *, env=(), workdir=None, cmd=None) -> None:
     """An OCI image of ``tree`` (one layer) with a config, made by umoci, pushed by skopeo."""
     layout, bundle = work / "layout", work / "bundle"
@@ -105,7 +123,9 @@ def build(tmp_path: Path, name: str, text: str):
     return build_image(defn, context_dir=tmp_path, name=name, force=True)
 
 
-def test_from_registry_python_image_then_offline(base_ready, registry, tmp_path, monkeypatch):
+def test_from_registry_python_image_then_offline(base_ready, registry, tmp_path, monkeypatch,
+                                                  made_here):
+    made_here += ["t-reg-py", "t-reg-py-offline"]
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))  # no host credentials
     ref = f"{registry.addr}/tools/py:3"
     work = tmp_path / "py"
@@ -143,7 +163,8 @@ def test_from_registry_python_image_then_offline(base_ready, registry, tmp_path,
     registry.start()
 
 
-def test_from_registry_busybox_image_by_digest(base_ready, registry, tmp_path):
+def test_from_registry_busybox_image_by_digest(base_ready, registry, tmp_path, made_here):
+    made_here.append("t-reg-bb")
     tree = tmp_path / "bb" / "tree"
     (tree / "bin").mkdir(parents=True)
     (tree / "etc").mkdir()
