@@ -10,10 +10,18 @@ HERE = Path(__file__).parent
 IMAGES = HERE / "images"
 
 
-def qemu_pids(pattern: str = "qemu-system-x86_64") -> set[int]:
-    """Pids of QEMU processes whose command line contains ``pattern``."""
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-    return {int(p) for p in out.stdout.split()}
+def qemu_pids(pattern: str | None = None) -> set[int]:
+    """Pids of QEMU processes whose command line contains ``pattern`` (default: this
+    store's path, which every QEMU localsbx starts names in its disk or RAM file, so that
+    other stores' VMs on the same machine are not counted)."""
+    from localsbx import paths
+
+    def pgrep(pat: str) -> set[int]:
+        out = subprocess.run(["pgrep", "-f", pat], capture_output=True, text=True)
+        return {int(p) for p in out.stdout.split()}
+
+    ours = pgrep(f"qemu-system-x86_64.*{paths.data_dir()}")
+    return ours & pgrep(pattern) if pattern else ours
 
 
 def build(path: Path, name: str, **kw):
