@@ -199,3 +199,111 @@ def _check(op: Op, res: ExecResult, tail: _Tail, *, what: str = "", source: str 
     raise ImageBuildError(
         f"build failed at {where}{op.describe()}: {what + ': ' if what else ''}{res.describe()}",
         step=op.describe(), exit_code=res.shell_code, output_tail=tail.text(), hint=hint)
+
+
+#: The guest agent's path in every rootfs built from a localsbx base.
+AGENT = "/usr/lib/localsbx/agent"
+_SYS_PATH = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+class ChrootGuest:
+    """A :class:`Guest` whose filesystem is the tree at ``root`` inside ``inner``: commands
+    run as ``chroot ROOT agent exec ...`` (so user names, ``--cwd`` and the environment are
+    resolved inside the tree), files are read and written under ``root``, and tar streams
+    are extracted by the tree's own view (``chroot ROOT tar -C /``), so absolute symlinks in
+    it resolve against it, as they would if it were the VM's root.
+
+    Used for the stages of a multi-stage build that are not the final image, and by the
+    differential suite (tests/diff) to run many builds in one VM."""
+
+    def __init__(self, inner: Guest, root: str) -> None:
+        self.inner = inner
+        self.root = root.rstrip("/")
+
+    async def exec(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                   cwd: str | None = None, user: str | None = None,
+                   stdin: bytes | None = None, timeout: float | None = None,
+                   stdout_cb: Callable[[bytes], None] | None = None,
+                   stderr_cb: Callable[[bytes], None] | None = None,
+                   kill_tree: bool = False) -> ExecResult:
+        opts: list[str] = []
+        if cwd is not None:
+            opts += ["--cwd", cwd]
+        if user is not None:
+            opts += ["--user", user]
+        for k, v in (env or {}).items():
+            opts += ["--env", f"{k}={v}"]
+        if stdin is not None:
+            opts.append("--stdin")
+        return await self.inner.exec(
+            ["chroot", self.root, AGENT, "exec", *opts, "--", *argv], env=_SYS_PATH,
+            stdin=stdin, timeout=timeout, stdout_cb=stdout_cb, stderr_cb=stderr_cb,
+            kill_tree=kill_tree)
+
+    async def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        await self.inner.put_file(self.root + path, data, mode=mode)
+
+    async def get_file(self, path: str) -> bytes:
+        return await self.inner.get_file(self.root + path)
+
+    async def extract_tar(self, tar_bytes: bytes, *,
+                          timeout: float | None = None) -> ExecResult:
+        return await self.inner.exec(
+            ["chroot", self.root, "tar", "-C", "/", "-xpf", "-", "--same-owner",
+             "--numeric-owner", "--no-overwrite-dir", "--keep-directory-symlink"],
+            env=_SYS_PATH, stdin=tar_bytes, timeout=timeout)
+
+
+async def mount_overlay_root(guest: Guest, root: str, lowers: Sequence[str] = ("/",)) -> str:
+    """Make ``root`` (a fresh folder on a tmpfs, e.g. under ``/run``) a writable overlay
+    over ``lowers`` (upper layer first), with ``/proc``, ``/dev`` and ``/sys`` mounted in
+    it as a RUN step needs. Returns the merged tree's path (``root/m``).
+
+    :raises ImageBuildError: the mounts failed (no overlayfs in the guest kernel)."""
+    m = f"{root}/m"
+    script = (
+        "set -e; modprobe overlay 2>/dev/null || true; "
+        f"mkdir -p {root}/u {root}/w {m}; "
+        f"mount -t overlay overlay -o lowerdir={':'.join(lowers)},upperdir={root}/u,"
+        f"workdir={root}/w {m}; "
+        f"mount -t proc proc {m}/proc; mount --rbind /dev {m}/dev; mount --rbind /sys {m}/sys"
+    )
+    res = await guest.exec(["/bin/sh", "-c", script], env=_SYS_PATH)
+    if res.exit_status != 0:
+        raise ImageBuildError(f"cannot make a build root at {root}: {res.describe()}",
+                              output_tail=(res.stdout + res.stderr).decode(errors="replace"))
+    return m
+
+
+async def unmount_overlay_root(guest: Guest, root: str) -> None:
+    """Undo :func:`mount_overlay_root` and delete ``root`` (best effort)."""
+    await guest.exec(["/bin/sh", "-c", f"umount -R -l {root}/m; rm -rf {root}"], env=_SYS_PATH)
+
+
+async def user_home(guest: Guest, user: str | None) -> str:
+    """The home folder of ``user`` (name or uid, ``None`` = root) in the guest's
+    ``/etc/passwd``; ``/`` when the user has no entry (as Docker sets ``HOME``)."""
+    name = (user or "root").partition(":")[0]
+    try:
+        passwd = (await guest.get_file("/etc/passwd")).decode(errors="replace")
+    except Exception:  # noqa: BLE001 - no passwd file: Docker's fallback
+        return "/root" if name in ("root", "0") else "/"
+    for line in passwd.splitlines():
+        f = line.split(":")
+        if len(f) >= 6 and (f[0] == name or f[2] == name):
+            return f[5] or "/"
+    return "/root" if name in ("root", "0") else "/"
+
+
+async def sandbox_env(guest: Guest, state: BuildState) -> dict[str, str]:
+    """The environment a sandbox command of an image in ``state`` gets (as ``docker run``:
+    ``HOME`` of the image's user, then the image ENV)."""
+    return runtime_env(state.env, await user_home(guest, state.user))
+
+
+async def run_stages(guest: Guest, defn: ImageDefinition, ctx: BuildContext | None,
+                     rep: Reporter, *, timeout: float | None, scratch: str = "/run/localsbx-stages"
+                     ) -> BuildState:
+    """Run a whole definition: its other stages (each in an overlay root under
+    ``scratch``), then the final stage's ops on ``guest`` itself."""
+    return await run_ops(guest, defn, ctx, rep, timeout=timeout)

@@ -639,6 +639,7 @@ def parse_dockerfile(
     build_args: Mapping[str, str] | None = None,
     known_bases: Iterable[str] | None = None,
     source: str | None = None,
+    target: str | None = None,
 ) -> ImageDefinition:
     """Read a Dockerfile into the IR.
 
