@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from localsbx import store
-from localsbx.build.steps import TAIL_BYTES, run_ops, runtime_env
+from localsbx.build.steps import TAIL_BYTES, run_stages, runtime_env, user_home
 from localsbx.definition.ops import Copy, ImageDefinition
 from localsbx.errors import ConfigError, DefinitionError, ImageBuildError
 from localsbx.vm import disk, snapshot
@@ -89,7 +89,8 @@ class StderrReporter(Reporter):
 
 
 def _uses_context(defn: ImageDefinition) -> bool:
-    return any(isinstance(op, Copy) and any("://" not in s for s in op.sources) for op in defn.ops)
+    return any(isinstance(op, Copy) and not op.inline and any("://" not in s for s in op.sources)
+               for op in defn.ops)
 
 
 async def build_image_async(
@@ -135,7 +136,7 @@ async def build_image_async(
             hint="pass a context folder (--context DIR, or Image.build(context_dir=...))")
     context_digest = ""
     if ctx is not None:
-        copies = [op for op in definition.ops if isinstance(op, Copy)]
+        copies = [op for op in definition.ops if isinstance(op, Copy) and not op.inline]
         context_digest = await asyncio.to_thread(ctx.digest, copies)  # reads every source
     digest = definition.digest(
         f"{context_digest}|base={base.digest}|snap={SNAPSHOT_FORMAT}:{SANDBOX_CPUS}:{SANDBOX_MEMORY_MIB}"
@@ -163,8 +164,10 @@ async def build_image_async(
             accel=accel, client_key=client_key, cpus=definition.build_cpus,
             memory_mib=definition.build_memory_mb, name=f"localsbx-build-{name}",
         ) as vm:
-            state = await run_ops(vm.guest, definition, ctx, rep, timeout=timeout)
+            state = await run_stages(vm.guest, definition, ctx, rep, timeout=timeout)
             env, workdir = state.env, state.workdir
+            if state.user and "HOME" not in env:  # docker run: HOME of the image's USER
+                env = {"HOME": await user_home(vm.guest, state.user), **env}
             rep.say("build steps done; syncing and powering off the build VM")
             if not await vm.poweroff():
                 rep.say("warning: the build VM did not power off in time; it was killed")

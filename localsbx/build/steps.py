@@ -34,7 +34,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from localsbx.definition.ops import DEFAULT_PATH, Copy, Env, ImageDefinition, Op, Run, Workdir
+from localsbx.definition.ops import (
+    DEFAULT_PATH,
+    Copy,
+    Env,
+    ImageDefinition,
+    Op,
+    Run,
+    User,
+    Workdir,
+)
 from localsbx.errors import DefinitionError, ImageBuildError
 from localsbx.guest.ssh import ExecResult
 
@@ -115,12 +124,15 @@ class _Tail:
 
 
 async def run_ops(guest: Guest, defn: ImageDefinition, ctx: BuildContext | None,
-                  rep: Reporter, *, timeout: float | None) -> BuildState:
+                  rep: Reporter, *, timeout: float | None,
+                  stage_roots: Mapping[str, tuple[Guest, str]] | None = None) -> BuildState:
     """Run every op of ``defn`` in ``guest``, in order.
 
     :param ctx: the build context COPY/ADD read from (``None``: a COPY is an error).
     :param rep: gets one ``[i/n] <op>`` line per op, and RUN output as it arrives.
     :param timeout: seconds one RUN (or one COPY's extraction) may take; ``None`` = none.
+    :param stage_roots: for ``COPY --from``: stage key -> (the guest holding the stage's
+        tree, the tree's path in it); see :func:`run_stages`.
     :returns: the final :class:`BuildState`.
     :raises ImageBuildError: a step failed or timed out (step, exit code, output tail).
     :raises DefinitionError: a COPY without a context, a missing source, an unknown
@@ -133,18 +145,113 @@ async def run_ops(guest: Guest, defn: ImageDefinition, ctx: BuildContext | None,
         rep.say(f"[{i}/{total}] {op.describe()}")
         if isinstance(op, Env):
             state.env[op.key] = op.value
+        elif isinstance(op, User):
+            state.user = op.user
         elif isinstance(op, Workdir):
-            res = await guest.exec(["mkdir", "-p", op.path], env=runtime_env(state.env), cwd="/")
+            argv = ["mkdir", "-p", op.path]
+            if state.user:  # BuildKit: the folders WORKDIR creates belong to the USER
+                owner = await _owner_ids(guest, state.user)
+                argv = ["/bin/sh", "-c", 'p=$1; set --; while [ ! -e "$p" ] && [ ! -L "$p" ]; '
+                        'do set -- "$p" "$@"; p=${p%/*}; p=${p:-/}; done; mkdir -p "$0" && '
+                        '{ [ $# -eq 0 ] || chown -h "$O" "$@"; }', op.path, op.path]
+                env = {**runtime_env(state.env), "O": owner}
+            else:
+                env = runtime_env(state.env)
+            res = await guest.exec(argv, env=env, cwd="/")
             _check(op, res, _Tail(None), what="creating WORKDIR", source=defn.source,
                    timeout=timeout)
             state.workdir = op.path
         elif isinstance(op, Run):
             await _run(guest, op, state, rep, defn.source, timeout)
+        elif isinstance(op, Copy) and op.from_stage is not None:
+            await _copy_from_stage(guest, op, state, (stage_roots or {}).get(op.from_stage),
+                                   defn.source, timeout)
         elif isinstance(op, Copy):
             await _copy(guest, op, state, ctx, defn.source, timeout)
         else:  # pragma: no cover - the IR has five ops
             raise DefinitionError(f"unknown op {op!r}")
     return state
+
+
+async def _owner_ids(guest: Guest, user: str) -> str:
+    """``UID:GID`` of a ``USER`` value in the guest (Docker: a name's primary group; a
+    number without a passwd entry gets group 0)."""
+    from localsbx.definition.context import parse_chown
+
+    name, _, grp = user.partition(":")
+    passwd = (await guest.get_file("/etc/passwd")).decode(errors="replace")
+    group = (await guest.get_file("/etc/group")).decode(errors="replace")
+    for line in passwd.splitlines():
+        f = line.split(":")
+        if len(f) >= 4 and (f[0] == name or f[2] == name):
+            uid, gid = f[2], f[3]
+            break
+    else:
+        uid, gid = name, "0"
+    if grp:
+        try:
+            gid = str(parse_chown(f"0:{grp}", passwd, group)[1])
+        except KeyError:
+            gid = grp
+    return f"{uid}:{gid}"
+
+
+async def _copy_from_stage(guest: Guest, op: Copy, state: BuildState,
+                           where: tuple[Guest, str] | None, source: str,
+                           timeout: float | None) -> None:
+    """``COPY --from=STAGE``: the sources' folders are tarred out of the stage's tree (owners
+    kept, as BuildKit keeps them), unpacked in a host folder, and copied from there with
+    the same rules as the build context."""
+    import dataclasses
+    import posixpath
+    import shutil
+    import tarfile
+    import tempfile
+    from pathlib import Path
+
+    from localsbx.definition.context import BuildContext
+
+    if where is None:
+        raise DefinitionError(f"{op.describe()}: stage {op.from_stage} was not built")
+    holder, root = where
+    tops: list[str] = []
+    for src in op.sources:
+        rel = posixpath.normpath(src.lstrip("/") or ".")
+        parts = rel.split("/")
+        glob_at = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), None)
+        if glob_at is not None:
+            rel = "/".join(parts[:glob_at]) or "."
+        else:  # a named source may be a symlink: take its folder, the target is near
+            probe = await holder.exec(["test", "-L", f"{root}/{rel}"], env=_SYS_PATH)
+            if probe.exit_status == 0:
+                rel = posixpath.dirname(rel) or "."
+        tops.append(rel)
+    res = await holder.exec(["tar", "-C", root, "-cf", "-", "--numeric-owner", "--", *tops],
+                            env=_SYS_PATH, timeout=timeout)
+    _check(op, res, _Tail(None), what=f"reading stage {op.from_stage}", source=source,
+           timeout=timeout)
+    passwd = (await guest.get_file("/etc/passwd")).decode(errors="replace")
+    group = (await guest.get_file("/etc/group")).decode(errors="replace")
+    dest_is_dir = False
+    if not op.dest.endswith("/"):
+        probe = await guest.exec(["test", "-d", op.dest], env=runtime_env(state.env))
+        dest_is_dir = probe.exit_status == 0
+
+    def build() -> bytes:
+        tmp = tempfile.mkdtemp(prefix="localsbx-stage-")
+        try:
+            import io
+            with tarfile.open(fileobj=io.BytesIO(res.stdout)) as tf:
+                tf.extractall(tmp, filter="fully_trusted")
+            plain = dataclasses.replace(op, from_stage=None)
+            return BuildContext(Path(tmp)).make_tar(plain, passwd=passwd, group=group,
+                                                    dest_is_dir=dest_is_dir, keep_owners=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    data = await asyncio.to_thread(build)
+    res = await guest.extract_tar(data, timeout=timeout)
+    _check(op, res, _Tail(None), what="extracting files", source=source, timeout=timeout)
 
 
 async def _copy(guest: Guest, op: Copy, state: BuildState, ctx: BuildContext | None,
@@ -157,12 +264,40 @@ async def _copy(guest: Guest, op: Copy, state: BuildState, ctx: BuildContext | N
     if not op.dest.endswith("/"):  # Docker: `COPY f /opt` into an existing dir
         probe = await guest.exec(["test", "-d", op.dest], env=runtime_env(state.env))
         dest_is_dir = probe.exit_status == 0
+    if op.inline:
+        data = _inline_tar(op, passwd.decode(errors="replace"), group.decode(errors="replace"),
+                           dest_is_dir)
+        res = await guest.extract_tar(data, timeout=timeout)
+        _check(op, res, _Tail(None), what="extracting files", source=source, timeout=timeout)
+        return
     # Reads the context and may download ADD URLs (up to a minute): not in the loop.
     data = await asyncio.to_thread(
         ctx.make_tar, op, passwd=passwd.decode(errors="replace"),
         group=group.decode(errors="replace"), dest_is_dir=dest_is_dir)
     res = await guest.extract_tar(data, timeout=timeout)
     _check(op, res, _Tail(None), what="extracting files", source=source, timeout=timeout)
+
+
+def _inline_tar(op: Copy, passwd: str, group: str, dest_is_dir: bool) -> bytes:
+    """The tar stream of a ``COPY <<EOF`` (files named by their delimiters, 0644)."""
+    import io
+    import posixpath
+    import tarfile
+
+    from localsbx.definition.context import parse_chown
+
+    uid, gid = parse_chown(op.chown, passwd, group) if op.chown else (0, 0)
+    to_dir = op.dest.endswith("/") or dest_is_dir or len(op.inline) > 1
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, content in op.inline:
+            raw = content.encode()
+            target = posixpath.join(op.dest, name) if to_dir else op.dest
+            ti = tarfile.TarInfo(target.lstrip("/"))
+            ti.size, ti.uid, ti.gid, ti.mtime = len(raw), uid, gid, int(time.time())
+            ti.mode = int(op.chmod, 8) if op.chmod else 0o644
+            tf.addfile(ti, io.BytesIO(raw))
+    return buf.getvalue()
 
 
 async def _run(guest: Guest, op: Run, state: BuildState, rep: Reporter, source: str,
@@ -304,6 +439,33 @@ async def sandbox_env(guest: Guest, state: BuildState) -> dict[str, str]:
 async def run_stages(guest: Guest, defn: ImageDefinition, ctx: BuildContext | None,
                      rep: Reporter, *, timeout: float | None, scratch: str = "/run/localsbx-stages"
                      ) -> BuildState:
-    """Run a whole definition: its other stages (each in an overlay root under
-    ``scratch``), then the final stage's ops on ``guest`` itself."""
-    return await run_ops(guest, defn, ctx, rep, timeout=timeout)
+    """Run a whole definition: the other stages it copies from (each on its own overlay
+    over the guest's pristine root, under ``scratch`` on a tmpfs), then the final stage's
+    ops on ``guest`` itself. The scratch roots are removed afterwards.
+
+    :raises DefinitionError: a stage is FROM another base than the image (not supported)."""
+    if isinstance(guest, ChrootGuest):
+        holder, lower = guest.inner, guest.root
+    else:
+        holder, lower = guest, "/"
+    roots: dict[str, tuple[Guest, str]] = {}
+    made: list[str] = []
+    try:
+        for st in defn.stages:
+            if st.definition.base != defn.base:
+                raise DefinitionError(
+                    f"stage {st.name or st.key} is FROM {st.definition.base} and the image "
+                    f"FROM {defn.base}: stages on different bases are not supported yet",
+                    hint="build both stages FROM the same base")
+            path = f"{scratch}/{st.key}"
+            made.append(path)
+            m = await mount_overlay_root(holder, path, (lower,))
+            rep.say(f"stage {st.name or st.key} (for COPY --from)")
+            await run_ops(ChrootGuest(holder, m), st.definition, ctx, rep, timeout=timeout,
+                          stage_roots=roots)
+            roots[st.key] = (holder, m)
+        return await run_ops(guest, defn, ctx, rep, timeout=timeout, stage_roots=roots)
+    finally:
+        for path in reversed(made):
+            with contextlib.suppress(Exception):
+                await unmount_overlay_root(holder, path)

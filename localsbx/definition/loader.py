@@ -11,7 +11,8 @@ from localsbx.errors import DefinitionError, SourceLocation
 
 
 def load_definition(path: Path, *, name: str | None = None,
-                    build_args: dict[str, str] | None = None) -> ImageDefinition:
+                    build_args: dict[str, str] | None = None,
+                    target: str | None = None) -> ImageDefinition:
     """Read an image definition file: a ``.py`` file defining exactly one ``Image`` (or
     several, one of them named ``name``), or a Dockerfile (registered as ``name``, default
     :func:`default_name`). What ``localsbx image build PATH`` and the pytest plugin read.
@@ -50,7 +51,7 @@ def load_definition(path: Path, *, name: str | None = None,
 
     default = name or default_name(path)
     return parse_dockerfile(path, name=default, build_args=build_args or None,
-                            known_bases=known_base_names())
+                            known_bases=known_base_names(), target=target)
 
 
 def default_name(path: Path) -> str:

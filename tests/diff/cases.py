@@ -325,3 +325,12 @@ def _from_cases_dir() -> list[Case]:
 
 
 CASES: list[Case] = INLINE + _from_cases_dir()
+
+#: Where the oracle (BuildKit 0.13, the newest Debian packages) has a bug that later BuildKit
+#: (what Tensorlake runs) fixed; localsbx follows the fixed behaviour. Reported, not scored.
+ORACLE_TOO_OLD = {
+    "B04-Dockerfile": "BuildKit 0.13 loses a <<- heredoc's body when it starts with #! after "
+                      "TAB stripping (moby/buildkit#6402)",
+    "B05-Dockerfile": "BuildKit < 0.22 does not accept whitespace after << (unknown instruction)",
+    "B06-Dockerfile": "BuildKit 0.13 keeps CR in CRLF heredoc bodies (moby/buildkit#3511)",
+}
