@@ -138,6 +138,8 @@ def image_build(
     context: Annotated[Optional[Path], typer.Option(
         "--context", "-c", help="Build context (default: the Dockerfile's folder).")] = None,
     build_arg: Annotated[list[str], typer.Option("--build-arg", help="ARG value, KEY=VALUE.")] = [],
+    secret: Annotated[list[str], typer.Option(
+        "--secret", help="RUN --mount=type=secret source: id=ID,src=FILE.")] = [],
     target: Annotated[Optional[str], typer.Option(
         "--target", help="Dockerfile stage to build (default: the last).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Build even if unchanged.")] = False,
@@ -156,8 +158,15 @@ def image_build(
     definition = load_definition(path, name=name, build_args=args, target=target)
     ctx = context if context is not None else path.resolve().parent
     t = time.monotonic()
+    secrets = {}
+    for item in secret:
+        kv = dict(p.partition("=")[::2] for p in item.split(","))
+        sid, src = kv.get("id"), kv.get("src") or kv.get("source")
+        if not sid or not src:
+            raise ConfigError(f"--secret {item}: expected id=ID,src=FILE")
+        secrets[sid] = src
     rec = build_image(definition, context_dir=ctx, name=name or definition.name, project=project,
-                      reporter=_CliReporter(quiet), force=force)
+                      reporter=_CliReporter(quiet), force=force, secrets=secrets)
     err.print(f"[green]built {rec.name}[/] in {time.monotonic() - t:.1f} s")
     if not sys.stdout.isatty():
         print(rec.name)

@@ -27,12 +27,13 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
-from localsbx import store
-from localsbx.build.steps import TAIL_BYTES, run_stages, runtime_env, user_home
+from localsbx import paths, store
+from localsbx.build.steps import TAIL_BYTES, BuildState, run_stages, runtime_env, user_home
 from localsbx.definition.ops import Copy, ImageDefinition
-from localsbx.errors import ConfigError, DefinitionError, ImageBuildError
+from localsbx.errors import ConfigError, DefinitionError, ImageBuildError, ImageNotFound
 from localsbx.vm import disk, snapshot
 from localsbx.vm.accel import choose_accel
 from localsbx.vm.machine import Machine
@@ -101,6 +102,7 @@ async def build_image_async(
     project: str | None = None,
     reporter: Reporter | None = None,
     force: bool = False,
+    secrets: Mapping[str, str | Path] | None = None,
 ) -> store.ImageRecord:
     """Build ``definition`` and register it as ``name`` (default ``definition.name``).
 
@@ -109,6 +111,9 @@ async def build_image_async(
     :param project: the project to register in (default: ``$LOCALSBX_PROJECT`` or
         ``default``).
     :param force: build even if an identical image exists.
+    :param secrets: ``RUN --mount=type=secret`` sources, id -> host file; read at build
+        time, visible to the steps that mount them, never stored in the image or its
+        metadata (and not part of the image digest, as in BuildKit).
     :raises DefinitionError: the definition needs a context it was not given, or a COPY
         source is missing.
     :raises ConfigError: ``LOCALSBX_STEP_TIMEOUT`` is not a number (before any VM boots).
@@ -126,7 +131,11 @@ async def build_image_async(
     name = store.check_name("image", name or definition.name)
     for w in definition.warnings:
         rep.say(f"warning: {w}")
-    base = get_base(definition.base)
+    # Tensorlake resolves FROM against its image catalog before its bases
+    parent: store.ImageRecord | None = None
+    with contextlib.suppress(ImageNotFound):
+        parent = store.lookup_image(definition.base, project=project)
+    base = get_base(parent.meta.base if parent else definition.base)
     ctx = None
     if context_dir is not None:
         ctx = BuildContext(Path(context_dir))
@@ -140,7 +149,8 @@ async def build_image_async(
         context_digest = await asyncio.to_thread(ctx.digest, copies)  # reads every source
     digest = definition.digest(
         f"{context_digest}|base={base.digest}|snap={SNAPSHOT_FORMAT}:{SANDBOX_CPUS}:{SANDBOX_MEMORY_MIB}"
-        f"|build={definition.build_cpus}:{definition.build_memory_mb}")[:32]
+        f"|build={definition.build_cpus}:{definition.build_memory_mb}"
+        + (f"|from={parent.digest}" if parent else ""))[:32]
     if not force:
         with contextlib.suppress(Exception):
             old = store.ImageMeta.from_json(store.read_json(store.image_dir(digest) / "image.json"))
@@ -148,6 +158,13 @@ async def build_image_async(
                 rep.say(f"image {name}: unchanged definition, reusing build {digest[:12]}")
                 return store.register_image(project, name, digest)
 
+    secret_data: dict[str, bytes] = {}
+    for sid, src in (secrets or {}).items():
+        try:
+            secret_data[sid] = Path(src).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"--secret id={sid}: cannot read {src}: {exc.strerror}",
+                              hint="give src=PATH of a readable file") from None
     accel = await choose_accel(base.kernel, base.initrd)
     rep.say(f"accelerator: {accel.kind.upper()} ({accel.reason})")
     client_key = store.management_key()
@@ -156,7 +173,8 @@ async def build_image_async(
     try:
         # ---- 1. build VM
         build_disk = tmp / "build.qcow2"
-        await disk.create_overlay(build_disk, base.rootfs)
+        await disk.create_overlay(build_disk, parent.path / "build.qcow2" if parent
+                                  else base.rootfs)
         rep.say(f"booting build VM ({definition.build_cpus} vCPU, {definition.build_memory_mb} MiB) "
                 f"from base {base.name}")
         async with await Machine.cold_boot(
@@ -164,13 +182,21 @@ async def build_image_async(
             accel=accel, client_key=client_key, cpus=definition.build_cpus,
             memory_mib=definition.build_memory_mb, name=f"localsbx-build-{name}",
         ) as vm:
-            state = await run_stages(vm.guest, definition, ctx, rep, timeout=timeout)
+            initial = None
+            if parent:
+                initial = BuildState(dict(parent.env), parent.workdir, parent.user)
+                rep.say(f"FROM image {parent.name} ({parent.digest[:12]})")
+            state = await run_stages(vm.guest, definition, ctx, rep, timeout=timeout,
+                                     initial=initial, secrets=secret_data,
+                                     cache_dir=paths.data_dir() / "build-cache")
             env, workdir = state.env, state.workdir
             if state.user and "HOME" not in env:  # docker run: HOME of the image's USER
                 env = {"HOME": await user_home(vm.guest, state.user), **env}
             rep.say("build steps done; syncing and powering off the build VM")
             if not await vm.poweroff():
                 rep.say("warning: the build VM did not power off in time; it was killed")
+        if parent:  # the image must not depend on the parent's folder, which may go
+            await disk.rebase(build_disk, base.rootfs)
         disk.freeze(build_disk)
 
         # ---- 2. snapshot VM at the sandbox shape
@@ -228,9 +254,11 @@ async def build_image_async(
 
 def build_image(definition: ImageDefinition, *, context_dir: str | Path | None = None,
                 name: str | None = None, project: str | None = None,
-                reporter: Reporter | None = None, force: bool = False) -> store.ImageRecord:
+                reporter: Reporter | None = None, force: bool = False,
+                secrets: Mapping[str, str | Path] | None = None) -> store.ImageRecord:
     """Synchronous :func:`build_image_async` (for scripts and ``Image.build``)."""
     from localsbx._loop import run_sync
 
     return run_sync(build_image_async(definition, context_dir=context_dir, name=name,
-                                      project=project, reporter=reporter, force=force))
+                                      project=project, reporter=reporter, force=force,
+                                      secrets=secrets))

@@ -32,6 +32,7 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from localsbx.definition.ops import (
@@ -125,7 +126,10 @@ class _Tail:
 
 async def run_ops(guest: Guest, defn: ImageDefinition, ctx: BuildContext | None,
                   rep: Reporter, *, timeout: float | None,
-                  stage_roots: Mapping[str, tuple[Guest, str]] | None = None) -> BuildState:
+                  stage_roots: Mapping[str, tuple[Guest, str]] | None = None,
+                  initial: BuildState | None = None,
+                  secrets: Mapping[str, bytes] | None = None,
+                  cache_dir: Path | None = None) -> BuildState:
     """Run every op of ``defn`` in ``guest``, in order.
 
     :param ctx: the build context COPY/ADD read from (``None``: a COPY is an error).
@@ -133,13 +137,17 @@ async def run_ops(guest: Guest, defn: ImageDefinition, ctx: BuildContext | None,
     :param timeout: seconds one RUN (or one COPY's extraction) may take; ``None`` = none.
     :param stage_roots: for ``COPY --from``: stage key -> (the guest holding the stage's
         tree, the tree's path in it); see :func:`run_stages`.
+    :param secrets: ``RUN --mount=type=secret`` contents by id (never written to the image).
+    :param cache_dir: host folder of ``RUN --mount=type=cache`` contents (one folder per id).
+    :param initial: the state to start from (an image built FROM another image: its ENV,
+        WORKDIR and USER); default Docker's.
     :returns: the final :class:`BuildState`.
     :raises ImageBuildError: a step failed or timed out (step, exit code, output tail).
     :raises DefinitionError: a COPY without a context, a missing source, an unknown
         ``--chown`` name.
     :raises GuestError: the guest connection failed.
     """
-    state = BuildState()
+    state = BuildState(dict(initial.env), initial.workdir, initial.user) if initial else BuildState()
     total = len(defn.ops)
     for i, op in enumerate(defn.ops, 1):
         rep.say(f"[{i}/{total}] {op.describe()}")
@@ -161,6 +169,13 @@ async def run_ops(guest: Guest, defn: ImageDefinition, ctx: BuildContext | None,
             _check(op, res, _Tail(None), what="creating WORKDIR", source=defn.source,
                    timeout=timeout)
             state.workdir = op.path
+        elif isinstance(op, Run) and op.mounts:
+            mounts = _Mounts(guest, op, ctx, stage_roots or {}, secrets or {}, cache_dir)
+            try:
+                await mounts.setup(timeout)
+                await _run(guest, op, state, rep, defn.source, timeout)
+            finally:
+                await mounts.teardown(timeout)
         elif isinstance(op, Run):
             await _run(guest, op, state, rep, defn.source, timeout)
         elif isinstance(op, Copy) and op.from_stage is not None:
@@ -300,6 +315,124 @@ def _inline_tar(op: Copy, passwd: str, group: str, dest_is_dir: bool) -> bytes:
     return buf.getvalue()
 
 
+class _Mounts:
+    """The ``RUN --mount``s of one step: staged in the VM's ``/run`` (a tmpfs, never in
+    the image) and bind-mounted on their targets for the step, then undone. Cache mounts
+    are copied from the host folder before the step and back after it."""
+
+    def __init__(self, guest: Guest, op: Run, ctx: BuildContext | None,
+                 stage_roots: Mapping[str, tuple[Guest, str]], secrets: Mapping[str, bytes],
+                 cache_dir: Path | None) -> None:
+        if isinstance(guest, ChrootGuest):
+            self.holder, self.prefix = guest.inner, guest.root
+        else:
+            self.holder, self.prefix = guest, ""
+        self.op, self.ctx, self.stage_roots = op, ctx, stage_roots
+        self.secrets, self.cache_dir = secrets, cache_dir
+        self.stage = f"/run/localsbx-mnt/{time.time_ns()}"
+        self.mounted: list[str] = []
+        self.created: list[str] = []
+        self.caches: list[tuple[str, Path]] = []
+
+    async def _sh(self, script: str, *args: str, timeout: float | None = None,
+                  stdin: bytes | None = None) -> ExecResult:
+        res = await self.holder.exec(["/bin/sh", "-c", script, "sh", *args], env=_SYS_PATH,
+                                     stdin=stdin, timeout=timeout)
+        if res.exit_status != 0:
+            raise ImageBuildError(
+                f"{self.op.describe()}: setting up its --mount failed: {res.describe()}",
+                step=self.op.describe(), exit_code=res.shell_code,
+                output_tail=(res.stdout + res.stderr).decode(errors="replace")[-2000:])
+        return res
+
+    async def _bind(self, src: str, target: str, *, file: bool, ro: bool) -> None:
+        t = self.prefix + target
+        exists = (await self.holder.exec(["test", "-e", t], env=_SYS_PATH)).exit_status == 0
+        if not exists and file:
+            self.created.append(t)
+        make = 'mkdir -p "${2%/*}" && { [ -e "$2" ] || : > "$2"; }' if file else 'mkdir -p "$2"'
+        await self._sh(make + ' && mount --bind "$1" "$2"' +
+                       (' && mount -o remount,bind,ro "$2"' if ro else ""), src, t)
+        self.mounted.append(t)
+
+    async def setup(self, timeout: float | None) -> None:
+        import io
+        import posixpath
+        import tarfile
+
+        for i, m in enumerate(self.op.mounts):
+            st = f"{self.stage}/{i}"
+            if m.type == "tmpfs":
+                t = self.prefix + m.target
+                await self._sh('mkdir -p "$1" && mount -t tmpfs tmpfs "$1"', t)
+                self.mounted.append(t)
+            elif m.type == "secret":
+                data = self.secrets.get(m.id)
+                if data is None:
+                    if m.required:
+                        raise DefinitionError(
+                            f"{self.op.describe()}: secret {m.id!r} was not given",
+                            hint=f"pass --secret id={m.id},src=FILE")
+                    continue
+                await self.holder.put_file(f"{st}/secret", data,
+                                           mode=int(m.mode, 8) if m.mode else 0o400)
+                await self._bind(f"{st}/secret", m.target, file=True, ro=True)
+            elif m.type == "cache":
+                await self._sh('mkdir -p "$1"', f"{st}/cache")
+                host = None
+                if self.cache_dir is not None:
+                    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in m.id)
+                    host = self.cache_dir / (safe or "default")
+                    self.caches.append((f"{st}/cache", host))
+                if host is not None and host.is_dir():
+                    buf = io.BytesIO()
+                    with tarfile.open(fileobj=buf, mode="w") as tf:
+                        tf.add(host, arcname=f"{st}/cache".lstrip("/"))
+                    await self.holder.extract_tar(buf.getvalue(), timeout=timeout)
+                await self._bind(f"{st}/cache", m.target, file=False, ro=False)
+            elif m.from_stage is not None:
+                holder_root = self.stage_roots[m.from_stage][1]
+                src = posixpath.join(holder_root, m.source.lstrip("/"))
+                is_file = (await self.holder.exec(["test", "-f", src], env=_SYS_PATH)
+                           ).exit_status == 0
+                await self._bind(src, m.target, file=is_file, ro=not m.rw)
+            else:  # bind from the build context
+                if self.ctx is None:
+                    raise DefinitionError(f"{self.op.describe()}: no build context to bind")
+                copy = Copy((m.source or ".",), f"{st}/bind/")
+                kind = self.ctx.resolve(copy)[0][0]
+                data = await asyncio.to_thread(self.ctx.make_tar, copy, passwd="", group="")
+                await self._sh('mkdir -p "$1"', f"{st}/bind")
+                await self.holder.extract_tar(data, timeout=timeout)
+                src = f"{st}/bind" if kind == "dir" else \
+                    f"{st}/bind/{posixpath.basename(m.source.rstrip('/'))}"
+                await self._bind(src, m.target, file=kind != "dir", ro=not m.rw)
+
+    async def teardown(self, timeout: float | None) -> None:
+        import io
+        import shutil
+        import tarfile
+
+        for t in reversed(self.mounted):
+            with contextlib.suppress(Exception):
+                await self.holder.exec(["umount", "-l", t], env=_SYS_PATH)
+        for src, host in self.caches:
+            res = await self.holder.exec(["tar", "-C", src, "-cf", "-", "."], env=_SYS_PATH,
+                                         timeout=timeout)
+            if res.exit_status == 0:
+                def keep(data: bytes = res.stdout, host: Path = host) -> None:
+                    tmp = host.with_name(host.name + ".new")
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir(parents=True)
+                    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+                        tf.extractall(tmp, filter="fully_trusted")
+                    shutil.rmtree(host, ignore_errors=True)
+                    tmp.rename(host)
+                await asyncio.to_thread(keep)
+        with contextlib.suppress(Exception):
+            await self.holder.exec(["rm", "-rf", self.stage, *self.created], env=_SYS_PATH)
+
+
 async def _run(guest: Guest, op: Run, state: BuildState, rep: Reporter, source: str,
                timeout: float | None) -> None:
     argv = list(op.argv)
@@ -437,8 +570,10 @@ async def sandbox_env(guest: Guest, state: BuildState) -> dict[str, str]:
 
 
 async def run_stages(guest: Guest, defn: ImageDefinition, ctx: BuildContext | None,
-                     rep: Reporter, *, timeout: float | None, scratch: str = "/run/localsbx-stages"
-                     ) -> BuildState:
+                     rep: Reporter, *, timeout: float | None, scratch: str = "/run/localsbx-stages",
+                     initial: BuildState | None = None,
+                     secrets: Mapping[str, bytes] | None = None,
+                     cache_dir: Path | None = None) -> BuildState:
     """Run a whole definition: the other stages it copies from (each on its own overlay
     over the guest's pristine root, under ``scratch`` on a tmpfs), then the final stage's
     ops on ``guest`` itself. The scratch roots are removed afterwards.
@@ -462,9 +597,10 @@ async def run_stages(guest: Guest, defn: ImageDefinition, ctx: BuildContext | No
             m = await mount_overlay_root(holder, path, (lower,))
             rep.say(f"stage {st.name or st.key} (for COPY --from)")
             await run_ops(ChrootGuest(holder, m), st.definition, ctx, rep, timeout=timeout,
-                          stage_roots=roots)
+                          stage_roots=roots, secrets=secrets, cache_dir=cache_dir)
             roots[st.key] = (holder, m)
-        return await run_ops(guest, defn, ctx, rep, timeout=timeout, stage_roots=roots)
+        return await run_ops(guest, defn, ctx, rep, timeout=timeout, stage_roots=roots,
+                             initial=initial, secrets=secrets, cache_dir=cache_dir)
     finally:
         for path in reversed(made):
             with contextlib.suppress(Exception):

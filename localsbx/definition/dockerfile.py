@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import posixpath
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ from localsbx.definition.ops import (
     Copy,
     Env,
     ImageDefinition,
+    Mount,
     Op,
     Run,
     Stage,
@@ -570,13 +572,61 @@ class _Reader:
     def build_env(self) -> tuple[tuple[str, str], ...]:
         return tuple((k, v) for k, v in self.args.items() if v is not None and k not in self.env)
 
+    def mounts(self, ins: _Instr) -> tuple[Mount, ...]:
+        out = []
+        for flag in ins.node.flags:
+            key, _, value = flag[2:].partition("=")
+            key = key.lower()
+            if key == "network" and value in ("default", "none", "host"):
+                self.warn(ins, f"RUN --network={value} ignored (build steps have the "
+                          "build VM's network)")
+                continue
+            if key != "mount":
+                raise DefinitionError(
+                    f"RUN flag {flag} is not supported by localsbx", location=self.loc(ins),
+                    hint="supported: --mount=type=cache|tmpfs|secret|bind,...")
+            kv: dict[str, str] = {}
+            for item in self.word(ins, value).split(","):
+                k, sep, v = item.partition("=")
+                kv[k.strip().lower()] = v if sep else "true"
+            typ = kv.pop("type", "bind")
+            target = kv.pop("target", kv.pop("dst", kv.pop("destination", "")))
+            mid = kv.pop("id", "")
+            if typ == "secret":
+                if not mid:
+                    mid = posixpath.basename(target)
+                target = target or f"/run/secrets/{mid}"
+            if typ not in ("cache", "tmpfs", "secret", "bind") or not target or not mid and \
+                    typ == "secret":
+                raise DefinitionError(
+                    f"RUN --mount={value}: needs type=cache|tmpfs|secret|bind and a target",
+                    location=self.loc(ins), hint="e.g. --mount=type=cache,target=/root/.cache")
+            src = kv.pop("source", kv.pop("src", ""))
+            frm = kv.pop("from", None)
+            from_stage = None
+            if frm is not None:
+                idx = self.find_stage(frm)
+                if idx is None:
+                    raise DefinitionError(f"RUN --mount from={frm}: no such earlier stage",
+                                          location=self.loc(ins),
+                                          hint="name a stage defined above")
+                from_stage = str(idx)
+            rw = kv.pop("rw", kv.pop("readwrite", "false")) == "true" or typ == "cache"
+            out.append(Mount(typ, resolve_path(self.workdir, target).rstrip("/") or "/",
+                             id=mid or (target if typ == "cache" else ""), source=src,
+                             from_stage=from_stage, rw=rw,
+                             required=kv.pop("required", "false") == "true",
+                             mode=kv.pop("mode", None)))
+        return tuple(out)
+
     def do_run(self, ins: _Instr) -> None:
-        if ins.node.flags:
-            raise DefinitionError(
-                f"RUN flag {ins.node.flags[0]} is not supported by localsbx",
-                location=self.loc(ins),
-                hint="remove the flag (--mount/--network/--security need BuildKit)",
-            )
+        mounts = self.mounts(ins)
+        n = len(self.ops)
+        self._do_run(ins)
+        if mounts:
+            self.ops[n] = dataclasses.replace(self.ops[n], mounts=mounts)
+
+    def _do_run(self, ins: _Instr) -> None:
         loc, benv = self.loc(ins), self.build_env()
         if ins.node.json:
             self.ops.append(run_from_text(ins.text, build_env=benv, location=loc,
@@ -771,13 +821,14 @@ def parse_dockerfile(
     final = reader.stages[final_i]
     needed: set[int] = set()
     todo = [final_i]
-    while todo:  # the stages COPY --from reaches, transitively
+    while todo:  # the stages COPY --from (and RUN --mount from=) reach, transitively
         for op in reader.stages[todo.pop()]["ops"]:
-            if isinstance(op, Copy) and op.from_stage is not None:
-                k = int(op.from_stage)
-                if k not in needed:
-                    needed.add(k)
-                    todo.append(k)
+            refs = [op.from_stage] if isinstance(op, Copy) else [
+                m.from_stage for m in getattr(op, "mounts", ())]
+            for ref in refs:
+                if ref is not None and int(ref) not in needed:
+                    needed.add(int(ref))
+                    todo.append(int(ref))
     stages = tuple(
         Stage(str(k), reader.stages[k]["name"], ImageDefinition(
             name=f"stage-{k}", base=reader.stages[k]["base"], ops=tuple(reader.stages[k]["ops"]),

@@ -3,6 +3,7 @@ the one loader behind ``localsbx image build``, the pytest plugin and the benchm
 
 from __future__ import annotations
 
+import contextlib
 import runpy
 from pathlib import Path
 
@@ -50,8 +51,14 @@ def load_definition(path: Path, *, name: str | None = None,
     from localsbx.definition.dockerfile import parse_dockerfile
 
     default = name or default_name(path)
+    from localsbx import store
+
+    # FROM may name a registered image of the project (looked up first) or a base
+    known = set(known_base_names())
+    with contextlib.suppress(Exception):
+        known |= {i.name for i in store.list_images()}
     return parse_dockerfile(path, name=default, build_args=build_args or None,
-                            known_bases=known_base_names(), target=target)
+                            known_bases=known, target=target)
 
 
 def default_name(path: Path) -> str:

@@ -14,6 +14,7 @@ given), used as the image's cache key.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import posixpath
@@ -47,6 +48,26 @@ def resolve_path(workdir: str, path: str) -> str:
 
 
 @dataclass(frozen=True)
+class Mount:
+    """A ``RUN --mount`` (BuildKit): visible to that step only, never in the image.
+
+    :param type: ``cache`` (kept on the host per ``id``, across builds), ``tmpfs``,
+        ``secret`` (the content of ``--secret id=ID,src=FILE``, default target
+        ``/run/secrets/ID``) or ``bind`` (``source`` from the build context, or from the
+        stage ``from_stage``; read-only unless ``rw``).
+    """
+
+    type: str
+    target: str
+    id: str = ""
+    source: str = ""
+    from_stage: str | None = None
+    rw: bool = False
+    required: bool = False
+    mode: str | None = None
+
+
+@dataclass(frozen=True)
 class Run:
     """Run a command in the build VM (Docker ``RUN``, Tensorlake ``Image.run``).
 
@@ -68,6 +89,7 @@ class Run:
     build_env: tuple[tuple[str, str], ...] = ()
     location: SourceLocation | None = field(default=None, compare=False)
     text: str = field(default="", compare=False)
+    mounts: tuple[Mount, ...] = ()
 
     def describe(self) -> str:
         return _describe(self, "RUN " + (self.text or " ".join(self.argv)))
@@ -214,6 +236,8 @@ class ImageDefinition:
             if isinstance(op, Run):
                 d.update(argv=list(op.argv), shell=op.shell, script=op.script,
                          build_env=[list(p) for p in op.build_env])
+                if op.mounts:
+                    d.update(mounts=[dataclasses.asdict(m) for m in op.mounts])
             elif isinstance(op, Copy):  # Copy and Add
                 d.update(sources=list(op.sources), dest=op.dest, chown=op.chown, chmod=op.chmod)
                 if op.inline:

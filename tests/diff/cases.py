@@ -62,6 +62,7 @@ class Case:
     build_args: dict = field(default_factory=dict)
     target: str | None = None
     urls: tuple = ()
+    secrets: dict = field(default_factory=dict)
     src_dir: Path | None = None  # a tests/cases folder (Dockerfile + context/)
     dockerfile_name: str = "Dockerfile"
 
@@ -101,6 +102,9 @@ def write_case(case: Case, where: Path, *, www: Path, port: int) -> None:
         shutil.copyfile(case.src_dir / case.dockerfile_name, where / "Dockerfile")
         return
     ctx.mkdir(parents=True)
+    for sid, content in case.secrets.items():
+        (where / "secrets").mkdir(exist_ok=True)
+        (where / "secrets" / sid).write_text(content)
     (where / "Dockerfile").write_text(
         case.dockerfile.replace("{URL}", f"http://127.0.0.1:{port}"))
     for u in case.urls:
@@ -300,6 +304,27 @@ INLINE: list[Case] = [
       "FROM debian-minimal\nCOPY --from=b --chown=3:3 /o/x /dst/\n"),
     c("stage-copy-from-image-symlink", "FROM debian-minimal AS b\nRUN mkdir /o && "
       "ln -s x /o/l && echo x > /o/x\nFROM debian-minimal\nCOPY --from=b /o/l /dst/\n"),
+    # ---- RUN --mount
+    c("mount-tmpfs", "RUN --mount=type=tmpfs,target=/scratch echo x > /scratch/f && mkdir /dst"
+      " && ls /scratch > /dst/seen\n", probe="/dst /scratch"),
+    c("mount-secret", "RUN --mount=type=secret,id=tok mkdir /dst && cat /run/secrets/tok > "
+      "/dst/copied && ls -l /run/secrets/tok | cut -c1-10 > /dst/mode\n",
+      secrets={"tok": "s3cret\n"}, probe="/dst /run/secrets"),
+    c("mount-secret-target", "RUN --mount=type=secret,id=k,target=/etc/k.conf mkdir /dst && "
+      "cat /etc/k.conf > /dst/k\n", secrets={"k": "key\n"}, probe="/dst /etc/k.conf"),
+    c("mount-secret-missing-optional", "RUN --mount=type=secret,id=none mkdir /dst && "
+      "(cat /run/secrets/none || echo absent) > /dst/r 2>&1\n"),
+    c("mount-cache", "RUN --mount=type=cache,target=/var/cache/x echo 1 > /var/cache/x/f && "
+      "mkdir /dst\nRUN --mount=type=cache,target=/var/cache/x cp /var/cache/x/f /dst/\n",
+      probe="/dst /var/cache/x"),
+    c("mount-bind-context", "RUN --mount=type=bind,source=dir,target=/src mkdir /dst && "
+      "cp -r /src/. /dst/ && (touch /src/new 2>/dev/null || echo ro > /dst/ro)\n",
+      probe="/dst /src"),
+    c("mount-bind-file", "RUN --mount=type=bind,source=a.txt,target=/a mkdir /dst && "
+      "cat /a > /dst/a\n", probe="/dst /a"),
+    c("mount-bind-stage", "FROM debian-minimal AS b\nRUN mkdir /o && echo made > /o/m\n"
+      "FROM debian-minimal\nRUN --mount=type=bind,from=b,source=/o,target=/mnt/o mkdir /dst"
+      " && cp /mnt/o/m /dst/\n", probe="/dst /mnt"),
     c("stage-unused-fails-not", "FROM debian-minimal AS broken\nRUN false\n"
       "FROM debian-minimal\nRUN mkdir /dst\n"),
 ]
@@ -325,6 +350,8 @@ def _from_cases_dir() -> list[Case]:
 
 
 CASES: list[Case] = INLINE + _from_cases_dir()
+if os.environ.get("LOCALSBX_DIFF_ONLY"):  # a quick run: only cases whose name has one of these
+    CASES = [x for x in CASES if any(w in x.name for w in os.environ["LOCALSBX_DIFF_ONLY"].split(","))]
 
 #: Where the oracle (BuildKit 0.13, the newest Debian packages) has a bug that later BuildKit
 #: (what Tensorlake runs) fixed; localsbx follows the fixed behaviour. Reported, not scored.

@@ -261,8 +261,10 @@ def test_text_vs_path_input(tmp_path):
         ("FROM debian-minimal\nCOPY --parents a b/\n", 2, "--parents is not supported",
          "--chown=USER[:GROUP]"),
         ("FROM debian-minimal\nCOPY --chmod=u+x a b\n", 2, "not an octal mode", "0755"),
-        ("FROM debian-minimal\nRUN --mount=type=cache,target=/x true\n", 2, "--mount",
-         "remove the flag"),
+        ("FROM debian-minimal\nRUN --mount=type=nope,target=/x true\n", 2, "--mount",
+         "type=cache"),
+        ("FROM debian-minimal\nRUN --security=insecure true\n", 2, "--security",
+         "--mount=type"),
         ("FROM debian-minimal\nCOPY a b c\n", 2, "ending in '/'", "c/"),
         ("FROM debian-minimal\nRUN x\nENV A\n", 3, "ENV must have two arguments", "fix"),
         ("FROM debian-minimal\nRUN cat << EOF\nbody\n", 2, "unterminated heredoc", "EOF"),
@@ -316,3 +318,17 @@ def test_multi_stage_stages_needed_and_target():
     assert t.stages == () and len(t.ops) == 3 and t.final_env["A"] == "1"
     with pytest.raises(DefinitionError, match="no stage of that name"):
         parse_dockerfile(text, target="nope")
+
+
+def test_run_mounts():
+    d = parse_dockerfile(
+        "FROM debian-minimal AS b\nRUN true\nFROM debian-minimal\nWORKDIR /w\n"
+        "RUN --mount=type=cache,target=cache --mount=type=secret,id=tok "
+        "--mount=type=tmpfs,target=/scratch --mount=type=bind,from=b,source=/etc,target=/m "
+        "--network=none cat /run/secrets/tok\n")
+    run = d.ops[-1]
+    assert [(m.type, m.target, m.id) for m in run.mounts] == [
+        ("cache", "/w/cache", "cache"), ("secret", "/run/secrets/tok", "tok"),
+        ("tmpfs", "/scratch", ""), ("bind", "/m", "")]
+    assert run.mounts[3].from_stage == "0" and [st.key for st in d.stages] == ["0"]
+    assert run.argv == ("/bin/sh", "-c", "cat /run/secrets/tok")
