@@ -345,11 +345,14 @@ class _Mounts:
                 output_tail=(res.stdout + res.stderr).decode(errors="replace")[-2000:])
         return res
 
+    async def _note_created(self, t: str) -> None:
+        """BuildKit removes a mount target it had to create once the step ends."""
+        if (await self.holder.exec(["test", "-e", t], env=_SYS_PATH)).exit_status != 0:
+            self.created.append(t)
+
     async def _bind(self, src: str, target: str, *, file: bool, ro: bool) -> None:
         t = self.prefix + target
-        exists = (await self.holder.exec(["test", "-e", t], env=_SYS_PATH)).exit_status == 0
-        if not exists and file:
-            self.created.append(t)
+        await self._note_created(t)
         make = 'mkdir -p "${2%/*}" && { [ -e "$2" ] || : > "$2"; }' if file else 'mkdir -p "$2"'
         await self._sh(make + ' && mount --bind "$1" "$2"' +
                        (' && mount -o remount,bind,ro "$2"' if ro else ""), src, t)
@@ -364,6 +367,7 @@ class _Mounts:
             st = f"{self.stage}/{i}"
             if m.type == "tmpfs":
                 t = self.prefix + m.target
+                await self._note_created(t)
                 await self._sh('mkdir -p "$1" && mount -t tmpfs tmpfs "$1"', t)
                 self.mounted.append(t)
             elif m.type == "secret":
@@ -430,7 +434,10 @@ class _Mounts:
                     tmp.rename(host)
                 await asyncio.to_thread(keep)
         with contextlib.suppress(Exception):
-            await self.holder.exec(["rm", "-rf", self.stage, *self.created], env=_SYS_PATH)
+            await self.holder.exec(
+                ["/bin/sh", "-c", 'rm -rf "$1"; shift; for t in "$@"; do '
+                 'rmdir "$t" 2>/dev/null || rm -f "$t"; done', "sh", self.stage,
+                 *reversed(self.created)], env=_SYS_PATH)
 
 
 async def _run(guest: Guest, op: Run, state: BuildState, rep: Reporter, source: str,
@@ -545,7 +552,7 @@ async def mount_overlay_root(guest: Guest, root: str, lowers: Sequence[str] = ("
 
 async def unmount_overlay_root(guest: Guest, root: str) -> None:
     """Undo :func:`mount_overlay_root` and delete ``root`` (best effort)."""
-    await guest.exec(["/bin/sh", "-c", f"umount -R -l {root}/m; rm -rf {root}"], env=_SYS_PATH)
+    await guest.exec(["/bin/sh", "-c", f"umount -R -l {root}/m; rm -rf --one-file-system {root}"], env=_SYS_PATH)
 
 
 async def user_home(guest: Guest, user: str | None) -> str:

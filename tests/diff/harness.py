@@ -174,6 +174,8 @@ async def _localsbx_all(cases, root: Path) -> dict[str, Outcome]:
         kernel=base.kernel, initrd=base.initrd, disk=overlay, workdir=tmp, accel=accel,
         client_key=store.management_key(), cpus=2, memory_mib=4096, name="localsbx-diff",
     ) as vm:
+        await vm.guest.exec(["modprobe", "overlay"], env={"PATH": "/usr/sbin:/usr/bin"})
+
         async def one(n: int, case) -> None:
           async with gate:
             t0 = time.monotonic()
