@@ -95,16 +95,17 @@ def import_base(oracle: Oracle, rootfs_qcow2: Path, tag: str = "debian-minimal:l
     mnt.mkdir(exist_ok=True)
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(rootfs_qcow2), str(raw)], check=True,
                    timeout=300)
-    subprocess.run(["mount", "-o", "loop,ro", str(raw), str(mnt)], check=True, timeout=60)
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    subprocess.run([*sudo, "mount", "-o", "loop,ro", str(raw), str(mnt)], check=True, timeout=60)
     try:
-        tar = subprocess.Popen(["tar", "-C", str(mnt), "--numeric-owner", "-cf", "-", "."],
+        tar = subprocess.Popen([*sudo, "tar", "-C", str(mnt), "--numeric-owner", "-cf", "-", "."],
                                stdout=subprocess.PIPE)
         res = oracle.cmd("import", "-", tag, stdin=tar.stdout, timeout=300)
         tar.wait()
         if res.returncode != 0 or tar.returncode != 0:
             raise RuntimeError(f"docker import failed: {res.stderr.decode(errors='replace')}")
     finally:
-        subprocess.run(["umount", str(mnt)], timeout=60)
+        subprocess.run([*sudo, "umount", str(mnt)], timeout=60)
         raw.unlink(missing_ok=True)
 
 
