@@ -89,9 +89,23 @@ class StderrReporter(Reporter):
         sys.stderr.buffer.flush()
 
 
+def _context_reads(defn: ImageDefinition) -> list[Copy | str]:
+    """What the definition (all its stages) reads from the build context: COPY/ADD ops
+    (not heredocs, not ``--from``) and the sources of context bind mounts."""
+    out: list[Copy | str] = []
+    for d in (defn, *(st.definition for st in defn.stages)):
+        for op in d.ops:
+            if isinstance(op, Copy) and not op.inline and op.from_stage is None:
+                out.append(op)
+            for m in getattr(op, "mounts", ()):
+                if m.type == "bind" and m.from_stage is None:
+                    out.append(m.source or ".")
+    return out
+
+
 def _uses_context(defn: ImageDefinition) -> bool:
-    return any(isinstance(op, Copy) and not op.inline and any("://" not in s for s in op.sources)
-               for op in defn.ops)
+    return any(not isinstance(r, Copy) or any("://" not in s for s in r.sources)
+               for r in _context_reads(defn))
 
 
 async def build_image_async(
@@ -145,8 +159,8 @@ async def build_image_async(
             hint="pass a context folder (--context DIR, or Image.build(context_dir=...))")
     context_digest = ""
     if ctx is not None:
-        copies = [op for op in definition.ops if isinstance(op, Copy) and not op.inline]
-        context_digest = await asyncio.to_thread(ctx.digest, copies)  # reads every source
+        reads = _context_reads(definition)
+        context_digest = await asyncio.to_thread(ctx.digest, reads)  # reads every source
     digest = definition.digest(
         f"{context_digest}|base={base.digest}|snap={SNAPSHOT_FORMAT}:{SANDBOX_CPUS}:{SANDBOX_MEMORY_MIB}"
         f"|build={definition.build_cpus}:{definition.build_memory_mb}"

@@ -147,9 +147,8 @@ class _Quiet:
         pass
 
 
-async def _localsbx_all(cases, root: Path) -> dict[str, Outcome]:
-    from localsbx import store
-    from localsbx.base import get_base
+async def _one_case(vm_guest, n: int, case, root: Path) -> Outcome:
+    """One case on a fresh overlay root in the shared VM: build steps, then the probe."""
     from localsbx.build.steps import (
         ChrootGuest,
         mount_overlay_root,
@@ -160,6 +159,33 @@ async def _localsbx_all(cases, root: Path) -> dict[str, Outcome]:
     from localsbx.definition.context import BuildContext
     from localsbx.definition.dockerfile import parse_dockerfile
     from localsbx.errors import LocalsbxError
+
+    t0 = time.monotonic()
+    croot = f"/run/lsbx-diff/{n}"
+    try:
+        m = await mount_overlay_root(vm_guest, croot)
+        guest = ChrootGuest(vm_guest, m)
+        try:
+            wd = root / case.name
+            defn = parse_dockerfile(wd / "Dockerfile", name="diff", build_args=case.build_args,
+                                    target=case.target)
+            secrets = {k: v.encode() for k, v in case.secrets.items()}
+            state = await run_stages(guest, defn, BuildContext(wd / "ctx"), _Quiet(),
+                                     timeout=300, scratch=f"{croot}-stages", secrets=secrets,
+                                     cache_dir=wd / "cache")
+            res = await guest.exec(["/bin/sh", "-c", probe_script(case.probe) + " 2>&1"],
+                                   env=await sandbox_env(guest, state), cwd=state.workdir,
+                                   user=state.user, timeout=120)
+            return Outcome(True, res.stdout.decode(errors="replace"), time.monotonic() - t0)
+        finally:
+            await unmount_overlay_root(vm_guest, croot)
+    except LocalsbxError as exc:
+        return Outcome(False, "", time.monotonic() - t0, str(exc)[-3000:])
+
+
+async def _localsbx_all(cases, root: Path) -> dict[str, Outcome]:
+    from localsbx import store
+    from localsbx.base import get_base
     from localsbx.vm import disk
     from localsbx.vm.accel import choose_accel
     from localsbx.vm.machine import Machine
@@ -178,32 +204,8 @@ async def _localsbx_all(cases, root: Path) -> dict[str, Outcome]:
         await vm.guest.exec(["modprobe", "overlay"], env={"PATH": "/usr/sbin:/usr/bin"})
 
         async def one(n: int, case) -> None:
-          async with gate:
-            t0 = time.monotonic()
-            croot = f"/run/lsbx-diff/{n}"
-            rep = _Quiet()
-            try:
-                m = await mount_overlay_root(vm.guest, croot)
-                guest = ChrootGuest(vm.guest, m)
-                try:
-                    wd = root / case.name
-                    defn = parse_dockerfile(wd / "Dockerfile", name="diff",
-                                            build_args=case.build_args,
-                                            target=case.target)
-                    secrets = {k: v.encode() for k, v in case.secrets.items()}
-                    state = await run_stages(guest, defn, BuildContext(wd / "ctx"), rep,
-                                             timeout=300, scratch=f"{croot}-stages",
-                                             secrets=secrets, cache_dir=wd / "cache")
-                    res = await guest.exec(
-                        ["/bin/sh", "-c", probe_script(case.probe) + " 2>&1"],
-                        env=await sandbox_env(guest, state), cwd=state.workdir,
-                        user=state.user, timeout=120)
-                    out[case.name] = Outcome(True, res.stdout.decode(errors="replace"),
-                                             time.monotonic() - t0)
-                finally:
-                    await unmount_overlay_root(vm.guest, croot)
-            except LocalsbxError as exc:
-                out[case.name] = Outcome(False, "", time.monotonic() - t0, str(exc)[-3000:])
+            async with gate:
+                out[case.name] = await _one_case(vm.guest, n, case, root)
 
         await asyncio.gather(*(one(n, c) for n, c in enumerate(cases)))
     return out
