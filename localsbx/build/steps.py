@@ -211,6 +211,19 @@ async def _owner_ids(guest: Guest, user: str) -> str:
     return f"{uid}:{gid}"
 
 
+async def _through_dest_symlink(guest: Guest, op: Copy, state: BuildState) -> Copy:
+    """BuildKit follows a symlink at a file destination (``COPY a /dst/link`` writes the
+    link's target), resolved inside the image."""
+    import dataclasses
+
+    res = await guest.exec(["/bin/sh", "-c", '[ -L "$1" ] && readlink -f -- "$1"', "sh",
+                            op.dest], env=runtime_env(state.env))
+    target = res.stdout.decode(errors="replace").strip()
+    if res.exit_status == 0 and target.startswith("/") and target != op.dest:
+        return dataclasses.replace(op, dest=target)
+    return op
+
+
 async def _copy_from_stage(guest: Guest, op: Copy, state: BuildState,
                            where: tuple[Guest, str] | None, source: str,
                            timeout: float | None) -> None:
@@ -279,6 +292,8 @@ async def _copy(guest: Guest, op: Copy, state: BuildState, ctx: BuildContext | N
     if not op.dest.endswith("/"):  # Docker: `COPY f /opt` into an existing dir
         probe = await guest.exec(["test", "-d", op.dest], env=runtime_env(state.env))
         dest_is_dir = probe.exit_status == 0
+        if not dest_is_dir and "*" not in "".join(op.sources) and len(op.sources) == 1:
+            op = await _through_dest_symlink(guest, op, state)
     if op.inline:
         data = _inline_tar(op, passwd.decode(errors="replace"), group.decode(errors="replace"),
                            dest_is_dir)
