@@ -34,11 +34,12 @@ def main() -> None:
 
 def _parse(args: list[str]) -> dict | None:
     """``[-e K=V]... [-w DIR] [--timeout S] [-i] ID [--] CMD...``, or ``None`` to fall back."""
-    opts: dict = {"env": {}, "cwd": None, "timeout": None, "stdin": False}
+    opts: dict = {"env": {}, "cwd": None, "timeout": None, "stdin": False, "user": None}
     i = 0
     while i < len(args) and args[i].startswith("-"):
         a = args[i]
-        if a in ("-e", "--env", "-w", "--workdir", "--timeout") and i + 1 < len(args):
+        if a in ("-e", "--env", "-w", "--workdir", "--timeout", "-u", "--user") \
+                and i + 1 < len(args):
             v = args[i + 1]
             if a in ("-e", "--env"):
                 k, sep, val = v.partition("=")
@@ -47,6 +48,8 @@ def _parse(args: list[str]) -> dict | None:
                 opts["env"][k] = val
             elif a in ("-w", "--workdir"):
                 opts["cwd"] = v
+            elif a in ("-u", "--user"):
+                opts["user"] = v
             else:
                 try:
                     opts["timeout"] = float(v)
@@ -123,7 +126,7 @@ def _fast_exec(args: list[str]) -> int | None:
             or not _alive(rec.get("supervisor_pid"), rec.get("supervisor_start"))):
         return None
     header = {"op": "exec", "argv": opts["argv"], "env": opts["env"], "cwd": opts["cwd"],
-              "user": None, "stdin": "stream" if opts["stdin"] else False,
+              "user": opts["user"], "stdin": "stream" if opts["stdin"] else False,
               "timeout": opts["timeout"]}
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

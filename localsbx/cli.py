@@ -174,6 +174,10 @@ def image_build(
     context: Annotated[Optional[Path], typer.Option(
         "--context", "-c", help="Build context (default: the Dockerfile's folder).")] = None,
     build_arg: Annotated[list[str], typer.Option("--build-arg", help="ARG value, KEY=VALUE.")] = [],
+    secret: Annotated[list[str], typer.Option(
+        "--secret", help="RUN --mount=type=secret source: id=ID,src=FILE.")] = [],
+    target: Annotated[Optional[str], typer.Option(
+        "--target", help="Dockerfile stage to build (default: the last).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Build even if unchanged.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Do not echo step output.")] = False,
     project: ProjectOpt = None,
@@ -190,11 +194,18 @@ def image_build(
         raise ConfigError(f"{path}: no such file",
                           hint="give a Dockerfile, a folder holding one, or a .py file")
     args = _pairs("--build-arg", build_arg)
-    definition = load_definition(path, name=name, build_args=args)
+    definition = load_definition(path, name=name, build_args=args, target=target)
     ctx = context if context is not None else path.resolve().parent
     t = time.monotonic()
+    secrets = {}
+    for item in secret:
+        kv = dict(p.partition("=")[::2] for p in item.split(","))
+        sid, src = kv.get("id"), kv.get("src") or kv.get("source")
+        if not sid or not src:
+            raise ConfigError(f"--secret {item}: expected id=ID,src=FILE")
+        secrets[sid] = src
     rec = build_image(definition, context_dir=ctx, name=name or definition.name, project=project,
-                      reporter=_CliReporter(quiet), force=force)
+                      reporter=_CliReporter(quiet), force=force, secrets=secrets)
     err.print(f"[green]built {rec.name}[/] in {time.monotonic() - t:.1f} s")
     if not sys.stdout.isatty():
         print(rec.name)
@@ -284,6 +295,8 @@ def exec_(
     command: Annotated[list[str], typer.Argument(help="Command and arguments (after --).")],
     env: Annotated[list[str], typer.Option("--env", "-e", help="KEY=VALUE, repeatable.")] = [],
     workdir: Annotated[Optional[str], typer.Option("--workdir", "-w")] = None,
+    user: Annotated[Optional[str], typer.Option("--user", "-u", help="NAME, UID or UID:GID "
+                                                "(default: the image's USER).")] = None,
     timeout: Annotated[Optional[float], typer.Option(help="Seconds; kills the process tree.")] = None,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Pass stdin.")] = False,
     tty: Annotated[bool, typer.Option("--tty", "-t", help="Allocate a terminal (with -i: an "
@@ -326,7 +339,7 @@ def exec_(
     async def go():
         sb = await AsyncSandbox.connect(sandbox_id, project=project)
         return await sb.exec(command, env=envd, working_dir=workdir, timeout=timeout,
-                             stdin=data, stdout_cb=w(sys.stdout.buffer),
+                             user=user, stdin=data, stdout_cb=w(sys.stdout.buffer),
                              stderr_cb=w(sys.stderr.buffer))
 
     res = run_sync(go())

@@ -28,12 +28,20 @@ import os
 import re
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
-from localsbx import store
-from localsbx.build.steps import TAIL_BYTES, run_ops, runtime_env
+from localsbx import paths, store
+from localsbx.build.steps import TAIL_BYTES, BuildState, run_stages, runtime_env, user_home
 from localsbx.definition.ops import Copy, ImageDefinition
-from localsbx.errors import ConfigError, DefinitionError, GuestError, ImageBuildError, LocalsbxError
+from localsbx.errors import (
+    ConfigError,
+    DefinitionError,
+    GuestError,
+    ImageBuildError,
+    ImageNotFound,
+    LocalsbxError,
+)
 from localsbx.vm import disk, snapshot
 from localsbx.vm.accel import choose_accel
 from localsbx.vm.machine import Machine
@@ -89,8 +97,23 @@ class StderrReporter(Reporter):
         sys.stderr.buffer.flush()
 
 
+def _context_reads(defn: ImageDefinition) -> list[Copy | str]:
+    """What the definition (all its stages) reads from the build context: COPY/ADD ops
+    (not heredocs, not ``--from``) and the sources of context bind mounts."""
+    out: list[Copy | str] = []
+    for d in (defn, *(st.definition for st in defn.stages)):
+        for op in d.ops:
+            if isinstance(op, Copy) and not op.inline and op.from_stage is None:
+                out.append(op)
+            for m in getattr(op, "mounts", ()):
+                if m.type == "bind" and m.from_stage is None:
+                    out.append(m.source or ".")
+    return out
+
+
 def _uses_context(defn: ImageDefinition) -> bool:
-    return any(isinstance(op, Copy) and any("://" not in s for s in op.sources) for op in defn.ops)
+    return any(not isinstance(r, Copy) or any("://" not in s for s in r.sources)
+               for r in _context_reads(defn))
 
 
 async def build_image_async(
@@ -101,6 +124,7 @@ async def build_image_async(
     project: str | None = None,
     reporter: Reporter | None = None,
     force: bool = False,
+    secrets: Mapping[str, str | Path] | None = None,
 ) -> store.ImageRecord:
     """Build ``definition`` and register it as ``name`` (default ``definition.name``).
 
@@ -109,6 +133,9 @@ async def build_image_async(
     :param project: the project to register in (default: ``$LOCALSBX_PROJECT`` or
         ``default``).
     :param force: build even if an identical image exists.
+    :param secrets: ``RUN --mount=type=secret`` sources, id -> host file; read at build
+        time, visible to the steps that mount them, never stored in the image or its
+        metadata (and not part of the image digest, as in BuildKit).
     :raises DefinitionError: the definition needs a context it was not given, or a COPY
         source is missing.
     :raises ConfigError: ``LOCALSBX_STEP_TIMEOUT`` is not a number (before any VM boots).
@@ -117,6 +144,7 @@ async def build_image_async(
     :raises ImageBuildError: a step failed (which, its exit code, its output tail); nothing
         is registered and no QEMU is left.
     """
+    from localsbx.base import get_base
     from localsbx.build.resolve import resolve_from
     from localsbx.definition.context import BuildContext
 
@@ -126,7 +154,14 @@ async def build_image_async(
     name = store.check_name("image", name or definition.name)
     for w in definition.warnings:
         rep.say(f"warning: {w}")
-    base, definition = await resolve_from(definition, say=rep.say)  # base or registry image
+    # Tensorlake resolves FROM against its image catalog before its bases and registries
+    parent: store.ImageRecord | None = None
+    with contextlib.suppress(ImageNotFound):
+        parent = store.lookup_image(definition.base, project=project)
+    if parent is not None:
+        base = get_base(parent.meta.base)
+    else:
+        base, definition = await resolve_from(definition, say=rep.say)  # base or registry
     ctx = None
     if context_dir is not None:
         ctx = BuildContext(Path(context_dir))
@@ -136,11 +171,12 @@ async def build_image_async(
             hint="pass a context folder (--context DIR, or Image.build(context_dir=...))")
     context_digest = ""
     if ctx is not None:
-        copies = [op for op in definition.ops if isinstance(op, Copy)]
-        context_digest = await asyncio.to_thread(ctx.digest, copies)  # reads every source
+        reads = _context_reads(definition)
+        context_digest = await asyncio.to_thread(ctx.digest, reads)  # reads every source
     digest = definition.digest(
         f"{context_digest}|base={base.digest}|snap={SNAPSHOT_FORMAT}:{SANDBOX_CPUS}:{SANDBOX_MEMORY_MIB}"
-        f"|build={definition.build_cpus}:{definition.build_memory_mb}")[:32]
+        f"|build={definition.build_cpus}:{definition.build_memory_mb}"
+        + (f"|from={parent.digest}" if parent else ""))[:32]
     if not force:
         with contextlib.suppress(Exception):
             old = store.ImageMeta.from_json(store.read_json(store.image_dir(digest) / "image.json"))
@@ -148,6 +184,13 @@ async def build_image_async(
                 rep.say(f"image {name}: unchanged definition, reusing build {digest[:12]}")
                 return store.register_image(project, name, digest)
 
+    secret_data: dict[str, bytes] = {}
+    for sid, src in (secrets or {}).items():
+        try:
+            secret_data[sid] = Path(src).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"--secret id={sid}: cannot read {src}: {exc.strerror}",
+                              hint="give src=PATH of a readable file") from None
     accel = await choose_accel(base.kernel, base.initrd)
     rep.say(f"accelerator: {accel.kind.upper()} ({accel.reason})")
     client_key = store.management_key()
@@ -156,7 +199,8 @@ async def build_image_async(
     try:
         # ---- 1. build VM
         build_disk = tmp / "build.qcow2"
-        await disk.create_overlay(build_disk, base.rootfs)
+        await disk.create_overlay(build_disk, parent.path / "build.qcow2" if parent
+                                  else base.rootfs)
         rep.say(f"booting build VM ({definition.build_cpus} vCPU, {definition.build_memory_mb} MiB) "
                 f"from base {base.name}")
         async with await Machine.cold_boot(
@@ -164,14 +208,24 @@ async def build_image_async(
             accel=accel, client_key=client_key, cpus=definition.build_cpus,
             memory_mib=definition.build_memory_mb, name=f"localsbx-build-{name}",
         ) as vm:
+            initial = None
+            if parent:
+                initial = BuildState(dict(parent.env), parent.workdir, parent.user)
+                rep.say(f"FROM image {parent.name} ({parent.digest[:12]})")
             try:
-                state = await run_ops(vm.guest, definition, ctx, rep, timeout=timeout)
+                state = await run_stages(vm.guest, definition, ctx, rep, timeout=timeout,
+                                         initial=initial, secrets=secret_data,
+                                         cache_dir=paths.data_dir() / "build-cache")
             except (ImageBuildError, GuestError) as exc:
                 raise _with_console(exc, vm) from exc
             env, workdir = state.env, state.workdir
+            if state.user and "HOME" not in env:  # docker run: HOME of the image's USER
+                env = {"HOME": await user_home(vm.guest, state.user), **env}
             rep.say("build steps done; syncing and powering off the build VM")
             if not await vm.poweroff():
                 rep.say("warning: the build VM did not power off in time; it was killed")
+        if parent:  # the image must not depend on the parent's folder, which may go
+            await disk.rebase(build_disk, base.rootfs)
         disk.freeze(build_disk)
 
         # ---- 2. snapshot VM at the sandbox shape
@@ -289,9 +343,11 @@ def _with_console(exc: ImageBuildError | GuestError, vm: Machine) -> LocalsbxErr
 
 def build_image(definition: ImageDefinition, *, context_dir: str | Path | None = None,
                 name: str | None = None, project: str | None = None,
-                reporter: Reporter | None = None, force: bool = False) -> store.ImageRecord:
+                reporter: Reporter | None = None, force: bool = False,
+                secrets: Mapping[str, str | Path] | None = None) -> store.ImageRecord:
     """Synchronous :func:`build_image_async` (for scripts and ``Image.build``)."""
     from localsbx._loop import run_sync
 
     return run_sync(build_image_async(definition, context_dir=context_dir, name=name,
-                                      project=project, reporter=reporter, force=force))
+                                      project=project, reporter=reporter, force=force,
+                                      secrets=secrets))

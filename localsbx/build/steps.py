@@ -32,9 +32,19 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from localsbx.definition.ops import DEFAULT_PATH, Copy, Env, ImageDefinition, Op, Run, Workdir
+from localsbx.definition.ops import (
+    DEFAULT_PATH,
+    Copy,
+    Env,
+    ImageDefinition,
+    Op,
+    Run,
+    User,
+    Workdir,
+)
 from localsbx.errors import DefinitionError, GuestError, ImageBuildError
 from localsbx.guest.ssh import ExecResult
 
@@ -115,36 +125,161 @@ class _Tail:
 
 
 async def run_ops(guest: Guest, defn: ImageDefinition, ctx: BuildContext | None,
-                  rep: Reporter, *, timeout: float | None) -> BuildState:
+                  rep: Reporter, *, timeout: float | None,
+                  stage_roots: Mapping[str, tuple[Guest, str]] | None = None,
+                  initial: BuildState | None = None,
+                  secrets: Mapping[str, bytes] | None = None,
+                  cache_dir: Path | None = None) -> BuildState:
     """Run every op of ``defn`` in ``guest``, in order.
 
     :param ctx: the build context COPY/ADD read from (``None``: a COPY is an error).
     :param rep: gets one ``[i/n] <op>`` line per op, and RUN output as it arrives.
     :param timeout: seconds one RUN (or one COPY's extraction) may take; ``None`` = none.
+    :param stage_roots: for ``COPY --from``: stage key -> (the guest holding the stage's
+        tree, the tree's path in it); see :func:`run_stages`.
+    :param secrets: ``RUN --mount=type=secret`` contents by id (never written to the image).
+    :param cache_dir: host folder of ``RUN --mount=type=cache`` contents (one folder per id).
+    :param initial: the state to start from (an image built FROM another image: its ENV,
+        WORKDIR and USER); default Docker's.
     :returns: the final :class:`BuildState`.
     :raises ImageBuildError: a step failed or timed out (step, exit code, output tail).
     :raises DefinitionError: a COPY without a context, a missing source, an unknown
         ``--chown`` name.
     :raises GuestError: the guest connection failed.
     """
-    state = BuildState()
+    state = BuildState(dict(initial.env), initial.workdir, initial.user) if initial else BuildState()
     total = len(defn.ops)
     for i, op in enumerate(defn.ops, 1):
         rep.say(f"[{i}/{total}] {op.describe()}")
         if isinstance(op, Env):
             state.env[op.key] = op.value
+        elif isinstance(op, User):
+            state.user = op.user
         elif isinstance(op, Workdir):
-            res = await guest.exec(["mkdir", "-p", op.path], env=runtime_env(state.env), cwd="/")
+            argv = ["mkdir", "-p", op.path]
+            if state.user:  # BuildKit: the folders WORKDIR creates belong to the USER
+                owner = await _owner_ids(guest, state.user)
+                argv = ["/bin/sh", "-c", 'p=$1; set --; while [ ! -e "$p" ] && [ ! -L "$p" ]; '
+                        'do set -- "$p" "$@"; p=${p%/*}; p=${p:-/}; done; mkdir -p "$0" && '
+                        '{ [ $# -eq 0 ] || chown -h "$O" "$@"; }', op.path, op.path]
+                env = {**runtime_env(state.env), "O": owner}
+            else:
+                env = runtime_env(state.env)
+            res = await guest.exec(argv, env=env, cwd="/")
             _check(op, res, _Tail(None), what="creating WORKDIR", source=defn.source,
                    timeout=timeout)
             state.workdir = op.path
+        elif isinstance(op, Run) and op.mounts:
+            mounts = _Mounts(guest, op, ctx, stage_roots or {}, secrets or {}, cache_dir)
+            try:
+                await mounts.setup(timeout)
+                await _run(guest, op, state, rep, defn.source, timeout)
+            finally:
+                await mounts.teardown(timeout)
         elif isinstance(op, Run):
             await _run(guest, op, state, rep, defn.source, timeout)
+        elif isinstance(op, Copy) and op.from_stage is not None:
+            await _copy_from_stage(guest, op, state, (stage_roots or {}).get(op.from_stage),
+                                   defn.source, timeout)
         elif isinstance(op, Copy):
             await _copy(guest, op, state, ctx, defn.source, timeout)
         else:  # pragma: no cover - the IR has five ops
             raise DefinitionError(f"unknown op {op!r}")
     return state
+
+
+async def _owner_ids(guest: Guest, user: str) -> str:
+    """``UID:GID`` of a ``USER`` value in the guest (Docker: a name's primary group; a
+    number without a passwd entry gets group 0)."""
+    from localsbx.definition.context import parse_chown
+
+    name, _, grp = user.partition(":")
+    passwd = (await guest.get_file("/etc/passwd")).decode(errors="replace")
+    group = (await guest.get_file("/etc/group")).decode(errors="replace")
+    for line in passwd.splitlines():
+        f = line.split(":")
+        if len(f) >= 4 and (f[0] == name or f[2] == name):
+            uid, gid = f[2], f[3]
+            break
+    else:
+        uid, gid = name, "0"
+    if grp:
+        try:
+            gid = str(parse_chown(f"0:{grp}", passwd, group)[1])
+        except KeyError:
+            gid = grp
+    return f"{uid}:{gid}"
+
+
+async def _through_dest_symlink(guest: Guest, op: Copy, state: BuildState) -> Copy:
+    """BuildKit follows a symlink at a file destination (``COPY a /dst/link`` writes the
+    link's target), resolved inside the image."""
+    import dataclasses
+
+    res = await guest.exec(["/bin/sh", "-c", '[ -L "$1" ] && readlink -f -- "$1"', "sh",
+                            op.dest], env=runtime_env(state.env))
+    target = res.stdout.decode(errors="replace").strip()
+    if res.exit_status == 0 and target.startswith("/") and target != op.dest:
+        return dataclasses.replace(op, dest=target)
+    return op
+
+
+async def _copy_from_stage(guest: Guest, op: Copy, state: BuildState,
+                           where: tuple[Guest, str] | None, source: str,
+                           timeout: float | None) -> None:
+    """``COPY --from=STAGE``: the sources' folders are tarred out of the stage's tree (owners
+    kept, as BuildKit keeps them), unpacked in a host folder, and copied from there with
+    the same rules as the build context."""
+    import dataclasses
+    import posixpath
+    import shutil
+    import tarfile
+    import tempfile
+    from pathlib import Path
+
+    from localsbx.definition.context import BuildContext
+
+    if where is None:
+        raise DefinitionError(f"{op.describe()}: stage {op.from_stage} was not built")
+    holder, root = where
+    tops: list[str] = []
+    for src in op.sources:
+        rel = posixpath.normpath(src.lstrip("/") or ".")
+        parts = rel.split("/")
+        glob_at = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), None)
+        if glob_at is not None:
+            rel = "/".join(parts[:glob_at]) or "."
+        else:  # a named source may be a symlink: take its folder, the target is near
+            probe = await holder.exec(["test", "-L", f"{root}/{rel}"], env=_SYS_PATH)
+            if probe.exit_status == 0:
+                rel = posixpath.dirname(rel) or "."
+        tops.append(rel)
+    res = await holder.exec(["tar", "-C", root, "-cf", "-", "--numeric-owner", "--", *tops],
+                            env=_SYS_PATH, timeout=timeout)
+    _check(op, res, _Tail(None), what=f"reading stage {op.from_stage}", source=source,
+           timeout=timeout)
+    passwd = (await guest.get_file("/etc/passwd")).decode(errors="replace")
+    group = (await guest.get_file("/etc/group")).decode(errors="replace")
+    dest_is_dir = False
+    if not op.dest.endswith("/"):
+        probe = await guest.exec(["test", "-d", op.dest], env=runtime_env(state.env))
+        dest_is_dir = probe.exit_status == 0
+
+    def build() -> bytes:
+        tmp = tempfile.mkdtemp(prefix="localsbx-stage-")
+        try:
+            import io
+            with tarfile.open(fileobj=io.BytesIO(res.stdout)) as tf:
+                tf.extractall(tmp, filter="fully_trusted")
+            plain = dataclasses.replace(op, from_stage=None)
+            return BuildContext(Path(tmp)).make_tar(plain, passwd=passwd, group=group,
+                                                    dest_is_dir=dest_is_dir, keep_owners=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    data = await asyncio.to_thread(build)
+    res = await guest.extract_tar(data, timeout=timeout)
+    _check(op, res, _Tail(None), what="extracting files", source=source, timeout=timeout)
 
 
 async def _copy(guest: Guest, op: Copy, state: BuildState, ctx: BuildContext | None,
@@ -157,12 +292,167 @@ async def _copy(guest: Guest, op: Copy, state: BuildState, ctx: BuildContext | N
     if not op.dest.endswith("/"):  # Docker: `COPY f /opt` into an existing dir
         probe = await guest.exec(["test", "-d", op.dest], env=runtime_env(state.env))
         dest_is_dir = probe.exit_status == 0
+        if not dest_is_dir and "*" not in "".join(op.sources) and len(op.sources) == 1:
+            op = await _through_dest_symlink(guest, op, state)
+    if op.inline:
+        data = _inline_tar(op, passwd.decode(errors="replace"), group.decode(errors="replace"),
+                           dest_is_dir)
+        res = await guest.extract_tar(data, timeout=timeout)
+        _check(op, res, _Tail(None), what="extracting files", source=source, timeout=timeout)
+        return
     # Reads the context and may download ADD URLs (up to a minute): not in the loop.
     data = await asyncio.to_thread(
         ctx.make_tar, op, passwd=passwd.decode(errors="replace"),
         group=group.decode(errors="replace"), dest_is_dir=dest_is_dir)
     res = await guest.extract_tar(data, timeout=timeout)
     _check(op, res, _Tail(None), what="extracting files", source=source, timeout=timeout)
+
+
+def _inline_tar(op: Copy, passwd: str, group: str, dest_is_dir: bool) -> bytes:
+    """The tar stream of a ``COPY <<EOF`` (files named by their delimiters, 0644)."""
+    import io
+    import posixpath
+    import tarfile
+
+    from localsbx.definition.context import parse_chown
+
+    uid, gid = parse_chown(op.chown, passwd, group) if op.chown else (0, 0)
+    to_dir = op.dest.endswith("/") or dest_is_dir or len(op.inline) > 1
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, content in op.inline:
+            raw = content.encode()
+            target = posixpath.join(op.dest, name) if to_dir else op.dest
+            ti = tarfile.TarInfo(target.lstrip("/"))
+            ti.size, ti.uid, ti.gid, ti.mtime = len(raw), uid, gid, int(time.time())
+            ti.mode = int(op.chmod, 8) if op.chmod else 0o644
+            tf.addfile(ti, io.BytesIO(raw))
+    return buf.getvalue()
+
+
+class _Mounts:
+    """The ``RUN --mount``s of one step: staged in the VM's ``/run`` (a tmpfs, never in
+    the image) and bind-mounted on their targets for the step, then undone. Cache mounts
+    are copied from the host folder before the step and back after it."""
+
+    def __init__(self, guest: Guest, op: Run, ctx: BuildContext | None,
+                 stage_roots: Mapping[str, tuple[Guest, str]], secrets: Mapping[str, bytes],
+                 cache_dir: Path | None) -> None:
+        if isinstance(guest, ChrootGuest):
+            self.holder, self.prefix = guest.inner, guest.root
+        else:
+            self.holder, self.prefix = guest, ""
+        self.op, self.ctx, self.stage_roots = op, ctx, stage_roots
+        self.secrets, self.cache_dir = secrets, cache_dir
+        self.stage = f"/run/localsbx-mnt/{time.time_ns()}"
+        self.mounted: list[str] = []
+        self.created: list[str] = []
+        self.caches: list[tuple[str, Path]] = []
+
+    async def _sh(self, script: str, *args: str, timeout: float | None = None,
+                  stdin: bytes | None = None) -> ExecResult:
+        res = await self.holder.exec(["/bin/sh", "-c", script, "sh", *args], env=_SYS_PATH,
+                                     stdin=stdin, timeout=timeout)
+        if res.exit_status != 0:
+            raise ImageBuildError(
+                f"{self.op.describe()}: setting up its --mount failed: {res.describe()}",
+                step=self.op.describe(), exit_code=res.shell_code,
+                output_tail=(res.stdout + res.stderr).decode(errors="replace")[-2000:])
+        return res
+
+    async def _note_created(self, t: str) -> None:
+        """BuildKit removes a mount target it had to create once the step ends."""
+        if (await self.holder.exec(["test", "-e", t], env=_SYS_PATH)).exit_status != 0:
+            self.created.append(t)
+
+    async def _bind(self, src: str, target: str, *, file: bool, ro: bool) -> None:
+        t = self.prefix + target
+        await self._note_created(t)
+        make = 'mkdir -p "${2%/*}" && { [ -e "$2" ] || : > "$2"; }' if file else 'mkdir -p "$2"'
+        await self._sh(make + ' && mount --bind "$1" "$2"' +
+                       (' && mount -o remount,bind,ro "$2"' if ro else ""), src, t)
+        self.mounted.append(t)
+
+    async def setup(self, timeout: float | None) -> None:
+        import io
+        import posixpath
+        import tarfile
+
+        for i, m in enumerate(self.op.mounts):
+            st = f"{self.stage}/{i}"
+            if m.type == "tmpfs":
+                t = self.prefix + m.target
+                await self._note_created(t)
+                await self._sh('mkdir -p "$1" && mount -t tmpfs tmpfs "$1"', t)
+                self.mounted.append(t)
+            elif m.type == "secret":
+                data = self.secrets.get(m.id)
+                if data is None:
+                    if m.required:
+                        raise DefinitionError(
+                            f"{self.op.describe()}: secret {m.id!r} was not given",
+                            hint=f"pass --secret id={m.id},src=FILE")
+                    continue
+                await self.holder.put_file(f"{st}/secret", data,
+                                           mode=int(m.mode, 8) if m.mode else 0o400)
+                await self._bind(f"{st}/secret", m.target, file=True, ro=True)
+            elif m.type == "cache":
+                await self._sh('mkdir -p "$1"', f"{st}/cache")
+                host = None
+                if self.cache_dir is not None:
+                    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in m.id)
+                    host = self.cache_dir / (safe or "default")
+                    self.caches.append((f"{st}/cache", host))
+                if host is not None and host.is_dir():
+                    buf = io.BytesIO()
+                    with tarfile.open(fileobj=buf, mode="w") as tf:
+                        tf.add(host, arcname=f"{st}/cache".lstrip("/"))
+                    await self.holder.extract_tar(buf.getvalue(), timeout=timeout)
+                await self._bind(f"{st}/cache", m.target, file=False, ro=False)
+            elif m.from_stage is not None:
+                holder_root = self.stage_roots[m.from_stage][1]
+                src = posixpath.join(holder_root, m.source.lstrip("/"))
+                is_file = (await self.holder.exec(["test", "-f", src], env=_SYS_PATH)
+                           ).exit_status == 0
+                await self._bind(src, m.target, file=is_file, ro=not m.rw)
+            else:  # bind from the build context
+                if self.ctx is None:
+                    raise DefinitionError(f"{self.op.describe()}: no build context to bind")
+                copy = Copy((m.source or ".",), f"{st}/bind/")
+                kind = self.ctx.resolve(copy)[0][0]
+                data = await asyncio.to_thread(self.ctx.make_tar, copy, passwd="", group="")
+                await self._sh('mkdir -p "$1"', f"{st}/bind")
+                await self.holder.extract_tar(data, timeout=timeout)
+                src = f"{st}/bind" if kind == "dir" else \
+                    f"{st}/bind/{posixpath.basename(m.source.rstrip('/'))}"
+                await self._bind(src, m.target, file=kind != "dir", ro=not m.rw)
+
+    async def teardown(self, timeout: float | None) -> None:
+        import io
+        import shutil
+        import tarfile
+
+        for t in reversed(self.mounted):
+            with contextlib.suppress(Exception):
+                await self.holder.exec(["umount", "-l", t], env=_SYS_PATH)
+        for src, host in self.caches:
+            res = await self.holder.exec(["tar", "-C", src, "-cf", "-", "."], env=_SYS_PATH,
+                                         timeout=timeout)
+            if res.exit_status == 0:
+                def keep(data: bytes = res.stdout, host: Path = host) -> None:
+                    tmp = host.with_name(host.name + ".new")
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir(parents=True)
+                    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+                        tf.extractall(tmp, filter="fully_trusted")
+                    shutil.rmtree(host, ignore_errors=True)
+                    tmp.rename(host)
+                await asyncio.to_thread(keep)
+        with contextlib.suppress(Exception):
+            await self.holder.exec(
+                ["/bin/sh", "-c", 'rm -rf "$1"; shift; for t in "$@"; do '
+                 'rmdir "$t" 2>/dev/null || rm -f "$t"; done', "sh", self.stage,
+                 *reversed(self.created)], env=_SYS_PATH)
 
 
 async def _run(guest: Guest, op: Run, state: BuildState, rep: Reporter, source: str,
@@ -208,3 +498,141 @@ def _check(op: Op, res: ExecResult, tail: _Tail, *, what: str = "", source: str 
     raise ImageBuildError(
         f"build failed at {where}{op.describe()}: {what + ': ' if what else ''}{res.describe()}",
         step=op.describe(), exit_code=res.shell_code, output_tail=tail.text(), hint=hint)
+
+
+#: The guest agent's path in every rootfs built from a localsbx base.
+AGENT = "/usr/lib/localsbx/agent"
+_SYS_PATH = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+class ChrootGuest:
+    """A :class:`Guest` whose filesystem is the tree at ``root`` inside ``inner``: commands
+    run as ``chroot ROOT agent exec ...`` (so user names, ``--cwd`` and the environment are
+    resolved inside the tree), files are read and written under ``root``, and tar streams
+    are extracted by the tree's own view (``chroot ROOT tar -C /``), so absolute symlinks in
+    it resolve against it, as they would if it were the VM's root.
+
+    Used for the stages of a multi-stage build that are not the final image, and by the
+    differential suite (tests/diff) to run many builds in one VM."""
+
+    def __init__(self, inner: Guest, root: str) -> None:
+        self.inner = inner
+        self.root = root.rstrip("/")
+
+    async def exec(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                   cwd: str | None = None, user: str | None = None,
+                   stdin: bytes | None = None, timeout: float | None = None,
+                   stdout_cb: Callable[[bytes], None] | None = None,
+                   stderr_cb: Callable[[bytes], None] | None = None,
+                   kill_tree: bool = False) -> ExecResult:
+        opts: list[str] = []
+        if cwd is not None:
+            opts += ["--cwd", cwd]
+        if user is not None:
+            opts += ["--user", user]
+        for k, v in (env or {}).items():
+            opts += ["--env", f"{k}={v}"]
+        if stdin is not None:
+            opts.append("--stdin")
+        return await self.inner.exec(
+            ["chroot", self.root, AGENT, "exec", *opts, "--", *argv], env=_SYS_PATH,
+            stdin=stdin, timeout=timeout, stdout_cb=stdout_cb, stderr_cb=stderr_cb,
+            kill_tree=kill_tree)
+
+    async def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        await self.inner.put_file(self.root + path, data, mode=mode)
+
+    async def get_file(self, path: str) -> bytes:
+        return await self.inner.get_file(self.root + path)
+
+    async def extract_tar(self, tar_bytes: bytes, *,
+                          timeout: float | None = None) -> ExecResult:
+        return await self.inner.exec(
+            ["chroot", self.root, "tar", "-C", "/", "-xpf", "-", "--same-owner",
+             "--numeric-owner", "--no-overwrite-dir", "--keep-directory-symlink"],
+            env=_SYS_PATH, stdin=tar_bytes, timeout=timeout)
+
+
+async def mount_overlay_root(guest: Guest, root: str, lowers: Sequence[str] = ("/",)) -> str:
+    """Make ``root`` (a fresh folder on a tmpfs, e.g. under ``/run``) a writable overlay
+    over ``lowers`` (upper layer first), with ``/proc``, ``/dev`` and ``/sys`` mounted in
+    it as a RUN step needs. Returns the merged tree's path (``root/m``).
+
+    :raises ImageBuildError: the mounts failed (no overlayfs in the guest kernel)."""
+    m = f"{root}/m"
+    script = (
+        "set -e; modprobe overlay 2>/dev/null || true; "
+        f"mkdir -p {root}/u {root}/w {m}; "
+        f"mount -t overlay overlay -o lowerdir={':'.join(lowers)},upperdir={root}/u,"
+        f"workdir={root}/w {m}; "
+        f"mount -t proc proc {m}/proc; mount --rbind /dev {m}/dev; mount --rbind /sys {m}/sys"
+    )
+    res = await guest.exec(["/bin/sh", "-c", script], env=_SYS_PATH)
+    if res.exit_status != 0:
+        raise ImageBuildError(f"cannot make a build root at {root}: {res.describe()}",
+                              output_tail=(res.stdout + res.stderr).decode(errors="replace"))
+    return m
+
+
+async def unmount_overlay_root(guest: Guest, root: str) -> None:
+    """Undo :func:`mount_overlay_root` and delete ``root`` (best effort)."""
+    await guest.exec(["/bin/sh", "-c", f"umount -R -l {root}/m; rm -rf --one-file-system {root}"], env=_SYS_PATH)
+
+
+async def user_home(guest: Guest, user: str | None) -> str:
+    """The home folder of ``user`` (name or uid, ``None`` = root) in the guest's
+    ``/etc/passwd``; ``/`` when the user has no entry (as Docker sets ``HOME``)."""
+    name = (user or "root").partition(":")[0]
+    try:
+        passwd = (await guest.get_file("/etc/passwd")).decode(errors="replace")
+    except Exception:  # noqa: BLE001 - no passwd file: Docker's fallback
+        return "/root" if name in ("root", "0") else "/"
+    for line in passwd.splitlines():
+        f = line.split(":")
+        if len(f) >= 6 and (f[0] == name or f[2] == name):
+            return f[5] or "/"
+    return "/root" if name in ("root", "0") else "/"
+
+
+async def sandbox_env(guest: Guest, state: BuildState) -> dict[str, str]:
+    """The environment a sandbox command of an image in ``state`` gets (as ``docker run``:
+    ``HOME`` of the image's user, then the image ENV)."""
+    return runtime_env(state.env, await user_home(guest, state.user))
+
+
+async def run_stages(guest: Guest, defn: ImageDefinition, ctx: BuildContext | None,
+                     rep: Reporter, *, timeout: float | None, scratch: str = "/run/localsbx-stages",
+                     initial: BuildState | None = None,
+                     secrets: Mapping[str, bytes] | None = None,
+                     cache_dir: Path | None = None) -> BuildState:
+    """Run a whole definition: the other stages it copies from (each on its own overlay
+    over the guest's pristine root, under ``scratch`` on a tmpfs), then the final stage's
+    ops on ``guest`` itself. The scratch roots are removed afterwards.
+
+    :raises DefinitionError: a stage is FROM another base than the image (not supported)."""
+    if isinstance(guest, ChrootGuest):
+        holder, lower = guest.inner, guest.root
+    else:
+        holder, lower = guest, "/"
+    roots: dict[str, tuple[Guest, str]] = {}
+    made: list[str] = []
+    try:
+        for st in defn.stages:
+            if st.definition.base != defn.base:
+                raise DefinitionError(
+                    f"stage {st.name or st.key} is FROM {st.definition.base} and the image "
+                    f"FROM {defn.base}: stages on different bases are not supported yet",
+                    hint="build both stages FROM the same base")
+            path = f"{scratch}/{st.key}"
+            made.append(path)
+            m = await mount_overlay_root(holder, path, (lower,))
+            rep.say(f"stage {st.name or st.key} (for COPY --from)")
+            await run_ops(ChrootGuest(holder, m), st.definition, ctx, rep, timeout=timeout,
+                          stage_roots=roots, secrets=secrets, cache_dir=cache_dir)
+            roots[st.key] = (holder, m)
+        return await run_ops(guest, defn, ctx, rep, timeout=timeout, stage_roots=roots,
+                             initial=initial, secrets=secrets, cache_dir=cache_dir)
+    finally:
+        for path in reversed(made):
+            with contextlib.suppress(Exception):
+                await unmount_overlay_root(holder, path)

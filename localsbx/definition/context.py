@@ -12,11 +12,13 @@ What is copied from Docker/BuildKit:
 - ``.dockerignore`` at the context root (moby ``patternmatcher``): lines in order, ``#``
   comments, ``!`` re-includes, the **last** matching line wins, a pattern matching a parent
   directory matches everything under it, ``*``/``?``/``[...]`` stay within one path
-  component, ``**`` spans any number of components. Every path is judged on its own, so
-  ``!**/*.py`` re-includes ``pkg/deep/mod.py`` even though ``*`` excluded ``pkg`` -- the
-  documented rule, chosen over Docker's walker shortcut that skips excluded directories
-  (docker/cli#2919; B16). ``.dockerignore`` is shipped unless a pattern excludes it (B16's
-  ``*`` does). Excluded files do not exist for COPY/ADD.
+  component, ``**`` spans any number of components. As BuildKit's walker, an excluded
+  folder is entered only when an exception's text starts with its path, so ``!**/*.py``
+  does **not** re-include ``pkg/deep/mod.py`` once ``*`` excluded ``pkg`` (BuildKit wins
+  over the documented rule, docker/cli#2919; B16; checked by tests/diff).
+  ``.dockerignore`` is shipped unless a pattern excludes it (B16's ``*`` does). Excluded
+  files do not exist for COPY/ADD. A wildcard source matching nothing copies nothing
+  (BuildKit), a named source that is missing is an error.
 - sources are relative to the context root (a leading ``/`` is ignored), may be globs
   (Go ``filepath.Match``: ``*`` also matches dotfiles), must not leave the context; a
   directory copies its **contents**; a file goes to ``dest`` itself unless ``dest`` ends in
@@ -146,6 +148,14 @@ class IgnoreRules:
                 matched = not exclusion
         return matched
 
+    def may_reinclude_under(self, rel: str) -> bool:
+        """Whether an exception (``!pattern``) could re-include something under the excluded
+        folder ``rel``: BuildKit (fsutil) descends into an excluded folder only when an
+        exception's text starts with the folder's path, so ``!**/*.py`` does not re-include
+        files under a folder that ``*`` excluded (moby's long-standing rule, docker/docs#25850)."""
+        return any(exc and (text + "/").startswith(rel + "/")
+                   for exc, text, _rx in self.patterns)
+
 
 # --------------------------------------------------------------------------- ownership
 
@@ -271,7 +281,9 @@ class BuildContext:
                             continue
                         found[rel] = "symlink" if stat.S_ISLNK(mode) else "file"
                 dirnames[:] = [d for d in dirnames
-                               if not os.path.islink(os.path.join(dirpath, d))]
+                               if not os.path.islink(os.path.join(dirpath, d))
+                               and (not self.ignore.excluded(prefix + d)
+                                    or self.ignore.may_reinclude_under(prefix + d))]
                 if prefix and not self.ignore.excluded(base):
                     found[base] = "dir"
         for rel in list(found):  # parents of visible entries are visible
@@ -312,10 +324,7 @@ class BuildContext:
             if _GLOB_CHARS.search(rel):
                 rx = _pattern_regex(rel)
                 hits = [(k, r) for r, k in index.items() if rx.match(r)]
-                if not hits:
-                    raise self._error(op, f"{name} source {src!r} matches no file in the "
-                                      f"build context {where}",
-                                      "check the pattern and .dockerignore")
+                # BuildKit (AllowEmptyWildcard): a pattern matching nothing copies nothing
                 out.extend(hits)
                 continue
             kind = "dir" if rel == "." and self.root else index.get(rel)
@@ -447,7 +456,7 @@ class BuildContext:
 
     def write_tar(
         self, op: Copy, fileobj: BinaryIO, *, passwd: str, group: str,
-        dest_is_dir: bool = False,
+        dest_is_dir: bool = False, keep_owners: bool = False,
     ) -> None:
         """Write the op's tar stream (paths relative to ``/``) to ``fileobj``.
 
@@ -457,6 +466,8 @@ class BuildContext:
         :param group: text of the image's ``/etc/group``.
         :param dest_is_dir: ``dest`` (without ``/``) is an existing directory in the image,
             so a single file goes inside it (Docker); the builder finds out with ``test -d``.
+        :param keep_owners: without ``--chown``, files keep their owners in this tree
+            (``COPY --from`` a stage, as BuildKit) instead of 0:0 (the build context).
         :raises DefinitionError: bad source (see :meth:`resolve`), ``--chown`` naming an
             unknown user/group, an archive member leaving ``dest``.
         :raises ImageBuildError: an ``ADD`` URL could not be downloaded.
@@ -482,14 +493,19 @@ class BuildContext:
             for d in sorted(parents):
                 tf.addfile(_info(d, tarfile.DIRTYPE, 0o755, uid, gid, now))
             for it in items:
+                if keep_owners and op.chown is None and it.path is not None:
+                    st = it.path.lstat()
+                    uid, gid = st.st_uid, st.st_gid
                 _write_item(tf, it, uid, gid, chmod, op.chown is not None, now)
 
     def make_tar(
-        self, op: Copy, *, passwd: str, group: str, dest_is_dir: bool = False
+        self, op: Copy, *, passwd: str, group: str, dest_is_dir: bool = False,
+        keep_owners: bool = False,
     ) -> bytes:
         """:meth:`write_tar` into memory; returns the tar bytes."""
         buf = io.BytesIO()
-        self.write_tar(op, buf, passwd=passwd, group=group, dest_is_dir=dest_is_dir)
+        self.write_tar(op, buf, passwd=passwd, group=group, dest_is_dir=dest_is_dir,
+                       keep_owners=keep_owners)
         return buf.getvalue()
 
 
@@ -504,9 +520,8 @@ def _write_item(tf: tarfile.TarFile, it: _Item, uid: int, gid: int, chmod: int |
                 chowned: bool, now: int) -> None:
     if it.kind == "member":
         m = it.member
+        # BuildKit: ADD --chown does not apply to the members of an extracted archive
         ti = _info(it.target, m.type, m.mode, m.uid, m.gid, int(m.mtime))
-        if chowned:
-            ti.uid, ti.gid = uid, gid
         if chmod is not None and not m.issym():
             ti.mode = chmod
         ti.linkname = m.linkname

@@ -49,8 +49,10 @@ unknown instructions are errors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import posixpath
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -64,8 +66,11 @@ from localsbx.definition.ops import (
     Copy,
     Env,
     ImageDefinition,
+    Mount,
     Op,
     Run,
+    Stage,
+    User,
     Workdir,
     resolve_path,
 )
@@ -79,15 +84,9 @@ __all__ = ["parse_dockerfile", "run_from_text", "copy_op"]
 WARNED = frozenset(
     {"EXPOSE", "LABEL", "VOLUME", "STOPSIGNAL", "SHELL", "HEALTHCHECK", "ONBUILD", "MAINTAINER"}
 )
-_HINTS = {
-    "CMD": "sandboxes run no image command: commands are run with sandbox.run(...) or "
-    "`localsbx exec`; remove the CMD line",
-    "ENTRYPOINT": "sandboxes run no entrypoint: start the process from your test with "
-    "sandbox.run(...) or `localsbx exec`; remove the ENTRYPOINT line",
-    "USER": "build steps and sandbox commands run as root; run a step as another user "
-    "with `RUN runuser -u NAME -- CMD` and choose the user per command in the sandbox",
-}
-_KNOWN = frozenset({"FROM", "ARG", "ENV", "RUN", "COPY", "ADD", "WORKDIR"}) | WARNED
+_HINTS: dict[str, str] = {}
+_KNOWN = frozenset({"FROM", "ARG", "ENV", "RUN", "COPY", "ADD", "WORKDIR", "USER", "CMD",
+                    "ENTRYPOINT"}) | WARNED
 _HEREDOC_WORD = re.compile(r"(\d*)<<(-?)(.*)", re.S)
 _DIRECTIVE = re.compile(r"^#\s*([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.+?)\s*$")
 _CHMOD = re.compile(r"[0-7]{3,4}")
@@ -323,6 +322,7 @@ def run_from_text(
     build_env: tuple[tuple[str, str], ...] = (),
     location: SourceLocation | None = None,
     warnings: list[str] | None = None,
+    shell: tuple[str, ...] = ("/bin/sh", "-c"),
 ) -> Run:
     """The ``Run`` op for a ``RUN`` argument text without heredocs (Docker's rule).
 
@@ -358,7 +358,7 @@ def run_from_text(
                 f"{where}RUN {text} is not a JSON array of strings, so it runs in shell form "
                 "(/bin/sh -c); exec form needs double quotes: RUN [\"prog\", \"arg\"]"
             )
-    return Run(("/bin/sh", "-c", command), shell=True, build_env=build_env,
+    return Run((*shell, command), shell=True, build_env=build_env,
                location=location, text=command)
 
 
@@ -442,6 +442,11 @@ class _Reader:
         self.from_line = 0
         self.ops: list[Op] = []
         self.warnings: list[str] = []
+        self.shell: tuple[str, ...] = ("/bin/sh", "-c")
+        self.cmd: tuple[str, ...] | None = None
+        self.entrypoint: tuple[str, ...] | None = None
+        self.stages: list[dict] = []
+        self.stage_name: str | None = None
 
     def loc(self, ins: _Instr) -> SourceLocation:
         return SourceLocation(self.src, ins.line)
@@ -498,13 +503,24 @@ class _Reader:
             if name in self.build_args:
                 self.used_args.add(name)
 
+    def finish_stage(self) -> None:
+        """Keep the stage read so far (at a later FROM and at the end)."""
+        self.stages.append({
+            "name": self.stage_name, "base": self.base, "ops": list(self.ops),
+            "env": dict(self.env), "workdir": self.workdir, "shell": self.shell,
+            "cmd": self.cmd, "entrypoint": self.entrypoint, "line": self.from_line})
+
+    def find_stage(self, ref: str) -> int | None:
+        if ref.isdigit() and int(ref) < len(self.stages):
+            return int(ref)
+        for i, st in enumerate(self.stages):
+            if st["name"] is not None and st["name"] == ref.lower():
+                return i
+        return None
+
     def do_from(self, ins: _Instr, known: frozenset[str] | None) -> None:
         if self.base is not None:
-            raise DefinitionError(
-                f"a second FROM (first at line {self.from_line}): multi-stage builds are "
-                "not supported", location=self.loc(ins),
-                hint="keep one FROM; build artefacts in RUN steps of the same image",
-            )
+            self.finish_stage()
         if ins.node.flags:
             raise DefinitionError(f"FROM flag {ins.node.flags[0]} is not supported",
                                   location=self.loc(ins),
@@ -515,6 +531,17 @@ class _Reader:
                                   location=self.loc(ins), hint="write FROM debian-minimal")
         scope = {k: v for k, v in self.meta.items() if v is not None}
         base = self.word(ins, value[0], scope)
+        self.stage_name = value[2].lower() if len(value) == 3 else None
+        self.args = {}
+        parent = self.find_stage(base) if not base.isdigit() else None
+        if parent is not None:  # FROM an earlier stage: its ops and config first
+            st = self.stages[parent]
+            self.base, self.from_line = st["base"], ins.line
+            self.ops, self.env, self.workdir = list(st["ops"]), dict(st["env"]), st["workdir"]
+            self.shell, self.cmd, self.entrypoint = st["shell"], st["cmd"], st["entrypoint"]
+            return
+        self.ops, self.env, self.workdir = [], {"PATH": DEFAULT_PATH}, "/"
+        self.shell, self.cmd, self.entrypoint = ("/bin/sh", "-c"), None, None
         if known is not None and base not in known and not names_registry_image(base):
             listed = ", ".join(sorted(known)) or "(none built yet)"
             raise DefinitionError(
@@ -547,22 +574,70 @@ class _Reader:
     def build_env(self) -> tuple[tuple[str, str], ...]:
         return tuple((k, v) for k, v in self.args.items() if v is not None and k not in self.env)
 
+    def mounts(self, ins: _Instr) -> tuple[Mount, ...]:
+        out = []
+        for flag in ins.node.flags:
+            key, _, value = flag[2:].partition("=")
+            key = key.lower()
+            if key == "network" and value in ("default", "none", "host"):
+                self.warn(ins, f"RUN --network={value} ignored (build steps have the "
+                          "build VM's network)")
+                continue
+            if key != "mount":
+                raise DefinitionError(
+                    f"RUN flag {flag} is not supported by localsbx", location=self.loc(ins),
+                    hint="supported: --mount=type=cache|tmpfs|secret|bind,...")
+            kv: dict[str, str] = {}
+            for item in self.word(ins, value).split(","):
+                k, sep, v = item.partition("=")
+                kv[k.strip().lower()] = v if sep else "true"
+            typ = kv.pop("type", "bind")
+            target = kv.pop("target", kv.pop("dst", kv.pop("destination", "")))
+            mid = kv.pop("id", "")
+            if typ == "secret":
+                if not mid:
+                    mid = posixpath.basename(target)
+                target = target or f"/run/secrets/{mid}"
+            if typ not in ("cache", "tmpfs", "secret", "bind") or not target or not mid and \
+                    typ == "secret":
+                raise DefinitionError(
+                    f"RUN --mount={value}: needs type=cache|tmpfs|secret|bind and a target",
+                    location=self.loc(ins), hint="e.g. --mount=type=cache,target=/root/.cache")
+            src = kv.pop("source", kv.pop("src", ""))
+            frm = kv.pop("from", None)
+            from_stage = None
+            if frm is not None:
+                idx = self.find_stage(frm)
+                if idx is None:
+                    raise DefinitionError(f"RUN --mount from={frm}: no such earlier stage",
+                                          location=self.loc(ins),
+                                          hint="name a stage defined above")
+                from_stage = str(idx)
+            rw = kv.pop("rw", kv.pop("readwrite", "false")) == "true" or typ == "cache"
+            out.append(Mount(typ, resolve_path(self.workdir, target).rstrip("/") or "/",
+                             id=mid or (target if typ == "cache" else ""), source=src,
+                             from_stage=from_stage, rw=rw,
+                             required=kv.pop("required", "false") == "true",
+                             mode=kv.pop("mode", None)))
+        return tuple(out)
+
     def do_run(self, ins: _Instr) -> None:
-        if ins.node.flags:
-            raise DefinitionError(
-                f"RUN flag {ins.node.flags[0]} is not supported by localsbx",
-                location=self.loc(ins),
-                hint="remove the flag (--mount/--network/--security need BuildKit)",
-            )
+        mounts = self.mounts(ins)
+        n = len(self.ops)
+        self._do_run(ins)
+        if mounts:
+            self.ops[n] = dataclasses.replace(self.ops[n], mounts=mounts)
+
+    def _do_run(self, ins: _Instr) -> None:
         loc, benv = self.loc(ins), self.build_env()
         if ins.node.json:
             self.ops.append(run_from_text(ins.text, build_env=benv, location=loc,
-                                          warnings=self.warnings))
+                                          warnings=self.warnings, shell=self.shell))
             return
         command = ins.node.value[0] if ins.node.value else ""
         if not ins.heredocs:
             self.ops.append(run_from_text(command, build_env=benv, location=loc,
-                                          warnings=self.warnings))
+                                          warnings=self.warnings, shell=self.shell))
             return
         if ins.whole_heredoc:  # BuildKit: the heredoc is the script (no errexit)
             body = ins.heredocs[0].body
@@ -570,32 +645,86 @@ class _Reader:
                 self.ops.append(Run((), shell=False, script=body, build_env=benv,
                                     location=loc, text=command))
             else:
-                self.ops.append(Run(("/bin/sh", "-c", body), build_env=benv, location=loc,
+                self.ops.append(Run((*self.shell, body), build_env=benv, location=loc,
                                     text=command))
             return
         full = command + "\n" + "".join(h.raw for h in ins.heredocs)
-        self.ops.append(Run(("/bin/sh", "-c", full), build_env=benv, location=loc,
+        self.ops.append(Run((*self.shell, full), build_env=benv, location=loc,
                             text=command))
 
     def do_copy(self, ins: _Instr) -> None:
         kind = Add if ins.cmd == "ADD" else Copy
-        if ins.heredocs:
-            raise DefinitionError(
-                f"{ins.cmd} with a heredoc (inline file) is not supported",
-                location=self.loc(ins),
-                hint="write the file with RUN cat > /path <<'EOF' ... EOF, or put it in the "
-                "build context",
-            )
         flags = self.flags(ins)
-        words = [self.word(ins, w) for w in ins.node.value]
+        from_stage = None
+        if "from" in flags and ins.cmd == "COPY":
+            ref = flags.pop("from")
+            idx = self.find_stage(ref)
+            if idx is None:
+                raise DefinitionError(
+                    f"COPY --from={ref}: no earlier stage of this Dockerfile is called that "
+                    "(copying from an image is not supported)", location=self.loc(ins),
+                    hint="name a stage (FROM ... AS NAME) or its index defined above")
+            from_stage = str(idx)
+        inline: list[tuple[str, str]] = []
+        if ins.heredocs:  # COPY <<EOF /dest: each heredoc is a file named by its delimiter
+            docs = {h.name: h for h in ins.heredocs}
+            words = []
+            for w in ins.node.value:
+                m = _HEREDOC_WORD.fullmatch(w)
+                name = m.group(3).strip("'\"") if m else None
+                if name in docs:
+                    body = docs[name].body
+                    if "'" not in w and '"' not in w:  # unquoted: variables expand
+                        body = self.word(ins, body.replace("\\", "\\\\")
+                                         .replace('"', '\\"').join('""'))
+                    inline.append((name, body))
+                    words.append(name)
+                else:
+                    words.append(self.word(ins, w))
+        else:
+            words = [self.word(ins, w) for w in ins.node.value]
         if len(words) < 2:
             raise DefinitionError(f"{ins.cmd} needs at least one source and a destination",
                                   location=self.loc(ins), hint=f"write {ins.cmd} SRC... DEST")
         if "link" in flags:
             self.warn(ins, f"{ins.cmd} --link ignored (it only changes layer caching)")
             del flags["link"]
-        self.ops.append(copy_op(kind, words[:-1], words[-1], flags, workdir=self.workdir,
-                                location=self.loc(ins), text=ins.text))
+        op = copy_op(kind, words[:-1], words[-1], flags, workdir=self.workdir,
+                     location=self.loc(ins), text=ins.text)
+        if inline:
+            op = dataclasses.replace(op, inline=tuple(inline))
+        if from_stage is not None:
+            op = dataclasses.replace(op, from_stage=from_stage)
+        self.ops.append(op)
+
+    def do_user(self, ins: _Instr) -> None:
+        user = self.word(ins, ins.node.value[0]) if ins.node.value else ""
+        if not user or user.startswith(":"):
+            raise DefinitionError("USER needs a user name or id", location=self.loc(ins),
+                                  hint="write USER app, USER 1000 or USER 1000:1000")
+        self.ops.append(User(user, location=self.loc(ins), text=ins.text))
+
+    def _json_or_shell(self, ins: _Instr) -> tuple[str, ...]:
+        if ins.node.json:
+            return tuple(json.loads(ins.text))
+        return (*self.shell, ins.node.value[0] if ins.node.value else "")
+
+    def do_shell(self, ins: _Instr) -> None:
+        try:
+            argv = json.loads(ins.text)
+        except ValueError:
+            argv = None
+        if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+            raise DefinitionError("SHELL needs a JSON array, e.g. SHELL [\"/bin/bash\", \"-c\"]",
+                                  location=self.loc(ins), hint="write the shell in exec form")
+        self.shell = tuple(argv)
+
+    def do_cmd(self, ins: _Instr) -> None:
+        self.cmd = self._json_or_shell(ins)
+
+    def do_entrypoint(self, ins: _Instr) -> None:
+        self.entrypoint = self._json_or_shell(ins)
+        self.cmd = None  # Docker: a later ENTRYPOINT resets an inherited CMD
 
     def do_workdir(self, ins: _Instr) -> None:
         raw = ins.node.value[0] if ins.node.value else ""
@@ -628,6 +757,10 @@ class _Reader:
                 "(only ARG may come before it)", location=self.loc(ins),
                 hint="add FROM debian-minimal (or another base) as the first instruction",
             )
+        if cmd == "SHELL":
+            self.do_shell(ins)
+            return self.warn(ins, "SHELL applies to the later build steps (as in BuildKit); "
+                             "it has no effect on sandbox commands")
         if cmd in WARNED:
             return self.warn(ins, f"{cmd} ignored: it has no effect on a sandbox")
         getattr(self, "do_" + {"ADD": "copy"}.get(cmd, cmd.lower()))(ins)
@@ -641,6 +774,7 @@ def parse_dockerfile(
     build_args: Mapping[str, str] | None = None,
     known_bases: Iterable[str] | None = None,
     source: str | None = None,
+    target: str | None = None,
 ) -> ImageDefinition:
     """Read a Dockerfile into the IR.
 
@@ -675,10 +809,37 @@ def parse_dockerfile(
             location=SourceLocation(src, instrs[-1].line if instrs else last),
             hint="add FROM debian-minimal (or another base) as the first instruction",
         )
+    reader.finish_stage()
+    if target is None:
+        final_i = len(reader.stages) - 1
+    else:
+        found = reader.find_stage(target)
+        if found is None or target.isdigit():
+            names = ", ".join(st["name"] for st in reader.stages if st["name"]) or "(none)"
+            raise DefinitionError(f"--target {target}: no stage of that name; stages: {names}",
+                                  location=SourceLocation(src, 1),
+                                  hint="name the stage with FROM ... AS NAME")
+        final_i = found
+    final = reader.stages[final_i]
+    needed: set[int] = set()
+    todo = [final_i]
+    while todo:  # the stages COPY --from (and RUN --mount from=) reach, transitively
+        for op in reader.stages[todo.pop()]["ops"]:
+            refs = [op.from_stage] if isinstance(op, Copy) else [
+                m.from_stage for m in getattr(op, "mounts", ())]
+            for ref in refs:
+                if ref is not None and int(ref) not in needed:
+                    needed.add(int(ref))
+                    todo.append(int(ref))
+    stages = tuple(
+        Stage(str(k), reader.stages[k]["name"], ImageDefinition(
+            name=f"stage-{k}", base=reader.stages[k]["base"], ops=tuple(reader.stages[k]["ops"]),
+            source=src)) for k in sorted(needed))
     unused = sorted(set(reader.build_args) - reader.used_args)
     if unused:
         reader.warnings.append("build args not consumed by any ARG: " + ", ".join(unused))
     return ImageDefinition(
-        name=name or "default", base=reader.base, ops=tuple(reader.ops), source=src,
-        warnings=tuple(reader.warnings),
+        name=name or "default", base=final["base"], ops=tuple(final["ops"]), source=src,
+        warnings=tuple(reader.warnings), cmd=final["cmd"], entrypoint=final["entrypoint"],
+        stages=stages,
     )

@@ -3,6 +3,7 @@ the one loader behind ``localsbx image build``, the pytest plugin and the benchm
 
 from __future__ import annotations
 
+import contextlib
 import runpy
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from localsbx.errors import DefinitionError, SourceLocation
 
 
 def load_definition(path: Path, *, name: str | None = None,
-                    build_args: dict[str, str] | None = None) -> ImageDefinition:
+                    build_args: dict[str, str] | None = None,
+                    target: str | None = None) -> ImageDefinition:
     """Read an image definition file: a ``.py`` file defining exactly one ``Image`` (or
     several, one of them named ``name``), or a Dockerfile (registered as ``name``, default
     :func:`default_name`). What ``localsbx image build PATH`` and the pytest plugin read.
@@ -49,8 +51,14 @@ def load_definition(path: Path, *, name: str | None = None,
     from localsbx.definition.dockerfile import parse_dockerfile
 
     default = name or default_name(path)
+    from localsbx import store
+
+    # FROM may name a registered image of the project (looked up first) or a base
+    known = set(known_base_names())
+    with contextlib.suppress(Exception):
+        known |= {i.name for i in store.list_images()}
     return parse_dockerfile(path, name=default, build_args=build_args or None,
-                            known_bases=known_base_names())
+                            known_bases=known, target=target)
 
 
 def default_name(path: Path) -> str:

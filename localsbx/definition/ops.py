@@ -14,6 +14,7 @@ given), used as the image's cache key.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import posixpath
@@ -47,6 +48,26 @@ def resolve_path(workdir: str, path: str) -> str:
 
 
 @dataclass(frozen=True)
+class Mount:
+    """A ``RUN --mount`` (BuildKit): visible to that step only, never in the image.
+
+    :param type: ``cache`` (kept on the host per ``id``, across builds), ``tmpfs``,
+        ``secret`` (the content of ``--secret id=ID,src=FILE``, default target
+        ``/run/secrets/ID``) or ``bind`` (``source`` from the build context, or from the
+        stage ``from_stage``; read-only unless ``rw``).
+    """
+
+    type: str
+    target: str
+    id: str = ""
+    source: str = ""
+    from_stage: str | None = None
+    rw: bool = False
+    required: bool = False
+    mode: str | None = None
+
+
+@dataclass(frozen=True)
 class Run:
     """Run a command in the build VM (Docker ``RUN``, Tensorlake ``Image.run``).
 
@@ -68,6 +89,7 @@ class Run:
     build_env: tuple[tuple[str, str], ...] = ()
     location: SourceLocation | None = field(default=None, compare=False)
     text: str = field(default="", compare=False)
+    mounts: tuple[Mount, ...] = ()
 
     def describe(self) -> str:
         return _describe(self, "RUN " + (self.text or " ".join(self.argv)))
@@ -83,12 +105,18 @@ class Copy:
         /etc/group, numbers taken as ids; a user without group uses the same id as group),
         or ``None`` for root:root.
     :param chmod: octal mode string such as ``"0750"``, or ``None`` to keep source modes.
+    :param from_stage: ``COPY --from``: the key of an earlier stage
+        (:attr:`ImageDefinition.stages`); sources are absolute paths in that stage.
+    :param inline: ``COPY <<EOF`` files as ``(name, content)`` pairs; their names are in
+        ``sources`` and are not read from the build context.
     """
 
     sources: tuple[str, ...]
     dest: str
     chown: str | None = None
     chmod: str | None = None
+    inline: tuple[tuple[str, str], ...] = ()
+    from_stage: str | None = None
     location: SourceLocation | None = field(default=None, compare=False)
     text: str = field(default="", compare=False)
 
@@ -133,7 +161,20 @@ class Workdir:
         return _describe(self, "WORKDIR " + (self.text or self.path))
 
 
-Op = Union[Run, Copy, Add, Env, Workdir]
+@dataclass(frozen=True)
+class User:
+    """Run later steps and every sandbox command as ``user`` (``name``, ``uid`` or
+    ``uid:gid``; Docker ``USER``)."""
+
+    user: str
+    location: SourceLocation | None = field(default=None, compare=False)
+    text: str = field(default="", compare=False)
+
+    def describe(self) -> str:
+        return _describe(self, "USER " + (self.text or self.user))
+
+
+Op = Union[Run, Copy, Add, Env, Workdir, User]
 
 
 def _describe(op: Op, text: str) -> str:
@@ -141,6 +182,22 @@ def _describe(op: Op, text: str) -> str:
     if loc is not None and loc.line:
         return f"line {loc.line}: {text}"
     return text
+
+
+@dataclass(frozen=True)
+class Stage:
+    """An earlier stage of a multi-stage Dockerfile that the image copies from: built in a
+    scratch root of the build VM, never part of the image.
+
+    :param key: the stage's index (as a string), what ``Copy.from_stage`` holds.
+    :param name: its ``AS`` name, if any.
+    :param definition: its base and ops (a stage ``FROM`` another stage holds that stage's
+        ops first).
+    """
+
+    key: str
+    name: str | None
+    definition: ImageDefinition
 
 
 @dataclass(frozen=True)
@@ -155,6 +212,9 @@ class ImageDefinition:
         a line number; shown to the user, not part of the digest.
     :param build_cpus: vCPUs of the build VM (Tensorlake default 2).
     :param build_memory_mb: RAM of the build VM in MiB (Tensorlake default 4096).
+    :param cmd: Dockerfile ``CMD`` (argv; shell form is the SHELL plus the text), recorded.
+    :param entrypoint: Dockerfile ``ENTRYPOINT``, recorded.
+    :param stages: the other stages ``COPY --from`` needs, in build order (multi-stage).
     """
 
     name: str
@@ -164,6 +224,9 @@ class ImageDefinition:
     warnings: tuple[str, ...] = field(default=(), compare=False)
     build_cpus: int = 2
     build_memory_mb: int = 4096
+    cmd: tuple[str, ...] | None = None
+    entrypoint: tuple[str, ...] | None = None
+    stages: tuple[Stage, ...] = ()
 
     def to_json(self) -> dict:
         """Canonical JSON form (no locations): used for the digest and stored metadata."""
@@ -173,14 +236,30 @@ class ImageDefinition:
             if isinstance(op, Run):
                 d.update(argv=list(op.argv), shell=op.shell, script=op.script,
                          build_env=[list(p) for p in op.build_env])
+                if op.mounts:
+                    d.update(mounts=[dataclasses.asdict(m) for m in op.mounts])
             elif isinstance(op, Copy):  # Copy and Add
                 d.update(sources=list(op.sources), dest=op.dest, chown=op.chown, chmod=op.chmod)
+                if op.inline:
+                    d.update(inline=[list(p) for p in op.inline])
+                if op.from_stage is not None:
+                    d.update(from_stage=op.from_stage)
             elif isinstance(op, Env):
                 d.update(key=op.key, value=op.value)
             elif isinstance(op, Workdir):
                 d.update(path=op.path)
+            elif isinstance(op, User):
+                d.update(user=op.user)
             out.append(d)
-        return {"base": self.base, "ops": out}
+        j: dict = {"base": self.base, "ops": out}
+        if self.cmd is not None:
+            j["cmd"] = list(self.cmd)
+        if self.entrypoint is not None:
+            j["entrypoint"] = list(self.entrypoint)
+        if self.stages:
+            j["stages"] = [{"key": st.key, "name": st.name, **st.definition.to_json()}
+                           for st in self.stages]
+        return j
 
     def digest(self, context_digest: str = "") -> str:
         """SHA-256 hex of the canonical definition plus ``context_digest`` (the digest of
@@ -198,6 +277,15 @@ class ImageDefinition:
             if isinstance(op, Env):
                 env[op.key] = op.value
         return env
+
+    @property
+    def final_user(self) -> str | None:
+        """The last USER, or ``None`` (root)."""
+        user = None
+        for op in self.ops:
+            if isinstance(op, User):
+                user = op.user
+        return user
 
     @property
     def final_workdir(self) -> str:

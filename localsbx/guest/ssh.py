@@ -441,5 +441,5 @@ class GuestConnection:
         directories keep their metadata (GNU tar ``--no-overwrite-dir``)."""
         return await self.exec(
             ["tar", "-C", "/", "-xpf", "-", "--same-owner", "--numeric-owner",
-             "--no-overwrite-dir"],
+             "--no-overwrite-dir", "--keep-directory-symlink"],
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, stdin=tar_bytes, timeout=timeout)

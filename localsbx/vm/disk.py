@@ -56,6 +56,16 @@ async def create_empty(path: Path, size: str, *, timeout: float = QEMU_IMG_TIMEO
                     timeout=timeout)
 
 
+async def rebase(image: Path, backing: Path, *, timeout: float = QEMU_IMG_TIMEOUT) -> None:
+    """Make ``image`` hold every difference from ``backing`` and point at it
+    (``qemu-img rebase``, safe mode): afterwards the old backing chain is not needed.
+
+    :raises HostCommandError: qemu-img failed or timed out.
+    """
+    await _proc.run(["qemu-img", "rebase", "-F", "qcow2", "-b",
+                     str(Path(backing).absolute()), str(image)], timeout=timeout)
+
+
 async def rebase_unsafe(image: Path, backing: Path, *,
                         timeout: float = QEMU_IMG_TIMEOUT) -> None:
     """Point ``image`` at another backing file without looking at any data

@@ -341,3 +341,14 @@ async def test_bad_step_timeout_fails_before_anything_boots(monkeypatch):
     with pytest.raises(ConfigError, match="LOCALSBX_STEP_TIMEOUT='1h'"):
         await builder.build_image_async(defn("RUN true\n"), name="x")
     assert booted == []
+
+
+def test_context_reads_skip_stage_copies_and_heredocs_but_see_stages_and_binds():
+    from localsbx.build.builder import _context_reads
+    from localsbx.definition.dockerfile import parse_dockerfile
+
+    d = parse_dockerfile(
+        "FROM debian-minimal AS b\nCOPY a.txt /a\nFROM debian-minimal\nCOPY --from=b /a /a\n"
+        "COPY <<EOF /h\nx\nEOF\nRUN --mount=type=bind,source=dir,target=/d true\nCOPY c /c\n")
+    reads = _context_reads(d)
+    assert [r if isinstance(r, str) else r.sources for r in reads] == ["dir", ("c",), ("a.txt",)]

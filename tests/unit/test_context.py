@@ -93,7 +93,9 @@ def test_b15_add_extracts_archives_by_content():
     assert files["opt/copied/bundle.tar.gz"][4] == (ctxdir / "bundle.tar.gz").read_bytes()
 
 
-def test_add_archive_keeps_archive_ids_unless_chown(tmp_path):
+def test_add_archive_keeps_archive_ids_even_with_chown(tmp_path):
+    """BuildKit (checked by tests/diff add-tar-chown): --chown sets the created
+    destination's owner, the extracted members keep the archive's ids."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
         ti = tarfile.TarInfo("d/f.txt")
@@ -104,7 +106,7 @@ def test_add_archive_keeps_archive_ids_unless_chown(tmp_path):
     t = listing(ctx.make_tar(Add(("a.bin",), "/x"), passwd=PASSWD, group=GROUP))
     assert t["x/d/f.txt"] == ("f", 0o640, 42, 43, b"hi")
     t = listing(ctx.make_tar(Add(("a.bin",), "/x/", chown="web"), passwd=PASSWD, group=GROUP))
-    assert t["x/d/f.txt"][2:4] == (1000, 2000) and t["x"][2:4] == (1000, 2000)
+    assert t["x/d/f.txt"][2:4] == (42, 43) and t["x"][2:4] == (1000, 2000)
 
 
 def test_add_url_downloads_mode_0600_never_extracts(monkeypatch, tmp_path):
@@ -146,8 +148,9 @@ def test_b16_dockerignore_result():
     ctx, (op,) = case_ops("B16")
     files = sorted(n for n, e in listing(ctx.make_tar(op, passwd="", group="")).items()
                    if e[0] == "f")
-    # documented-rule choice: !**/*.py re-includes pkg/deep/mod.py under the excluded pkg/
-    assert files == ["src/app.py", "src/lib/util.py", "src/pkg/deep/mod.py"]
+    # BuildKit (tests/diff B16): !**/*.py does not re-include pkg/deep/mod.py under the
+    # excluded pkg/ (an exception only opens a folder its text starts with)
+    assert files == ["src/app.py", "src/lib/util.py"]
 
 
 def test_ignore_rules_last_match_wins():
@@ -190,8 +193,7 @@ def test_missing_and_escaping_sources_are_located_errors(tmp_path):
     assert str(tmp_path) in exc.value.message and ".dockerignore" in exc.value.hint
     with pytest.raises(DefinitionError, match="outside the build context"):
         ctx.resolve(Copy(("../etc/passwd",), "/x", location=loc))
-    with pytest.raises(DefinitionError, match="matches no file"):
-        ctx.resolve(Copy(("*.none",), "/x/", location=loc))
+    assert ctx.resolve(Copy(("*.none",), "/x/", location=loc)) == []  # BuildKit: no error
     with pytest.raises(DefinitionError, match="use ADD"):
         ctx.resolve(Copy(("http://x/y",), "/x/", location=loc))
 

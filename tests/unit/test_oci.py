@@ -4,7 +4,7 @@ import pytest
 
 from localsbx import oci
 from localsbx.build.resolve import with_image_config
-from localsbx.definition.ops import Env, ImageDefinition, Run, Workdir
+from localsbx.definition.ops import Env, ImageDefinition, Run, User, Workdir
 from localsbx.errors import BaseImageError
 
 D = "sha256:" + "ab" * 32
@@ -69,5 +69,7 @@ def test_image_config_becomes_the_first_steps():
     defn = ImageDefinition(name="x", base="reg/x:1", ops=(Run(argv=("true",), shell=False),))
     ops = with_image_config(defn, cfg).ops
     assert ops[:2] == (Env("PATH", "/usr/bin:/bin"), Env("A", "b=c"))
-    assert ops[2] == Workdir("/srv") and isinstance(ops[3], Run)
+    # WORKDIR first (made as root), then the image's USER, then the Dockerfile's steps
+    assert isinstance(ops[2], Workdir) and ops[2].path == "/srv"
+    assert isinstance(ops[3], User) and ops[3].user == "1000" and isinstance(ops[4], Run)
     assert with_image_config(defn, oci.ImageConfig(workdir="/")).ops == defn.ops
