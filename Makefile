@@ -16,7 +16,7 @@ BASE ?= debian-minimal
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs busybox-static cpio uidmap \
 	debian-archive-keyring lz4 zstd xz-utils gcc libc6-dev python3-venv coreutils tar passt
 
-.PHONY: setup apt venv base demo test test-unit bench lint clean-stamps
+.PHONY: setup apt venv base demo test test-unit fuzz bench lint clean-stamps
 
 setup: apt venv base
 
@@ -51,6 +51,12 @@ test: setup lint
 
 test-unit: venv
 	$(VENV)/bin/pytest -ra tests/unit $(PYTEST_ARGS)
+
+# property tests of the Dockerfile front end and .dockerignore: FUZZ_EXAMPLES inputs per test
+# (make test runs 1500 each)
+FUZZ_EXAMPLES ?= 100000
+fuzz: venv
+	LOCALSBX_FUZZ=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -ra -q tests/unit/test_faults_fuzz.py $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench.run $(BENCH_ARGS)
