@@ -1,6 +1,7 @@
 """Issue 10: faults and bad input, on real QEMU. Each test asserts what a user needs: a clear
 error naming the cause within a bound, previous content intact, nothing left behind."""
 
+import contextlib
 import os
 import signal
 import stat
@@ -143,6 +144,8 @@ def _build_fails(tmp_path, name: str, body: str, bound: float):
 
     from .conftest import build, qemu_pids
 
+    with contextlib.suppress(ImageNotFound):  # left by an earlier run
+        store.remove_image(name)
     (tmp_path / "Dockerfile").write_text("FROM debian-minimal\n" + body)
     t = time.monotonic()
     with pytest.raises(ImageBuildError) as ei:
