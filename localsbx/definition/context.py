@@ -91,9 +91,12 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
                 out.append(re.escape(ch))
             else:
                 body = pattern[i + 1:end]
-                if body.startswith(("!", "^")):
-                    body = "^" + body[1:]
-                out.append("[" + body.replace("\\", "\\\\") + "]")
+                neg = body.startswith(("!", "^"))
+                if neg:
+                    body = body[1:]
+                # every member literal but range dashes (no nested sets, `&&`, `~~`)
+                body = "".join(c if c == "-" else re.escape(c) for c in body)
+                out.append("[" + ("^" if neg else "") + body + "]")
                 i = end
         elif ch == "\\" and i + 1 < n:
             i += 1

@@ -199,6 +199,8 @@ def _lib_parse(lines: list[str], src: str) -> list[bk.Command]:
                 if str(sub) == msg:
                     line = n
                     break
+            except UnicodeDecodeError:
+                raise _split_character(src, n) from exc
         raise DefinitionError(
             f"Dockerfile syntax error: {msg}",
             location=SourceLocation(src, line),
@@ -207,11 +209,15 @@ def _lib_parse(lines: list[str], src: str) -> list[bk.Command]:
     except UnicodeDecodeError as exc:  # the Go parser split a multi-byte character
         line = next((n for n in range(1, len(lines) + 1)
                      if not _parses_as_text(lines[n - 1])), None)
-        raise DefinitionError(
-            "Dockerfile syntax error: BuildKit's parser split a non-ASCII character (a "
-            "Unicode space such as U+00A0 where a plain space belongs?)",
-            location=SourceLocation(src, line),
-            hint="use plain spaces between an instruction's words") from exc
+        raise _split_character(src, line) from exc
+
+
+def _split_character(src: str, line: int | None) -> DefinitionError:
+    return DefinitionError(
+        "Dockerfile syntax error: BuildKit's parser split a non-ASCII character (a "
+        "Unicode space such as U+00A0 or U+0085 where a plain space belongs?)",
+        location=SourceLocation(src, line),
+        hint="use plain spaces between an instruction's words")
 
 
 def _parses_as_text(line: str) -> bool:
