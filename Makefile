@@ -18,7 +18,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs busybox-static c
 	debian-archive-keyring lz4 zstd xz-utils gcc libc6-dev python3-venv coreutils tar passt \
 	skopeo umoci docker-registry fakeroot
 
-.PHONY: setup apt venv base ts-sdk demo test test-unit bench lint clean-stamps
+.PHONY: setup apt venv base ts-sdk demo test test-unit fuzz bench lint clean-stamps
 
 setup: apt venv base
 
@@ -61,6 +61,12 @@ test: setup lint ts-sdk
 
 test-unit: venv
 	$(VENV)/bin/pytest -ra tests/unit $(PYTEST_ARGS)
+
+# property tests of the Dockerfile front end and .dockerignore: FUZZ_EXAMPLES inputs per test
+# (make test runs 1500 each)
+FUZZ_EXAMPLES ?= 100000
+fuzz: venv
+	LOCALSBX_FUZZ=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -ra -q tests/unit/test_faults_fuzz.py $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench.run $(BENCH_ARGS)

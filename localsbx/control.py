@@ -8,7 +8,11 @@ file contents and command output travel without base64. A request is a frame wit
 the supervisor answers with zero or more data frames (``{"stream": "stdout"|"stderr",
 "size": N}`` + N bytes) and one final frame: ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error": {"type": "SandboxStateError", "message": ..., "hint": ...}}``, which
-the client raises again as the same :mod:`localsbx.errors` class. One request per
+the client raises again as the same :mod:`localsbx.errors` class. A client may stream
+data after its request too: ``exec`` with ``"stdin": "stream"`` takes
+``{"stream": "stdin", "size": N}`` frames and ends with ``{"stream": "stdin", "eof": true}``
+(:func:`stdin_frame`, :data:`STDIN_EOF`); the supervisor reads them only as fast as the guest
+takes them and stops when the command ends. One request per
 connection; connections are cheap (a unix socket, no handshake), so concurrent operations
 use one connection each.
 

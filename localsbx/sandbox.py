@@ -1088,6 +1088,11 @@ def _plan_checkpoint(cid: str, *, cpus, memory_mb, timeout: int) -> dict:
         if not (c.dir / f).exists():
             raise SnapshotError(f"checkpoint {cid}: file {c.dir / f} is missing",
                                 hint="delete the checkpoint and take a new one")
+    if c.kind == "memory" and c.state_digest and snapshot.file_digest(
+            c.dir / "state.mig") != c.state_digest:
+        raise SnapshotError(f"checkpoint {cid}: file {c.dir / 'state.mig'} is damaged (its "
+                            "sampled content digest differs from the one recorded when it was "
+                            "taken)", hint="delete the checkpoint and take a new one")
     common = {"image": c.image, "project": c.project, "image_digest": c.image_digest,
                   "cpus": int(cpus or c.cpus), "memory_mb": int(memory_mb or c.memory_mb),
                   "timeout_secs": timeout, "env": c.env, "workdir": c.workdir, "user": c.user,

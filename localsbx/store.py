@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -377,6 +378,7 @@ def commit_image_dir(tmp: Path, digest: str) -> Path:
     """Rename a finished build folder to ``images/<digest>`` (replacing an older build of the
     same digest only when no sandbox still uses it)."""
     target = image_dir(digest)
+    make_private(tmp)
     with locked(paths.images_dir() / ".lock"):
         if target.exists():
             if any(s.image_digest == digest for s in list_sandboxes()):
@@ -387,6 +389,17 @@ def commit_image_dir(tmp: Path, digest: str) -> Path:
         (tmp / "owner").unlink(missing_ok=True)
         os.rename(tmp, target)
     return target
+
+
+def make_private(tree: Path) -> None:
+    """Drop group and other permissions from everything under ``tree`` (files written by
+    QEMU or qemu-img under the caller's umask: logs, the snapshot initrd with the guest's
+    SSH host key)."""
+    for p in [tree, *tree.rglob("*")]:
+        with contextlib.suppress(OSError):
+            st = p.lstat()
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
+                os.chmod(p, stat.S_IMODE(st.st_mode) & 0o700)
 
 
 def discard_tmpdir(tmp: Path) -> None:
@@ -839,6 +852,9 @@ class CheckpointRecord:
     size_bytes: int = 0
     status: str = "completed"
     schema: int = 1
+    #: :func:`localsbx.vm.snapshot.file_digest` of ``state.mig`` (memory checkpoints;
+    #: "" for older ones), checked before a restore
+    state_digest: str = ""
 
     @property
     def dir(self) -> Path:
@@ -869,6 +885,7 @@ def new_checkpoint_tmpdir() -> Path:
 def commit_checkpoint(tmp: Path, rec: CheckpointRecord) -> CheckpointRecord:
     """Write the record into ``tmp`` and rename it to ``checkpoints/<id>`` (atomic)."""
     write_json_atomic(tmp / "checkpoint.json", rec.to_json())
+    make_private(tmp)
     os.rename(tmp, rec.dir)
     return rec
 

@@ -854,6 +854,10 @@ class Supervisor:
                 # the initrd (with the guest's identity) must outlive this sandbox's folder
                 await asyncio.to_thread(shutil.copyfile, rec.initrd, tmp / "initrd.cpio")
                 size = sum(f.stat().st_size for f in tmp.iterdir())
+                from localsbx.vm.snapshot import file_digest
+
+                state_digest = (await asyncio.to_thread(file_digest, tmp / "state.mig")
+                                if kind == "memory" else "")
                 crec = store.CheckpointRecord(
                     id=cid, sandbox_id=rec.id, image=rec.image, project=rec.project,
                     image_digest=rec.image_digest, kind=kind, created_at=time.time(),
@@ -861,7 +865,7 @@ class Supervisor:
                     user=rec.user, kernel=rec.kernel,
                     initrd=str(store.checkpoints_dir() / cid / "initrd.cpio"),
                     base_initrd=rec.base_initrd, ram_file=rec.ram_file,
-                    host_key=rec.host_key, size_bytes=size)
+                    host_key=rec.host_key, size_bytes=size, state_digest=state_digest)
                 store.commit_checkpoint(tmp, crec)
             except BaseException:
                 store._rmtree(tmp)

@@ -93,9 +93,12 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
                 out.append(re.escape(ch))
             else:
                 body = pattern[i + 1:end]
-                if body.startswith(("!", "^")):
-                    body = "^" + body[1:]
-                out.append("[" + body.replace("\\", "\\\\") + "]")
+                neg = body.startswith(("!", "^"))
+                if neg:
+                    body = body[1:]
+                # every member literal but range dashes (no nested sets, `&&`, `~~`)
+                body = "".join(c if c == "-" else re.escape(c) for c in body)
+                out.append("[" + ("^" if neg else "") + body + "]")
                 i = end
         elif ch == "\\" and i + 1 < n:
             i += 1
@@ -104,7 +107,13 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
             out.append(re.escape(ch))
         i += 1
     out.append("$")
-    return re.compile("".join(out), re.S)
+    try:
+        return re.compile("".join(out), re.S)
+    except re.error as exc:  # e.g. "[]" or "[z-a]": Go's matcher refuses them too
+        raise DefinitionError(
+            f"invalid pattern {pattern!r}: bad character class ({exc.msg})",
+            hint="a '[' opens a class that needs members and a closing ']' (ranges low-high); "
+                 "write '\\[' for a literal bracket") from None
 
 
 class IgnoreRules:
@@ -134,6 +143,8 @@ class IgnoreRules:
             return cls(path.read_text(encoding="utf-8", errors="replace").splitlines())
         except FileNotFoundError:
             return cls(())
+        except DefinitionError as exc:
+            raise DefinitionError(f"{path}: {exc.message}", hint=exc.hint) from None
 
     def excluded(self, rel: str) -> bool:
         """Whether context-relative ``rel`` (``/``-separated) is excluded: the last
@@ -322,7 +333,11 @@ class BuildContext:
                                   f"{where}", "sources are relative to the context "
                                   "directory; move the file into it or pick a wider context")
             if _GLOB_CHARS.search(rel):
-                rx = _pattern_regex(rel)
+                try:
+                    rx = _pattern_regex(rel)
+                except DefinitionError as exc:
+                    raise self._error(op, f"{name} source {src!r}: {exc.message}",
+                                      exc.hint) from None
                 hits = [(k, r) for r, k in index.items() if rx.match(r)]
                 # BuildKit (AllowEmptyWildcard): a pattern matching nothing copies nothing
                 out.extend(hits)

@@ -199,11 +199,35 @@ def _lib_parse(lines: list[str], src: str) -> list[bk.Command]:
                 if str(sub) == msg:
                     line = n
                     break
+            except UnicodeDecodeError:
+                raise _split_character(src, n) from exc
         raise DefinitionError(
             f"Dockerfile syntax error: {msg}",
             location=SourceLocation(src, line),
             hint="fix the instruction at this line (see the Dockerfile reference)",
         ) from exc
+    except UnicodeDecodeError as exc:  # the Go parser split a multi-byte character
+        line = next((n for n in range(1, len(lines) + 1)
+                     if not _parses_as_text(lines[n - 1])), None)
+        raise _split_character(src, line) from exc
+
+
+def _split_character(src: str, line: int | None) -> DefinitionError:
+    return DefinitionError(
+        "Dockerfile syntax error: BuildKit's parser split a non-ASCII character (a "
+        "Unicode space such as U+00A0 or U+0085 where a plain space belongs?)",
+        location=SourceLocation(src, line),
+        hint="use plain spaces between an instruction's words")
+
+
+def _parses_as_text(line: str) -> bool:
+    try:
+        list(bk.parse_string(line))
+    except UnicodeDecodeError:
+        return False
+    except bk.GoParseError:
+        pass
+    return True
 
 
 def _heredoc_marks(words: list[str], escape: str) -> tuple[list[tuple[str, bool]], bool]:
@@ -268,6 +292,8 @@ def _take(nodes: list[bk.Command], lines: list[str], src: str, escape: str,
     """Append ``nodes`` to ``out`` with their heredocs; return the line to re-parse after
     when the library missed a heredoc, else ``None``."""
     for node in nodes:
+        if node.cmd is None:  # an empty continuation line (``\`` alone): nothing to run
+            continue
         cmd = node.cmd.upper()
         marks: list[tuple[str, bool]] = []
         whole = False

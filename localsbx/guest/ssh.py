@@ -367,11 +367,16 @@ class GuestConnection:
                     await self.kill_cgroup(cgroup)
             raise
         if kill_tree:
-            await self.kill_cgroup(cgroup)
+            # a guest that cannot be reached now went away during the command (a RUN that
+            # powered off the VM): that is an error, not a finished step
+            await self.kill_cgroup(cgroup, strict=True)
         return res
 
-    async def kill_cgroup(self, cgroup: str) -> None:
-        """SIGKILL every process of a command's cgroup (bounded; errors only logged)."""
+    async def kill_cgroup(self, cgroup: str, *, strict: bool = False) -> None:
+        """SIGKILL every process of a command's cgroup (bounded; errors only logged).
+
+        :param strict: raise :class:`GuestError` when the guest cannot be reached at all.
+        """
         try:
             # bounded as a whole: opening the session needs a fork in the guest, which a
             # fork bomb can stall
@@ -380,6 +385,8 @@ class GuestConnection:
             if res.exit_status not in (0, None):
                 log.warning("agent kill %s: %s", cgroup, res.stderr.decode(errors="replace"))
         except (GuestError, TimeoutError) as exc:
+            if strict and isinstance(exc, GuestError) and not isinstance(exc, CommandTimeout):
+                raise GuestError(f"the guest went away during the command ({exc})") from exc
             log.warning("could not kill cgroup %s: %s", cgroup, exc)
 
     async def fixup(self) -> None:

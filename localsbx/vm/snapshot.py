@@ -23,7 +23,7 @@ import json
 import shlex
 from pathlib import Path
 
-from localsbx.errors import SnapshotError
+from localsbx.errors import SnapshotError, VMError
 from localsbx.vm.qemu import QemuProcess, VMSpec, machine_shape, qemu_version
 
 #: Seconds allowed for saving or loading device state.
@@ -111,11 +111,20 @@ async def restore(vm: QemuProcess, state_file: Path) -> None:
 
     :raises SnapshotError: the state does not load (corrupt, or another machine shape).
     """
-    await vm.execute("migrate-set-capabilities",
-                     {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
-    await vm.execute("migrate-incoming", {"uri": "exec:" + shlex.join(["cat", str(state_file)])})
-    await _wait_migration(vm, "loading the snapshot")
-    await vm.execute("cont")
+    try:
+        await vm.execute("migrate-set-capabilities",
+                         {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+        await vm.execute("migrate-incoming",
+                         {"uri": "exec:" + shlex.join(["cat", str(state_file)])})
+        await _wait_migration(vm, f"loading the snapshot {state_file}")
+        await vm.execute("cont")
+    except VMError as exc:  # QEMU refused the stream and exited: QMP "disconnecting"
+        await asyncio.sleep(0.2)
+        raise SnapshotError(
+            f"loading the snapshot {state_file} failed: QEMU could not restore it "
+            f"({exc.message}); the file is damaged or from another machine shape\n"
+            + vm.log_tail(10),
+            hint="delete it and take a new one, or rebuild the image (--force)") from exc
 
 
 # ------------------------------------------------------------------ file integrity

@@ -114,3 +114,12 @@ def test_source_through_an_in_context_symlinked_folder_is_followed(ctx_dir):  # 
     assert "y/a.txt" in members(tar)
     tar = ctx.make_tar(Copy(("self/sub/a.txt",), "/z"), passwd=PASSWD, group=GROUP)
     assert members(tar)["z"].isreg()
+
+
+def test_bad_character_class_is_a_clear_error(ctx_dir):  # found by fuzzing
+    (ctx_dir / ".dockerignore").write_text("sub/a.txt\n[]\n")
+    with pytest.raises(DefinitionError, match=r"\.dockerignore: invalid pattern '\[\]'"):
+        BuildContext(ctx_dir)
+    (ctx_dir / ".dockerignore").unlink()
+    with pytest.raises(DefinitionError, match="COPY source '.z-a.' *: invalid pattern"):
+        BuildContext(ctx_dir).digest(Copy(("[z-a]",), "/y"))

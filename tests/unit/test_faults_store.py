@@ -139,3 +139,41 @@ def test_build_arg_values_are_not_kept_in_clear():
                                  {"op": "env", "key": "A", "value": "1"}]}
     out = json.dumps(_redacted(defn))
     assert "s3cr3t" not in out and "TOKEN" in out and "sha256:" in out
+
+
+async def test_a_stream_qemu_refuses_is_a_snapshot_error_naming_the_file(tmp_path):
+    from localsbx.errors import VMError
+
+    class Refusing:
+        proc = None
+
+        async def execute(self, cmd, args=None, *, timeout=30.0):
+            if cmd == "query-migrate":
+                raise VMError("QMP command query-migrate failed: QMPClient is disconnecting.")
+            return {}
+
+        def log_tail(self, lines=30):
+            return "[serial.qemu.log]\nqemu: load of migration failed: Invalid argument"
+
+    f = tmp_path / "state.mig"
+    with pytest.raises(SnapshotError, match=r"state\.mig failed: QEMU could not restore it") as ei:
+        await snapshot.restore(Refusing(), f)
+    assert "load of migration failed" in ei.value.message and ei.value.hint
+
+
+def test_damaged_memory_checkpoint_is_named():
+    from localsbx.sandbox import _plan_checkpoint
+
+    d = store.checkpoints_dir() / "ck0123456789abcdef"
+    d.mkdir(parents=True)
+    for name in ("disk.qcow2", "initrd.cpio", "state.mig"):
+        (d / name).write_bytes(b"x" * 100)
+    rec = store.CheckpointRecord(
+        id=d.name, sandbox_id="s", image="i", project="p", image_digest="d", kind="memory",
+        created_at=0, cpus=1, memory_mb=1024, env={}, workdir="/", user=None, kernel="k",
+        initrd=str(d / "initrd.cpio"), ram_file=None, host_key="",
+        state_digest=snapshot.file_digest(d / "state.mig"))
+    store.write_json_atomic(d / "checkpoint.json", rec.to_json())
+    (d / "state.mig").write_bytes(b"y" * 100)
+    with pytest.raises(SnapshotError, match="state.mig is damaged"):
+        _plan_checkpoint(d.name, cpus=None, memory_mb=None, timeout=600)

@@ -1,8 +1,10 @@
 """Issue 10: faults and bad input, on real QEMU. Each test asserts what a user needs: a clear
 error naming the cause within a bound, previous content intact, nothing left behind."""
 
+import contextlib
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -142,6 +144,8 @@ def _build_fails(tmp_path, name: str, body: str, bound: float):
 
     from .conftest import build, qemu_pids
 
+    with contextlib.suppress(ImageNotFound):  # left by an earlier run
+        store.remove_image(name)
     (tmp_path / "Dockerfile").write_text("FROM debian-minimal\n" + body)
     t = time.monotonic()
     with pytest.raises(ImageBuildError) as ei:
@@ -198,3 +202,100 @@ def test_bad_step_timeout_is_refused_before_any_vm(base_ready, tmp_path, monkeyp
     with pytest.raises(ConfigError, match="LOCALSBX_STEP_TIMEOUT"):
         build(tmp_path / "Dockerfile", "faults-bad-timeout", force=True)
     assert time.monotonic() - t < 5 and qemu_pids() <= before
+
+
+@pytest.fixture(scope="module")
+def snap_image(base_ready, tmp_path_factory):
+    from .conftest import build
+
+    d = tmp_path_factory.mktemp("snapimg")
+    (d / "Dockerfile").write_text("FROM debian-minimal\nARG TOKEN=s3cr3t-value\n"
+                                  "RUN echo \"snap $TOKEN\" | wc -c > /snap.txt\n")
+    build(d / "Dockerfile", "faults-snap")
+    return d / "Dockerfile"
+
+
+def test_image_store_is_private_and_keeps_no_build_secret(snap_image):  # store modes
+    from localsbx import paths, store
+
+    rec = store.lookup_image("faults-snap")
+    assert stat.S_IMODE(paths.data_dir().stat().st_mode) == 0o700
+    for p in [rec.path, *rec.path.rglob("*")]:
+        assert p.is_symlink() or p.stat().st_mode & 0o077 == 0, f"{p} is readable by others"
+    assert "s3cr3t-value" not in (rec.path / "image.json").read_text()
+
+
+def test_damaged_snapshot_files_are_named_before_any_qemu(snap_image):  # store damage
+    from localsbx import store
+    from localsbx.errors import SnapshotError
+
+    from .conftest import qemu_pids
+
+    rec = store.lookup_image("faults-snap")
+    state = rec.path / "snap" / "state.mig"
+    good = state.read_bytes()
+    before = qemu_pids()
+    try:
+        os.chmod(state, 0o600)
+        state.write_bytes(os.urandom(len(good)))  # same size: only the digest tells
+        t = time.monotonic()
+        with pytest.raises(SnapshotError, match="state.mig is damaged"):
+            Sandbox.create("faults-snap")
+        assert time.monotonic() - t < 15 and qemu_pids() <= before
+    finally:
+        state.write_bytes(good)
+        os.chmod(state, 0o400)
+    with Sandbox.create("faults-snap") as box:  # intact again: restores
+        assert box.run("cat /snap.txt").stdout.strip() == "18"
+
+
+def test_rebuild_does_not_reuse_a_build_whose_ram_file_is_gone(snap_image):  # store damage
+    from localsbx import store
+    from localsbx.build.builder import Reporter
+    from localsbx.errors import SnapshotError
+
+    from .conftest import build
+
+    rec = store.lookup_image("faults-snap")
+    (rec.path / "snap" / "ram").unlink()
+    with pytest.raises(SnapshotError, match="ram is missing"):
+        Sandbox.create("faults-snap")
+    said = []
+    rep = Reporter()
+    rep.say = said.append
+    build(snap_image, "faults-snap", reporter=rep)
+    assert any("building again" in s for s in said) and not any("reusing" in s for s in said)
+    with Sandbox.create("faults-snap") as box:
+        assert box.run("cat /snap.txt").exit_code == 0
+
+
+def test_cp_copies_absolute_symlinks_as_links(sb, tmp_path):  # cp
+    sb.run("mkdir -p /tmp/tree/sub && echo x > /tmp/tree/sub/f && ln -s /etc/hostname "
+           "/tmp/tree/abs && ln -s sub/f /tmp/tree/rel && ln -s /nowhere /tmp/tree/dangling")
+    res = subprocess.run([*CLI, "cp", f"{sb.sandbox_id}:/tmp/tree", str(tmp_path / "tree")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert os.readlink(tmp_path / "tree" / "abs") == "/etc/hostname"
+    assert os.readlink(tmp_path / "tree" / "rel") == "sub/f"
+    assert os.readlink(tmp_path / "tree" / "dangling") == "/nowhere"
+    assert (tmp_path / "tree" / "sub" / "f").read_text() == "x\n"
+    res = subprocess.run([*CLI, "cp", f"{sb.sandbox_id}:/etc", str(tmp_path / "etc")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+
+
+def test_cp_to_a_missing_host_folder_is_a_clear_error(sb, tmp_path):  # cp
+    res = subprocess.run([*CLI, "cp", f"{sb.sandbox_id}:/etc/hostname",
+                          str(tmp_path / "no" / "such" / "x")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "does not exist" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = subprocess.run([*CLI, "cp", str(tmp_path / "missing"), f"{sb.sandbox_id}:/tmp/x"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "no such file" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_exec_it_with_piped_stdin_is_refused_clearly(sb):  # options
+    res = subprocess.run([*CLI, "exec", "-it", sb.sandbox_id, "--", "true"], input=b"x",
+                         capture_output=True, timeout=60)
+    assert res.returncode != 0 and b"not a terminal" in res.stderr  # as docker exec -it
