@@ -80,6 +80,7 @@ def create_app(*, api_key: str | None = None, project: str | None = None,
     app.state.build_keys = {}
     app.state.template_builds = {}
     app.state.tasks = set()
+    app.state.api_key = api_key
     app.state.project = store.current_project(project)
     app.include_router(lifecycle.router)
     app.include_router(daemon.router)

@@ -315,6 +315,8 @@ def _ptys(app) -> dict[str, PtySession]:
 @router.post("/pty", summary="Start a PTY session")
 async def create_pty(body: wire.PtyRequest, request: Request) -> dict:
     sb = await _sandbox(request.headers)
+    if not (1 <= body.rows <= 1000 and 1 <= body.cols <= 1000):
+        raise ConfigError(f"rows {body.rows} / cols {body.cols}: each must be 1-1000")
     argv = [body.command, *(body.args or [])]
     pty = await sb.open_pty(argv, env=body.env, working_dir=body.working_dir,
                             size=(body.cols, body.rows))
@@ -335,6 +337,9 @@ async def delete_pty(session_id: str, request: Request) -> Response:
 
 @router.websocket("/pty/{session_id}/ws")
 async def pty_ws(ws: WebSocket, session_id: str) -> None:
+    if not _ws_authorized(ws):
+        await ws.close(code=4401)
+        return
     s = _ptys(ws.app).get(session_id)
     token = ws.headers.get("x-pty-token") or ws.query_params.get("token")
     if s is None or not token or not secrets.compare_digest(token, s.token) or s.attached:
@@ -379,13 +384,31 @@ async def pty_ws(ws: WebSocket, session_id: str) -> None:
 
 # ----------------------------------------------------------------------------- tunnels
 
+def _ws_authorized(ws: WebSocket) -> bool:
+    """The API key check for WebSockets (the HTTP middleware does not see them)."""
+    key = getattr(ws.app.state, "api_key", None)
+    if key is None:
+        return True
+    got = ws.headers.get("authorization", "")
+    return secrets.compare_digest(got.encode(), f"Bearer {key}".encode())
+
+
+#: Guest ports a tunnel may not reach: the management SSH server of localsbx itself.
+RESERVED_PORTS = frozenset({10022})
+
+
 @router.websocket("/tunnels/tcp")
 async def tcp_tunnel(ws: WebSocket) -> None:
     """Relay one TCP connection to a guest port over the WebSocket (binary frames), by
     way of the sandbox's port forward (exposed on demand)."""
+    if not _ws_authorized(ws):
+        await ws.close(code=4401)
+        return
     try:
         sb = await _sandbox(ws.headers)
         port = int(ws.query_params.get("port", ""))
+        if not 0 < port < 65536 or port in RESERVED_PORTS:
+            raise ConfigError(f"port {port}: not a port a tunnel may reach")
         host_port = sb.ports.get(port) or await sb.expose_port(port)
         reader, writer = await asyncio.open_connection("127.0.0.1", host_port)
     except Exception as exc:  # noqa: BLE001 - refused as a close reason
