@@ -553,6 +553,10 @@ class ChrootGuest:
             env=_SYS_PATH, stdin=tar_bytes, timeout=timeout)
 
 
+#: Where the guest's boot kit is mounted (see ``guest/init.sh``).
+KIT = "/usr/lib/localsbx"
+
+
 async def mount_overlay_root(guest: Guest, root: str, lowers: Sequence[str] = ("/",)) -> str:
     """Make ``root`` (a fresh folder on a tmpfs, e.g. under ``/run``) a writable overlay
     over ``lowers`` (upper layer first), with ``/proc``, ``/dev`` and ``/sys`` mounted in
@@ -565,7 +569,10 @@ async def mount_overlay_root(guest: Guest, root: str, lowers: Sequence[str] = ("
         f"mkdir -p {root}/u {root}/w {m}; "
         f"mount -t overlay overlay -o lowerdir={':'.join(lowers)},upperdir={root}/u,"
         f"workdir={root}/w {m}; "
-        f"mount -t proc proc {m}/proc; mount --rbind /dev {m}/dev; mount --rbind /sys {m}/sys"
+        f"mount -t proc proc {m}/proc; mount --rbind /dev {m}/dev; mount --rbind /sys {m}/sys; "
+        # the boot kit (agent, SSH server) is its own mount, which an overlay of / does not
+        # show: bind it in, so commands in this root run through the agent as elsewhere
+        f"if [ -d {KIT} ]; then mkdir -p {m}{KIT} && mount --bind {KIT} {m}{KIT}; fi"
     )
     res = await guest.exec(["/bin/sh", "-c", script], env=_SYS_PATH)
     if res.exit_status != 0:
