@@ -652,7 +652,9 @@ class AsyncSandbox:
         """
         from localsbx.errors import GuestFileError
 
-        res = await self.exec(["find", path, "-mindepth", "1", "-maxdepth", "1", "-printf",
+        # "PATH/" makes find refuse a file ("Not a directory") rather than list nothing
+        folder = path if path.endswith("/") else path + "/"
+        res = await self.exec(["find", folder, "-mindepth", "1", "-maxdepth", "1", "-printf",
                                "%y\\t%s\\t%T@\\t%f\\0"],
                               env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
         if res.exit_status != 0:
@@ -929,6 +931,9 @@ def _check_timeout(value) -> int:
         raise ConfigError(f"timeout {value!r}: expected whole seconds") from None
     if v < 0:
         raise ConfigError(f"timeout {v}: must be 0 (never) or positive seconds")
+    if v > MAX_TIMEOUT_SECS:
+        raise ConfigError(f"timeout {v}: at most {MAX_TIMEOUT_SECS} s (68 years); "
+                          "give 0 for no timeout")
     return v
 
 
@@ -999,6 +1004,26 @@ def _stale_base_image(img: store.ImageRecord) -> bool:
         return False
 
 
+def check_resources(*, cpus=None, memory_mb=None, timeout_secs=None, disk_mb=None) -> int:
+    """Check a sandbox's sizes before anything starts; ``None`` means the default.
+
+    :param cpus: vCPUs, 1 to :data:`MAX_CPUS`.
+    :param memory_mb: MiB of guest RAM, 128 up to the host's RAM.
+    :param timeout_secs: seconds, 0 (never) up to :data:`MAX_TIMEOUT_SECS`.
+    :param disk_mb: MiB of root disk, up to :data:`MAX_DISK_MB`.
+    :returns: the timeout in seconds the sandbox gets.
+    :raises ConfigError: a size out of range, saying the range.
+    """
+    if cpus is not None and not 1 <= int(cpus) <= MAX_CPUS:
+        raise ConfigError(f"cpus {cpus}: give 1 to {MAX_CPUS} vCPUs")
+    if memory_mb is not None and not 128 <= int(memory_mb) <= _host_memory_mb():
+        raise ConfigError(f"memory {memory_mb} MiB: need at least 128 MiB and at most the "
+                          f"host's {_host_memory_mb()} MiB")
+    if disk_mb is not None and not 0 < int(disk_mb) <= MAX_DISK_MB:
+        raise ConfigError(f"disk {disk_mb} MiB: give a size in MiB up to {MAX_DISK_MB}")
+    return DEFAULT_TIMEOUT_SECS if timeout_secs is None else _check_timeout(timeout_secs)
+
+
 async def _plan(image: str | None, *, cpus, memory_mb, timeout_secs, project, cold_boot,
                 snapshot_id, disk_mb=None) -> dict:
     """Decide how a new sandbox boots: the record fields that describe it (one place
@@ -1006,14 +1031,8 @@ async def _plan(image: str | None, *, cpus, memory_mb, timeout_secs, project, co
     from localsbx.base import get_base
     from localsbx.vm.accel import choose_accel
 
-    if cpus is not None and int(cpus) < 1:
-        raise ConfigError(f"cpus {cpus}: need at least 1 vCPU")
-    if memory_mb is not None and not 128 <= int(memory_mb) <= _host_memory_mb():
-        raise ConfigError(f"memory {memory_mb} MiB: need at least 128 MiB and at most the "
-                          f"host's {_host_memory_mb()} MiB")
-    timeout = DEFAULT_TIMEOUT_SECS if timeout_secs is None else _check_timeout(timeout_secs)
-    if disk_mb is not None and not 0 < int(disk_mb) <= MAX_DISK_MB:
-        raise ConfigError(f"disk {disk_mb} MiB: give a size in MiB up to {MAX_DISK_MB}")
+    timeout = check_resources(cpus=cpus, memory_mb=memory_mb, timeout_secs=timeout_secs,
+                              disk_mb=disk_mb)
     if snapshot_id is not None:
         plan = _plan_checkpoint(snapshot_id, cpus=cpus, memory_mb=memory_mb, timeout=timeout)
         return {**plan, "disk_mb": int(disk_mb or 0)}
@@ -1062,6 +1081,11 @@ async def _plan(image: str | None, *, cpus, memory_mb, timeout_secs, project, co
 #: The largest root disk a sandbox may ask for, in MiB (qcow2 files are sparse: only what
 #: the guest writes takes host space).
 MAX_DISK_MB = 1 << 20
+#: vCPUs a sandbox may ask for (QEMU's microvm takes more, but beyond this a guest on one host
+#: only thrashes; Tensorlake's own sizes are far below).
+MAX_CPUS = 64
+#: The longest timeout: seconds that still fit a signed 32-bit count (about 68 years).
+MAX_TIMEOUT_SECS = 2**31 - 1
 
 
 def _disk_growth(base, disk_mb) -> int:

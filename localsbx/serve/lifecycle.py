@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 
 from localsbx import store
 from localsbx.errors import ConfigError, LocalsbxError, SandboxNotFound, SandboxStateError
-from localsbx.sandbox import AsyncSandbox, new_sandbox_id
+from localsbx.sandbox import AsyncSandbox, check_resources, new_sandbox_id
 from localsbx.serve import wire
 from localsbx.store import SandboxState
 
@@ -79,6 +79,8 @@ def _create_kwargs(ns: str, req: wire.CreateSandbox) -> dict:
         if not math.isfinite(res.cpus) or res.cpus <= 0:
             raise ConfigError(f"resources.cpus {res.cpus}: must be a positive number")
         cpus = max(1, math.ceil(res.cpus))
+    check_resources(cpus=cpus, memory_mb=res.memory_mb, timeout_secs=req.timeout_secs,
+                    disk_mb=res.disk_mb)
     return dict(image=req.image, cpus=cpus, memory_mb=res.memory_mb, disk_mb=res.disk_mb,
                 timeout_secs=req.timeout_secs, project=ns, detached=True, name=req.name,
                 snapshot_id=req.snapshot_id, exposed_ports=tuple(req.exposed_ports or ()),
