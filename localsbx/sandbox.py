@@ -25,7 +25,7 @@ import os
 import secrets
 import string
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Self
@@ -179,6 +179,25 @@ def _stdin_source(fobj: BinaryIO):
             with contextlib.suppress(asyncio.QueueEmpty):
                 q.get_nowait()  # unblock a pending put; the thread then sees ``stop``
 
+    return source
+
+
+def _aiter_source(chunks: AsyncIterator[bytes]):
+    """A control ``payload_source`` sending ``chunks`` as stdin frames, then EOF, each
+    drained before the next is taken."""
+    async def source(writer: asyncio.StreamWriter) -> None:
+        try:
+            async for chunk in chunks:
+                for i in range(0, len(chunk), control.CHUNK):
+                    writer.write(control.stdin_frame(chunk[i:i + control.CHUNK]))
+                    await writer.drain()
+        except BaseException:
+            # the source broke (an HTTP client gone mid-body): drop the connection, so the
+            # supervisor abandons the transfer (the sandbox keeps its previous file)
+            writer.transport.abort()
+            raise
+        writer.write(control.STDIN_EOF)
+        await writer.drain()
     return source
 
 
@@ -522,7 +541,7 @@ class AsyncSandbox:
 
         t = time.monotonic()
         streamed = stdin is not None and not isinstance(stdin, (bytes, bytearray, memoryview))
-        res = await self._call("exec", {"argv": [str(a) for a in argv], "env": dict(env or {}),
+        res = await self._call("exec", {"argv": [str(a) for a in argv], "env": _check_env(env),
                                         "cwd": working_dir, "user": user,
                                         "stdin": "stream" if streamed else stdin is not None,
                                         "timeout": timeout},
@@ -579,7 +598,7 @@ class AsyncSandbox:
         if stdin_mode not in (None, "pipe", "null", "closed"):
             raise ConfigError(f"stdin_mode {stdin_mode!r}: use 'pipe' or leave it out")
         return await self._call("start_process", {
-            "argv": shell_argv(command, args), "env": dict(env or {}), "cwd": working_dir,
+            "argv": shell_argv(command, args), "env": _check_env(env), "cwd": working_dir,
             "user": user, "stdin_mode": stdin_mode, "name": name})
 
     async def list_processes(self) -> list[dict]:
@@ -644,6 +663,102 @@ class AsyncSandbox:
         data = content.encode() if isinstance(content, str) else content
         await self._call("put", {"path": path, "mode": mode}, payload=data, timeout=None)
 
+    async def upload_file(self, path: str, src: str | os.PathLike | BinaryIO, *,
+                          mode: int | None = None, size: int | None = None) -> None:
+        """Write a sandbox file from a host file or a binary file object, streamed: the
+        content passes through in chunks of :data:`control.CHUNK` bytes, so a file of any
+        size never sits in memory (on either side). Atomic like :meth:`write_file`: a
+        transfer cut short leaves the sandbox's previous file.
+
+        :param src: a host path, an open binary file (``size`` is then its remaining
+            length, taken from ``fstat`` when not given), or an async iterator of bytes
+            (``size`` required; e.g. an HTTP request body).
+        :param mode: permission bits; default the host file's, else ``0o644``.
+        :raises ConfigError: ``src`` is not a readable host file.
+        :raises GuestFileError: the sandbox could not write it, or the source ended early.
+        """
+        if hasattr(src, "__aiter__"):
+            if size is None:
+                raise ConfigError("upload_file: a streamed source needs its size in bytes")
+            await self._call("put", {"path": path, "mode": 0o644 if mode is None else mode,
+                                     "stream": True, "length": size},
+                             payload_source=_aiter_source(src), timeout=None)
+            return
+        opened = None
+        if isinstance(src, (str, os.PathLike)):
+            try:
+                opened = src = open(src, "rb")
+            except OSError as exc:
+                raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        try:
+            if size is None:
+                st = os.fstat(src.fileno())
+                size = st.st_size - src.tell()
+                if mode is None and opened is not None:
+                    mode = st.st_mode & 0o7777
+            await self._call("put", {"path": path, "mode": 0o644 if mode is None else mode,
+                                     "stream": True, "length": size},
+                             payload_source=_stdin_source(src), timeout=None)
+        finally:
+            if opened is not None:
+                opened.close()
+
+    async def read_file_chunks(self, path: str) -> AsyncIterator[bytes]:
+        """A sandbox file's content as it is read (chunks of up to 256 KiB), in bounded
+        memory: the guest reads on only as the caller takes chunks.
+
+        :raises GuestFileError: no such file / not readable (before the first chunk).
+        """
+        q: asyncio.Queue = asyncio.Queue(maxsize=8)
+        done = object()
+
+        async def on_data(stream: str, data: bytes) -> None:
+            await q.put(data)
+
+        async def fetch() -> None:
+            try:
+                await self._call("get", {"path": path, "stream": True}, on_data=on_data,
+                                 timeout=None)
+                await q.put(done)
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer
+                await q.put(exc)
+
+        task = asyncio.create_task(fetch())
+        try:
+            while True:
+                item = await q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def download_file(self, path: str, dest: str | os.PathLike) -> int:
+        """Copy a sandbox file to a host file, streamed (bounded memory); ``dest`` is
+        written to a temporary file beside it and renamed into place when complete.
+
+        :returns: bytes copied.
+        :raises GuestFileError: the sandbox file cannot be read.
+        """
+        dest = Path(dest)
+        tmp = dest.with_name(f".{dest.name}.localsbx-{os.getpid()}.part")
+        total = 0
+        try:
+            with open(tmp, "wb") as out:
+                async for chunk in self.read_file_chunks(path):
+                    await asyncio.to_thread(out.write, chunk)
+                    total += len(chunk)
+            os.replace(tmp, dest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return total
+
     async def list_directory(self, path: str) -> list[dict]:
         """The entries of a sandbox folder (Tensorlake's ``list_directory``): ``name``,
         ``is_dir``, ``size`` (bytes), ``modified_at`` (UNIX seconds), sorted by name.
@@ -702,7 +817,7 @@ class AsyncSandbox:
         if src.is_file():
             if dest.endswith("/"):
                 dest += src.name
-            await self.write_file(dest, src.read_bytes(), mode=src.stat().st_mode & 0o7777)
+            await self.upload_file(dest, src)
             return
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tf:
@@ -735,9 +850,8 @@ class AsyncSandbox:
             raise ConfigError(f"cp: host folder {parent} does not exist")
         probe = await self.exec(["test", "-d", src])
         if probe.exit_status != 0:  # a file, or a symlink to one (followed, like `cat`)
-            data = await self.read_file(src)
             target = dest / os.path.basename(src.rstrip("/")) if dest.is_dir() else dest
-            target.write_bytes(data)
+            await self.download_file(src, target)
             return
         name = os.path.basename(src.rstrip("/")) or "root"
         res = await self.exec(["tar", "-C", os.path.dirname(src.rstrip("/")) or "/", "-cf", "-",
@@ -922,6 +1036,24 @@ def _check_name_free(name: str, project: str, *, but: str | None = None) -> None
         raise NameConflict(f"sandbox name {name!r} is already used by sandbox {taken[0]} in "
                           f"project {project!r}",
                           hint="pick another name, or terminate that sandbox")
+
+
+def _check_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    """A command's extra environment as a plain dict, each name checked as POSIX and
+    Docker's ``-e`` require (not empty, no ``=``, no NUL; values without NUL).
+
+    :raises ConfigError: a name or value the guest could not take, saying which.
+    """
+    out = {}
+    for k, v in (env or {}).items():
+        k, v = str(k), str(v)
+        if not k or "=" in k or "\0" in k:
+            raise ConfigError(f"environment variable name {k!r}: give a non-empty name "
+                              "without '=' or NUL")
+        if "\0" in v:
+            raise ConfigError(f"environment variable {k}: its value contains a NUL byte")
+        out[k] = v
+    return out
 
 
 def _check_timeout(value) -> int:
@@ -1248,6 +1380,15 @@ class Sandbox:
     def write_file(self, path: str, content: bytes | str, *, mode: int = 0o644) -> None:
         """See :meth:`AsyncSandbox.write_file`."""
         run_sync(self._inner.write_file(path, content, mode=mode))
+
+    def upload_file(self, path: str, src, *, mode: int | None = None,
+                    size: int | None = None) -> None:
+        """See :meth:`AsyncSandbox.upload_file` (streamed)."""
+        run_sync(self._inner.upload_file(path, src, mode=mode, size=size))
+
+    def download_file(self, path: str, dest) -> int:
+        """See :meth:`AsyncSandbox.download_file` (streamed)."""
+        return run_sync(self._inner.download_file(path, dest))
 
     def list_directory(self, path: str) -> list[dict]:
         """See :meth:`AsyncSandbox.list_directory`."""

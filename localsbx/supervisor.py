@@ -564,9 +564,39 @@ class Supervisor:
     async def op_put(self, h, payload, reader, writer) -> None:
         """Write a file. If the client goes away before the guest has it all (Ctrl-C or a
         SIGKILLed ``cp``), the transfer is abandoned and the guest keeps the previous file
-        (the agent commits only after exactly the announced size)."""
+        (the agent commits only after exactly the announced size).
+
+        With ``"stream": true`` and ``"length": N`` the content comes as the client's
+        stdin frames (as a streamed ``exec`` stdin), read only as fast as the guest writes
+        them, so a file of any size passes through in bounded memory."""
         self._require_running()
         await self.ready()
+        if h.get("stream"):
+            gone_early = asyncio.Event()
+
+            async def chunks():
+                try:
+                    while True:
+                        frame = await control.read_frame(reader)
+                        if frame is None:
+                            gone_early.set()
+                            return
+                        hdr, data = frame
+                        if hdr.get("eof"):
+                            return
+                        if data:
+                            yield data
+                except (control.ProtocolError, ConnectionError):
+                    gone_early.set()
+
+            try:
+                await self.machine.guest.put_file(h["path"], mode=int(h.get("mode", 0o644)),
+                                                  chunks=chunks(), size=int(h["length"]))
+            except GuestError:
+                if gone_early.is_set():
+                    raise ConnectionError("client went away") from None
+                raise
+            return
         task = asyncio.create_task(self.machine.guest.put_file(
             h["path"], payload, mode=int(h.get("mode", 0o644))))
         gone = asyncio.create_task(reader.read(1))
@@ -580,8 +610,16 @@ class Supervisor:
         task.result()
 
     async def op_get(self, h, payload, reader, writer) -> dict:
+        """Read a file as ``{"stream": "file"}`` data frames. With ``"stream": true`` they
+        are sent as the guest reads them, each drained before the next (a file of any size
+        in bounded memory; a slow client slows the guest's reading)."""
         self._require_running()
         await self.ready()
+        if h.get("stream"):
+            async def send(chunk: bytes) -> None:
+                writer.write(control.encode_frame({"stream": "file"}, chunk))
+                await writer.drain()
+            return {"size": await self.machine.guest.stream_file(h["path"], send)}
         data = await self.machine.guest.get_file(h["path"])
         for i in range(0, len(data), control.CHUNK):
             writer.write(control.encode_frame({"stream": "file"}, data[i:i + control.CHUNK]))
