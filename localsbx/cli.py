@@ -82,12 +82,14 @@ def _esc(text: str) -> str:
 def _options(debug: Annotated[bool, typer.Option(
         "--debug", help="Log what localsbx does (QEMU argv, QMP, SSH) to stderr; sandbox "
         "supervisors log at debug level to their supervisor.log.")] = False) -> None:
-    if debug or os.environ.get("LOCALSBX_LOG"):
+    from localsbx._log import env_level
+
+    if debug or env_level():
         import logging
 
         from rich.logging import RichHandler
 
-        level = "DEBUG" if debug else os.environ["LOCALSBX_LOG"].upper()
+        level = "DEBUG" if debug else env_level()
         os.environ["LOCALSBX_LOG"] = level  # inherited by the supervisors this starts
         logging.basicConfig(level=level, format="%(name)s: %(message)s",
                             handlers=[RichHandler(console=err, show_time=False, show_path=False)])

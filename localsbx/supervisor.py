@@ -1070,7 +1070,9 @@ def main(argv: list[str] | None = None) -> int:
         os.close(a.go_fd)
         if not word:
             return 0
-    logging.basicConfig(level=os.environ.get("LOCALSBX_LOG", "INFO").upper(),
+    from localsbx._log import env_level
+
+    logging.basicConfig(level=env_level("INFO"),
                         format=f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(message)s")
     try:
         return asyncio.run(run(a.mode, a.sandbox_id, a.ready_fd))

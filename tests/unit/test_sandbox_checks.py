@@ -44,3 +44,14 @@ def test_bad_environment_names_and_values_are_refused(env):
 def test_environment_is_passed_as_strings():
     assert _check_env({"A": 1, "B_2": "x y"}) == {"A": "1", "B_2": "x y"}
     assert _check_env(None) == {}
+
+
+@pytest.mark.parametrize("value,level", [
+    ("", None), ("debug", "DEBUG"), ("INFO", "INFO"), ("1", "DEBUG"), ("yes", "DEBUG"),
+    ("30", "WARNING"),
+])
+def test_localsbx_log_values_never_break_start_up(monkeypatch, value, level):
+    from localsbx._log import env_level
+
+    monkeypatch.setenv("LOCALSBX_LOG", value)
+    assert env_level() == level
