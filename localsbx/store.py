@@ -466,6 +466,10 @@ class SandboxRecord:
     disk_backing: str = ""
     cold_boot: bool = False
     internet: bool = True
+    allow_out: list[str] = field(default_factory=list)  # Tensorlake's entries, as given
+    deny_out: list[str] = field(default_factory=list)
+    allow_nets: list[str] = field(default_factory=list)  # the same, resolved at create
+    deny_nets: list[str] = field(default_factory=list)
     host_key: str = ""
     ssh_port: int = 0
     qemu_pid: int | None = None

@@ -138,7 +138,7 @@ class EgressEntry:
     value: str
 
 
-def parse_egress_entry(entry: str) -> EgressEntry:
+def parse_egress_entry(entry: str, what: str = "egress") -> EgressEntry:
     """Parse one entry the way Tensorlake documents it: an IPv4 address, an IPv4 CIDR or a
     DNS host name, with an optional ``:port`` suffix that is accepted and ignored (the rule
     is not port-specific). Pure.
@@ -150,20 +150,20 @@ def parse_egress_entry(entry: str) -> EgressEntry:
 
     raw = entry
     if not isinstance(entry, str) or not entry.strip():
-        raise ConfigError(f"egress entry {entry!r}: empty",
+        raise ConfigError(f"{what} entry {entry!r}: empty",
                           hint="an IPv4 address, a CIDR (10.0.0.0/8) or a host name")
     s = entry.strip()
     if "://" in s or "@" in s or s.endswith("/"):
-        raise ConfigError(f"egress entry {raw!r}: a URL, not a destination",
+        raise ConfigError(f"{what} entry {raw!r}: a URL, not a destination",
                           hint="give the host name alone (api.example.com), an IPv4 address "
                                "or a CIDR")
     if s.count(":") == 1:  # host:port, 1.2.3.4:443, 10.0.0.0/8:443
         s, port = s.rsplit(":", 1)
         if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"egress entry {raw!r}: bad port {port!r}",
+            raise ConfigError(f"{what} entry {raw!r}: bad port {port!r}",
                               hint="the :port suffix must be 1-65535 (it is ignored anyway)")
     elif ":" in s:
-        raise ConfigError(f"egress entry {raw!r}: IPv6 is not supported",
+        raise ConfigError(f"{what} entry {raw!r}: IPv6 is not supported",
                           hint="localsbx guests are IPv4-only; give IPv4 addresses, CIDRs "
                                "or host names")
     try:
@@ -171,20 +171,21 @@ def parse_egress_entry(entry: str) -> EgressEntry:
         return EgressEntry("net", str(netw))
     except ValueError as e:
         if "/" in s or s.replace(".", "").isdigit():
-            raise ConfigError(f"egress entry {raw!r}: not an IPv4 address or CIDR ({e})",
+            raise ConfigError(f"{what} entry {raw!r}: not an IPv4 address or CIDR ({e})",
                               hint="e.g. 8.8.8.8, 10.0.0.0/8 (no host bits), api.example.com"
                               ) from None
     if not _HOSTNAME_RE.match(s) or len(s.rstrip(".")) > 253:
-        raise ConfigError(f"egress entry {raw!r}: not an IPv4 address, a CIDR or a host name",
+        raise ConfigError(f"{what} entry {raw!r}: not an IPv4 address, a CIDR or a host name",
                           hint="e.g. 8.8.8.8, 10.0.0.0/8, api.example.com (no scheme, path "
                                "or wildcard)")
     return EgressEntry("host", s.rstrip(".").lower())
 
 
-def resolve_egress(entries, *, resolve=None) -> tuple[str, ...]:
+def resolve_egress(entries, *, what: str = "egress", resolve=None) -> tuple[str, ...]:
     """Turn ``allow_out``/``deny_out`` entries into IPv4 networks, resolving host names on
     the host now (every A record of the name, as ``/32``). Sorted, without duplicates.
 
+    :param what: the list's name in messages (``allow_out``, ``deny_out``).
     :param resolve: ``name -> list of IPv4 addresses`` (default: ``getaddrinfo``); tests
         pass their own.
     :raises ConfigError: a bad entry (:func:`parse_egress_entry`) or a name that does not
@@ -195,18 +196,18 @@ def resolve_egress(entries, *, resolve=None) -> tuple[str, ...]:
     resolve = resolve or _resolve_host
     out: set[ipaddress.IPv4Network] = set()
     for entry in entries:
-        e = parse_egress_entry(entry)
+        e = parse_egress_entry(entry, what)
         if e.kind == "net":
             out.add(ipaddress.IPv4Network(e.value))
             continue
         try:
             addrs = resolve(e.value)
         except OSError as err:
-            raise ConfigError(f"egress entry {entry!r}: the host name does not resolve ({err})",
+            raise ConfigError(f"{what} entry {entry!r}: the host name does not resolve ({err})",
                               hint="host names are resolved on the host when the sandbox is "
                                    "created; check the name or give its addresses") from None
         if not addrs:
-            raise ConfigError(f"egress entry {entry!r}: the host name has no IPv4 address",
+            raise ConfigError(f"{what} entry {entry!r}: the host name has no IPv4 address",
                               hint="localsbx guests are IPv4-only")
         out.update(ipaddress.IPv4Network(a) for a in addrs)
     return tuple(str(n) for n in sorted(out))
