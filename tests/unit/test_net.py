@@ -183,7 +183,7 @@ def _host_accepts_raw_syn(tmp_path, dst: str, *, netspec: NetSpec | None = None,
     lst = socket.socket()
     lst.bind((bind, 0))
     lst.listen()
-    lst.settimeout(3)
+    lst.settimeout(2)
     port = lst.getsockname()[1]
     hits = []
 
@@ -203,7 +203,10 @@ def _host_accepts_raw_syn(tmp_path, dst: str, *, netspec: NetSpec | None = None,
                 s.connect(str(h.socket_path))
                 f = _syn(net.GUEST_ADDR, dst, 40000, port)
                 s.sendall(struct.pack("!I", len(f)) + f)
-                await asyncio.sleep(1.0)
+                for _ in range(30):  # 1.5 s for passt to connect
+                    if hits:
+                        break
+                    await asyncio.sleep(0.05)
         finally:
             await stop_network(h)
     asyncio.run(go())
@@ -361,8 +364,7 @@ def test_filtered_passt_enforces_allow_and_deny(tmp_path):
     if host is None:
         pytest.skip("no non-loopback IPv4 address on this host")
     me = f"{host}/32"
-    cases = [(NetSpec(), True), (NetSpec(deny_out=(me,)), False),
-             (NetSpec(deny_out=("198.51.100.0/24",)), True),
+    cases = [(NetSpec(deny_out=(me,)), False), (NetSpec(deny_out=("198.51.100.0/24",)), True),
              (NetSpec(allow_out=(me,)), True), (NetSpec(allow_out=("198.51.100.0/24",)), False),
              (NetSpec(allow_out=(me,), deny_out=(me,)), False),
              (NetSpec(internet=False, allow_out=(me,)), True)]
