@@ -19,6 +19,12 @@ The guest's view never changes (``localsbx/guest/init.sh``, baked into every bas
   host: no guest-initiated connection, DNS included, leaves QEMU; the ``hostfwd`` to the
   management port still works. Nothing to start; the host port is read back from QEMU
   (``info usernet``), so there is no port race.
+* ``passt`` *filtered* (``allow_out``/``deny_out``, Tensorlake's egress lists; semantics in
+  :func:`egress_ruleset`): the same passt, run in its own user + network namespace whose
+  only way out is a ``pasta`` attached to it, with an nftables rule set there filtering
+  passt's outgoing sockets by destination (:data:`EGRESS_LAUNCHER`). Host names are
+  resolved on the host when the sandbox is created (:func:`resolve_egress`). Host-side:
+  the guest can neither see nor change the rules.
 
 Known limit (measured, passt 0.0~git20230309 of Debian 12): a guest that crafts raw frames
 (root with an ``AF_PACKET`` socket, or ``route_localnet``) addressed to ``127.0.0.1`` still
