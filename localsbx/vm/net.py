@@ -327,7 +327,7 @@ until [ "$(readlink /proc/$inner/ns/net 2>/dev/null)" != "$me" ]; do
   i=$((i+1)); [ "$i" -gt 1000 ] && { kill -9 "$inner"; echo "localsbx: no namespace" >&2; exit 95; }
   sleep 0.01
 done
-setpriv --pdeathsig KILL __PASTA__ --runas 0 -f -e -q -4 --config-net --no-map-gw \
+setpriv --pdeathsig KILL __PASTA__ __RUNAS__-f -e -q -4 --config-net --no-map-gw \
   -a __NS_ADDR__ -n __NS_PREFIX__ -g __NS_GATEWAY__ \
   -t "127.0.0.1/$port" -T none -u none -U none "$inner" &
 outer=$!
@@ -338,9 +338,14 @@ exit "$rc"
 
 
 def egress_argv(passt: list[str], rules_file: Path, host_port: int, *,
-                pasta: str = PASTA_BINARY) -> list[str]:
-    """The command that runs ``passt`` (its argv) in its own filtered namespace. Pure."""
+                pasta: str = PASTA_BINARY, root: bool | None = None) -> list[str]:
+    """The command that runs ``passt`` (its argv) in its own filtered namespace. Pure but
+    for ``root`` (default: whether we run as root; pasta then needs ``--runas 0``, or it
+    would switch to ``nobody``, who may not enter the namespace)."""
+    if root is None:
+        root = os.geteuid() == 0
     script = (EGRESS_LAUNCHER.replace("__PASTA__", shlex.quote(pasta))
+              .replace("__RUNAS__", "--runas 0 " if root else "")
               .replace("__NS_ADDR__", NS_ADDR).replace("__NS_PREFIX__", str(NS_PREFIX))
               .replace("__NS_GATEWAY__", NS_GATEWAY))
     return ["sh", "-c", script, "localsbx-egress", str(rules_file), str(host_port), *passt]

@@ -420,3 +420,17 @@ def test_filtered_helper_dies_with_its_launcher(tmp_path):
     while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert kids and not any(pid_alive(p) for p in kids)
+
+
+def test_egress_launcher_command():
+    argv = net.egress_argv(["passt", "-f", "-s", "/tmp/x y/p.sock"], P("/s/egress.nft"), 40123,
+                           root=True)
+    assert argv[:2] == ["sh", "-c"] and argv[3:7] == ["localsbx-egress", "/s/egress.nft",
+                                                      "40123", "passt"]
+    script = argv[2]
+    assert "unshare --user --map-root-user --net" in script and "nft -f" in script
+    assert script.count("setpriv --pdeathsig KILL") == 2
+    pasta = next(ln for ln in script.splitlines() if "pasta" in ln)
+    assert "--runas 0" in pasta and "--no-map-gw" in script and "-T none -u none -U none" in script
+    assert '-t "127.0.0.1/$port"' in script and "0.0.0.0" not in script
+    assert "--runas" not in net.egress_argv(["passt"], P("/r"), 1, root=False)[2]
