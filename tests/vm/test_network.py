@@ -272,12 +272,37 @@ def test_allow_out_lets_only_listed_destinations_out_also_after_resume(base_read
         sb.terminate()
 
 
-def test_deny_out_blocks_a_name_while_others_work(base_ready, host_service):
+def test_deny_out_blocks_a_name_while_others_work_and_outlives_its_supervisor(base_ready,
+                                                                             host_service):
+    """Also: SIGKILL of the supervisor keeps the filter (the guest runs on, the next client
+    attaches), and terminating leaves no pasta/passt (nor their namespace) behind."""
+    import os
+    import signal
+    import time
+
+    from localsbx.vm import net
+    from localsbx.vm.qemu import pid_alive
+
     host, url, token = host_service
     sb = Sandbox.create("debian-minimal", deny_out=["pypi.org"], timeout_secs=300)
     try:
         got = _probe(sb, PYPI, url)
         assert "ERROR" in got[PYPI] and "BODY" not in got[PYPI], got
         assert token in got[url], got
+        rec = store.read_sandbox(sb.sandbox_id)
+        launcher = int((rec.dir / "passt.pid").read_text().split()[0])
+        helpers = [launcher, *net._children(launcher)]
+        assert sorted(net._children(launcher).values()) == ["passt", "pasta"]
+        os.kill(rec.supervisor_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pid_alive(rec.supervisor_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the kill is asynchronous
+        again = Sandbox.connect(sb.sandbox_id)  # a new supervisor attaches
+        got = _probe(again, url, PYPI)
+        assert token in got[url] and "ERROR" in got[PYPI], got
     finally:
         sb.terminate()
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in helpers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(pid_alive(p) for p in helpers)
