@@ -265,7 +265,8 @@ def new(
     expose: Annotated[list[int], typer.Option("--expose", help="Guest TCP port to forward to "
                                               "127.0.0.1 (repeatable).")] = [],
     no_internet: Annotated[bool, typer.Option("--no-internet", help="No egress at all, DNS "
-                                              "included.")] = False,
+                                              "included (with --allow-out: only those, DNS "
+                                              "only if its resolver is listed).")] = False,
     allow_out: Annotated[list[str], typer.Option(
         "--allow-out", metavar="CIDR|HOST", help="Only these destinations get out (repeatable; "
         "host names resolved now; DNS still works unless --no-internet).")] = [],
