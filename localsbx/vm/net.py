@@ -564,10 +564,14 @@ async def _wait_ready(h: NetHandle, timeout: float) -> str | None:
     while True:
         if h.proc.returncode is not None:
             return f"it exited with status {h.proc.returncode}"
+        # (a filtered VM's pasta binds the port before its passt makes the socket)
+        bind_failed = "Failed to bind" in _tail(h.log_path, 50)
+        if bind_failed and h.net.filtered:
+            return f"it does not listen on 127.0.0.1:{h.host_port} (port taken?)"
         if h.socket_path.exists():
             if _forward_ready(h):
                 return None
-            if "Failed to bind" in _tail(h.log_path, 50) or loop.time() > deadline:
+            if bind_failed or loop.time() > deadline:
                 return f"it does not listen on 127.0.0.1:{h.host_port} (port taken?)"
         elif loop.time() > deadline:
             return f"its socket {h.socket_path} did not appear within {timeout:.0f} s"

@@ -434,3 +434,27 @@ def test_egress_launcher_command():
     assert "--runas 0" in pasta and "--no-map-gw" in script and "-T none -u none -U none" in script
     assert '-t "127.0.0.1/$port"' in script and "0.0.0.0" not in script
     assert "--runas" not in net.egress_argv(["passt"], P("/r"), 1, root=False)[2]
+
+
+@needs_egress
+def test_filtered_helper_retries_a_taken_port(tmp_path, monkeypatch):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    taken = busy.getsockname()[1]
+    picks = [taken]
+    real = net.free_port
+    monkeypatch.setattr(net, "free_port", lambda: picks.pop() if picks else real())
+
+    async def go():
+        t = time.monotonic()
+        h = await start_network(NetSpec(deny_out=("198.51.100.0/24",)), workdir=tmp_path)
+        try:
+            assert h.host_port != taken and net._forward_ready(h)
+        finally:
+            await stop_network(h)
+        return time.monotonic() - t
+    try:
+        assert asyncio.run(go()) < 8
+    finally:
+        busy.close()
