@@ -515,8 +515,13 @@ async def start_network(net: NetSpec, *, workdir: Path, detached: bool = False,
                                     hint=f"apt-get install {pkg} (or `make setup`)")
     workdir.mkdir(parents=True, exist_ok=True)
     if net.filtered:
+        resolvers = host_resolvers()
+        if resolvers and all(r.startswith("127.") for r in resolvers):
+            log.warning("the host's only name servers are on its loopback (%s): a filtered "
+                        "VM's namespace cannot reach them, so its guest has no DNS",
+                        ", ".join(resolvers))
         rules = workdir / "egress.nft"
-        rules.write_text(egress_ruleset(net, host_resolvers()))
+        rules.write_text(egress_ruleset(net, resolvers))
     sock_dir = _socket_dir(for_nobody=not net.filtered)
     # recorded, so whoever cleans up the VM's folder removes this one too
     (workdir / "passt.dir").write_text(f"{sock_dir}\n")
