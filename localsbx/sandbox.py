@@ -1010,20 +1010,6 @@ def _stale_base_image(img: store.ImageRecord) -> bool:
         return False
 
 
-def _egress(allow_out: Sequence[str], deny_out: Sequence[str]) -> dict:
-    """The record's egress fields: the entries as given and resolved (host names on the
-    host, now). :raises ConfigError: a bad or unresolvable entry."""
-    from localsbx.vm.net import resolve_egress
-
-    if isinstance(allow_out, str) or isinstance(deny_out, str):
-        raise ConfigError("allow_out / deny_out: expected a list of destinations, got a string",
-                          hint='e.g. allow_out=["pypi.org"]')
-    allow, deny = [str(e) for e in allow_out], [str(e) for e in deny_out]
-    return {"allow_out": allow, "deny_out": deny,
-            "allow_nets": list(resolve_egress(allow, what="allow_out")),
-            "deny_nets": list(resolve_egress(deny, what="deny_out"))}
-
-
 async def _plan(image: str | None, *, cpus, memory_mb, timeout_secs, project, cold_boot,
                 snapshot_id, disk_mb=None) -> dict:
     """Decide how a new sandbox boots: the record fields that describe it (one place
@@ -1143,6 +1129,20 @@ def list_sandboxes(project: str | None = None) -> list[store.SandboxRecord]:
     (Tensorlake's ``list``)."""
     store.reap()
     return store.list_sandboxes(project=project)
+
+
+def _egress(allow_out: Sequence[str], deny_out: Sequence[str]) -> dict:
+    """The record's egress fields: the entries as given and resolved (host names on the
+    host, now). :raises ConfigError: a bad or unresolvable entry."""
+    from localsbx.vm.net import resolve_egress
+
+    if isinstance(allow_out, str) or isinstance(deny_out, str):
+        raise ConfigError("allow_out / deny_out: expected a list of destinations, got a string",
+                          hint='e.g. allow_out=["pypi.org"]')
+    allow, deny = [str(e) for e in allow_out], [str(e) for e in deny_out]
+    return {"allow_out": allow, "deny_out": deny,
+            "allow_nets": list(resolve_egress(allow, what="allow_out")),
+            "deny_nets": list(resolve_egress(deny, what="deny_out"))}
 
 
 def _tail(data: bytes, n: int = 2000) -> str:
