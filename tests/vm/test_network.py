@@ -255,16 +255,33 @@ def _dns(sb, name="pypi.org"):
 
 
 def test_allow_out_lets_only_listed_destinations_out_also_after_resume(base_ready, host_service):
+    import time
+    import urllib.request
+
     host, url, token = host_service
-    sb = Sandbox.create("debian-minimal", allow_out=[host], timeout_secs=300)
+    sb = Sandbox.create("debian-minimal", allow_out=[host], timeout_secs=300,
+                        exposed_ports=[8000])
     try:
         rec = store.read_sandbox(sb.sandbox_id)
         assert (rec.allow_out, rec.allow_nets, rec.deny_out) == ([host], [f"{host}/32"], [])
+        sb.run("sh", ["-c", "echo exposed > /tmp/x; (setsid python3 -m http.server 8000 -d /tmp "
+                            ">/dev/null 2>&1 &)"])
         for phase in ("fresh", "resumed"):
             got = _probe(sb, url, PYPI)
             assert token in got[url], (phase, got)  # the listed address gets through
             assert "ERROR" in got[PYPI] and "BODY" not in got[PYPI], (phase, got)  # not listed
             assert _dns(sb)[0].isdigit(), phase  # the resolver is implicitly allowed
+            deadline = time.monotonic() + 20
+            while True:  # an exposed port works whatever the filter
+                try:
+                    body = urllib.request.urlopen(f"http://127.0.0.1:{sb.ports[8000]}/x",
+                                                  timeout=5).read()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.3)
+            assert body == b"exposed\n", phase
             if phase == "fresh":
                 sb.suspend()
                 sb.resume()
