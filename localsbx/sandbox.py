@@ -270,6 +270,8 @@ class AsyncSandbox:
         exposed_ports: Sequence[int] = (),
         allow_internet_access: bool = True,
         sandbox_id: str | None = None,
+        allow_out: Sequence[str] = (),
+        deny_out: Sequence[str] = (),
     ) -> AsyncSandbox:
         """Start a fresh sandbox (Tensorlake's ``Sandbox.create``).
 
@@ -294,16 +296,25 @@ class AsyncSandbox:
         :param exposed_ports: guest TCP ports to forward to 127.0.0.1 (see :attr:`ports`).
         :param allow_internet_access: ``False`` cuts all egress, DNS included (Tensorlake's
             ``network.allow_internet_access``).
+        :param allow_out: destinations the guest may reach (IPv4 addresses, CIDRs, host
+            names; Tensorlake's ``network.allow_out``): when non-empty, nothing else gets out
+            (DNS still does with ``allow_internet_access``). Enforced on the host
+            (:func:`localsbx.vm.net.egress_ruleset` has the exact semantics); host names are
+            resolved on the host now, and those addresses are the rule for the sandbox's
+            whole life, resumes included.
+        :param deny_out: destinations refused (same forms); wins over ``allow_out``.
         :param sandbox_id: the id to use (12 lowercase letters and digits, from
             :func:`new_sandbox_id`), for a caller that must name the sandbox before it is
             up (``localsbx serve`` answering a ``wait=False`` create); default a new one.
         :raises ImageNotFound: no such image or base.
         :raises SnapshotError: the image's snapshot files, or the checkpoint, are missing
             or damaged.
-        :raises ConfigError: a bad size, timeout or name; a name already taken.
+        :raises ConfigError: a bad size, timeout or name; a name already taken; an
+            ``allow_out``/``deny_out`` entry that is not a CIDR or host name, or does not resolve.
         :raises VMLaunchError: QEMU failed or the guest did not come up (nothing is left).
         """
         t0 = time.monotonic()
+        egress = await asyncio.to_thread(_egress, allow_out, deny_out)  # bad input fails first
         store.reap()
         me = os.getpid()
         if sandbox_id is not None and not store._ID_RE.match(sandbox_id):
@@ -330,7 +341,7 @@ class AsyncSandbox:
             raise
         rec = store.SandboxRecord(
             **plan, id=sid, name=name, created_at=time.time(),
-            internet=bool(allow_internet_access),
+            internet=bool(allow_internet_access), **egress,
             ports={str(int(p)): 0 for p in exposed_ports},
             owner_pid=None if detached else me,
             owner_start=None if detached else proc_start_time(me),
@@ -1274,6 +1285,20 @@ def list_sandboxes(project: str | None = None) -> list[store.SandboxRecord]:
     (Tensorlake's ``list``)."""
     store.reap()
     return store.list_sandboxes(project=project)
+
+
+def _egress(allow_out: Sequence[str], deny_out: Sequence[str]) -> dict:
+    """The record's egress fields: the entries as given and resolved (host names on the
+    host, now). :raises ConfigError: a bad or unresolvable entry."""
+    from localsbx.vm.net import resolve_egress
+
+    if isinstance(allow_out, str) or isinstance(deny_out, str):
+        raise ConfigError("allow_out / deny_out: expected a list of destinations, got a string",
+                          hint='e.g. allow_out=["pypi.org"]')
+    allow, deny = [str(e) for e in allow_out], [str(e) for e in deny_out]
+    return {"allow_out": allow, "deny_out": deny,
+            "allow_nets": list(resolve_egress(allow, what="allow_out")),
+            "deny_nets": list(resolve_egress(deny, what="deny_out"))}
 
 
 def _tail(data: bytes, n: int = 2000) -> str:

@@ -315,7 +315,8 @@ class Supervisor:
             common = {"kernel": Path(rec.kernel), "disk": overlay, "workdir": d, "accel": accel,
                           "client_key": key, "cpus": rec.cpus, "memory_mib": rec.memory_mb,
                           "detached": True, "name": f"localsbx-{rec.id}",
-                          "net": NetSpec(internet=rec.internet)}
+                          "net": NetSpec(internet=rec.internet, allow_out=tuple(rec.allow_nets),
+                                         deny_out=tuple(rec.deny_nets))}
             if mode == "create" and rec.cold_boot:
                 self.machine = await Machine.cold_boot(initrd=Path(rec.initrd), **common)
                 rec.initrd = str(d / "initrd.cpio")  # with this VM's identity appended

@@ -59,10 +59,6 @@ def _info(request: Request, ns: str, rec: store.SandboxRecord) -> dict:
 
 
 def _check_supported(req: wire.CreateSandbox | wire.UpdateSandbox) -> None:
-    if req.network and (req.network.allow_out or req.network.deny_out):
-        raise ConfigError("network.allow_out / deny_out are not supported by localsbx yet",
-                          hint="use allow_internet_access=False to cut all egress, or leave "
-                               "the lists out")
     res = req.resources
     if res is not None and res.gpus:
         raise ConfigError("GPUs are not available in localsbx sandboxes",
@@ -85,7 +81,9 @@ def _create_kwargs(ns: str, req: wire.CreateSandbox) -> dict:
                 timeout_secs=req.timeout_secs, project=ns, detached=True, name=req.name,
                 snapshot_id=req.snapshot_id, exposed_ports=tuple(req.exposed_ports or ()),
                 allow_internet_access=(req.network.allow_internet_access
-                                       if req.network else True))
+                                       if req.network else True),
+                allow_out=tuple(req.network.allow_out if req.network else ()),
+                deny_out=tuple(req.network.deny_out if req.network else ()))
 
 
 async def _create(ns: str, req: wire.CreateSandbox, sid: str) -> AsyncSandbox:
@@ -185,6 +183,10 @@ async def update_sandbox(ns: str, ident: str, body: wire.UpdateSandbox, request:
     if body.network is not None and body.network.allow_internet_access != rec.internet:
         raise ConfigError("allow_internet_access cannot change on a running localsbx sandbox",
                           hint="create a new sandbox with the network policy you need")
+    if body.network is not None and (list(body.network.allow_out) != rec.allow_out
+                                     or list(body.network.deny_out) != rec.deny_out):
+        raise ConfigError("network.allow_out / deny_out cannot change on a running localsbx "
+                          "sandbox", hint="create a new sandbox with the network policy you need")
     if body.name is not None:
         await sb.update(name=body.name)
     if body.exposed_ports is not None:
