@@ -124,10 +124,20 @@ def docker_case(oracle: Oracle, case, workdir: Path) -> Outcome:
     if res.returncode != 0:
         return Outcome(False, "", time.monotonic() - t0,
                        res.stderr.decode(errors="replace")[-3000:])
-    run = oracle.cmd("run", "--rm", "--network=none", "--entrypoint", "/bin/sh", tag, "-c",
-                     probe_script(case.probe) + " 2>&1")
+    for _attempt in range(3):
+        # the probe always prints (pwd, id, env...); an empty stdout is docker failing to
+        # run the container (seen once under load), which is retried, then shown in the
+        # diff with docker's words instead of passing as an empty probe
+        run = oracle.cmd("run", "--rm", "--network=none", "--entrypoint", "/bin/sh", tag, "-c",
+                         probe_script(case.probe) + " 2>&1")
+        if run.stdout.strip():
+            break
+        time.sleep(2)
     oracle.cmd("rmi", "-f", tag)
-    return Outcome(True, run.stdout.decode(errors="replace"), time.monotonic() - t0)
+    out = run.stdout.decode(errors="replace")
+    if not out.strip():
+        out = f"docker run failed ({run.returncode}): {run.stderr.decode(errors='replace')}"
+    return Outcome(True, out, time.monotonic() - t0)
 
 
 def docker_all(oracle: Oracle, cases, root: Path, jobs: int = 3) -> dict[str, Outcome]:
