@@ -179,6 +179,8 @@ def image_build(
     target: Annotated[Optional[str], typer.Option(
         "--target", help="Dockerfile stage to build (default: the last).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Build even if unchanged.")] = False,
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", help="Run every step again (ignore the step cache).")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Do not echo step output.")] = False,
     project: ProjectOpt = None,
 ):
@@ -205,7 +207,8 @@ def image_build(
             raise ConfigError(f"--secret {item}: expected id=ID,src=FILE")
         secrets[sid] = src
     rec = build_image(definition, context_dir=ctx, name=name or definition.name, project=project,
-                      reporter=_CliReporter(quiet), force=force, secrets=secrets)
+                      reporter=_CliReporter(quiet), force=force, secrets=secrets,
+                      no_cache=no_cache)
     err.print(f"[green]built {rec.name}[/] in {time.monotonic() - t:.1f} s")
     if not sys.stdout.isatty():
         print(rec.name)
@@ -245,6 +248,36 @@ def image_rm(name: str, project: ProjectOpt = None):
     """Unregister an image (its files go when nothing uses them)."""
     store.remove_image(name, project=project)
     err.print(f"removed {name}")
+
+
+@image_app.command("history")
+def image_history(name: str, as_json: JsonOpt = False, project: ProjectOpt = None):
+    """Show an image's build steps: cached or run by the build that made it, time, size."""
+    i = store.lookup_image(name, project=project)
+    if not i.meta.steps:
+        err.print(f"image {name} has no step history (built before the step cache)")
+    if as_json:
+        out.print_json(data=[vars(s) for s in i.meta.steps])
+        return
+    rows = [("STEP", "RESULT", "TIME", "SIZE", "INSTRUCTION")]
+    for n, s in enumerate(i.meta.steps, 1):
+        rows.append((str(n), "CACHED" if s.cached else "run", f"{s.seconds:.1f} s",
+                     _size(s.size), s.step))
+    _print_columns(rows)
+
+
+@image_app.command("logs")
+def image_logs(name: str, project: ProjectOpt = None):
+    """Print the output of every build step of an image (cached steps: from the build that
+    ran them)."""
+    from localsbx import layers
+
+    i = store.lookup_image(name, project=project)
+    for n, s in enumerate(i.meta.steps, 1):
+        print(f"#{n} {'CACHED ' if s.cached else ''}{s.step}", flush=True)
+        data = layers.output(s.layer)
+        sys.stdout.buffer.write(data if not data or data.endswith(b"\n") else data + b"\n")
+        sys.stdout.buffer.flush()
 
 
 # ----------------------------------------------------------------------------- sandboxes
@@ -649,6 +682,18 @@ def gc():
     n = store.reap()
     gone = store.gc_images()
     err.print(f"reaped {n} sandbox(es); removed {len(gone)} unused image folder(s)")
+
+
+@app.command("prune")
+def prune():
+    """Free what no image uses: unused image folders and cached build steps no image needs
+    (never what an image, a running sandbox or a checkpoint still uses)."""
+    from localsbx import layers
+
+    rep = layers.prune()
+    err.print(f"removed {len(rep.layers)} cached step(s) and {len(rep.images)} image folder(s), "
+              f"freed {_size(rep.freed_bytes) if rep.freed_bytes else '0 B'}; "
+              f"kept {rep.kept_layers} step(s) in use")
 
 
 @app.command("serve")
