@@ -1,21 +1,29 @@
 """Build an image: IR → build VM → snapshot → registered name.
 
+0. Every op gets a cache key (:mod:`localsbx.layers`: parent key, the op after
+   substitution, what it reads); the longest cached prefix is taken as is (``[i/n] CACHED``).
 1. A build VM (default 2 vCPU / 4096 MiB, Tensorlake's builder size) cold-boots on a new
-   overlay over the base rootfs. Each op runs through the guest agent: ``Run`` as its argv
-   with the image ENV, the ARG values in scope, the current WORKDIR, stdin at EOF, and every
-   process it left behind killed when it ends (a RUN's background processes do not survive
-   the step, as in Docker); ``Copy``/``Add`` as one tar stream extracted at ``/``;
-   ``Env``/``Workdir`` change the state later steps see (WORKDIR is created).
-2. The guest syncs and powers off; its overlay is frozen (``build.qcow2``).
+   layer over the last cached step's disk (or the base rootfs). Each remaining op runs
+   through the guest agent: ``Run`` as its argv with the image ENV, the ARG values in scope,
+   the current WORKDIR, stdin at EOF, and every process it left behind killed when it ends
+   (a RUN's background processes do not survive the step, as in Docker);
+   ``Copy``/``Add`` as one tar stream extracted at ``/``; ``Env``/``Workdir`` change the
+   state later steps see (WORKDIR is created). After each op that may write the disk, QMP
+   ``blockdev-snapshot-sync`` freezes what it wrote as its layer and the VM goes on on a
+   new one; no VM boots when only ``ENV``/``USER`` are left.
+2. The guest syncs and powers off; the last layer is frozen; ``build.qcow2`` is an empty
+   frozen overlay of it.
 3. A snapshot VM boots at the sandbox default shape (1 vCPU / 1024 MiB, Tensorlake's
    default) on a new overlay over ``build.qcow2`` with RAM in ``snap/ram``, runs one command
    (warming the page cache sandboxes will use), closes its sessions, syncs and is snapshotted
    (method C: ``snap/disk.qcow2`` + ``snap/ram`` + ``snap/state.mig``).
-4. ``image.json`` is written, the folder renamed to ``images/<digest>`` and the name
-   registered. Any failure before that removes the folder and leaves no QEMU.
+4. ``image.json`` is written (with the steps: layer, cached or run, time, size), the folder
+   renamed to ``images/<digest>`` and the name registered. Any failure before that removes
+   the folder, and the layer of the step that failed, and leaves no QEMU; the layers of the
+   steps that finished stay in the cache.
 
 An unchanged definition (same digest: ops, context files, base, snapshot shape) is not built
-again; the name is just registered.
+again; the name is just registered (nothing boots).
 """
 
 from __future__ import annotations
