@@ -306,3 +306,28 @@ def test_layer_records_round_trip_and_refuse_newer_schemas():
         layers.LayerRecord.from_json({**rec.to_json(), "schema": 99})
     with pytest.raises(ValueError, match="incomplete"):
         layers.LayerRecord.from_json({"id": "i"})
+
+
+async def test_a_deep_chain_is_flattened_in_place(base, vm, monkeypatch):
+    monkeypatch.setattr(layers, "MAX_DEPTH", 2)
+    rebased = []
+
+    async def copy_sparse(src, dst, **kw):
+        Path(dst).write_bytes(Path(src).read_bytes())
+
+    async def rebase(image, backing, **kw):
+        rebased.append(backing)
+        Path(image).write_bytes(b"flat")
+
+    monkeypatch.setattr(builder.disk, "copy_sparse", copy_sparse)
+    monkeypatch.setattr(builder.disk, "rebase", rebase)
+    keys, _, rep = await run_build(defn("RUN a\nRUN b\nRUN c\n"), base)
+    top = layers.read(keys[2])
+    assert rebased == [base.rootfs] and any("flattening" in ln for ln in rep.lines)
+    assert (top.below, top.depth, top.root) == (None, 1, str(base.rootfs))
+    assert layers.disk_path(keys[2]).read_bytes() == b"flat"
+    assert layers.disk_path(keys[2]).stat().st_mode & 0o777 == 0o400
+    assert layers.disk_chain(top) == [keys[2]]
+    # the flattened entry is still a cache hit, and builds on it stay shallow
+    _, hist, _ = await run_build(defn("RUN a\nRUN b\nRUN c\nRUN d\n"), base)
+    assert [h.cached for h in hist] == [True, True, True, False]
