@@ -45,19 +45,43 @@ _streamed_output = False
 
 
 class _CliReporter:
+    """Build progress on stderr. On a terminal step output streams as it comes; piped, each
+    output line is prefixed with its step (``#3 ...``, as ``docker buildx --progress
+    plain``), so interleaved logs stay readable. Cached steps say ``CACHED``."""
+
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
+        self.plain = not sys.stderr.isatty()
+        self.step = ""
+        self.partial = b""
 
     def say(self, text: str) -> None:
-        style = "yellow" if text.startswith("warning") else "bold"
+        import re
+
+        m = re.match(r"\[(\d+)/\d+\] ", text)
+        if m:
+            self._end_line()
+            self.step = m.group(1)
+        style = ("yellow" if text.startswith("warning") else
+                 "blue" if m and text[m.end():].startswith("CACHED ") else "bold")
         err.print(f"[{style}]{_esc(text)}[/]")
 
     def output(self, chunk: bytes) -> None:
         global _streamed_output
-        if not self.quiet:
-            _streamed_output = True
-            sys.stderr.buffer.write(chunk)
+        if self.quiet:
+            return
+        _streamed_output = True
+        if self.plain and self.step:
+            *lines, self.partial = (self.partial + chunk).split(b"\n")
+            chunk = b"".join(f"#{self.step} ".encode() + ln + b"\n" for ln in lines)
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.buffer.flush()
+
+    def _end_line(self) -> None:
+        if self.partial:
+            sys.stderr.buffer.write(f"#{self.step} ".encode() + self.partial + b"\n")
             sys.stderr.buffer.flush()
+            self.partial = b""
 
 
 def _pairs(option: str, values: list[str]) -> dict[str, str]:
@@ -206,9 +230,13 @@ def image_build(
         if not sid or not src:
             raise ConfigError(f"--secret {item}: expected id=ID,src=FILE")
         secrets[sid] = src
-    rec = build_image(definition, context_dir=ctx, name=name or definition.name, project=project,
-                      reporter=_CliReporter(quiet), force=force, secrets=secrets,
-                      no_cache=no_cache)
+    rep = _CliReporter(quiet)
+    try:
+        rec = build_image(definition, context_dir=ctx, name=name or definition.name,
+                          project=project, reporter=rep, force=force, secrets=secrets,
+                          no_cache=no_cache)
+    finally:
+        rep._end_line()
     err.print(f"[green]built {rec.name}[/] in {time.monotonic() - t:.1f} s")
     if not sys.stdout.isatty():
         print(rec.name)

@@ -331,3 +331,20 @@ async def test_a_deep_chain_is_flattened_in_place(base, vm, monkeypatch):
     # the flattened entry is still a cache hit, and builds on it stay shallow
     _, hist, _ = await run_build(defn("RUN a\nRUN b\nRUN c\nRUN d\n"), base)
     assert [h.cached for h in hist] == [True, True, True, False]
+
+
+def test_cli_progress_piped_prefixes_output_lines_with_their_step(capfdbinary):
+    from localsbx import cli
+
+    rep = cli._CliReporter()
+    rep.plain = True
+    rep.say("[1/3] CACHED line 2: RUN a")
+    rep.say("[2/3] line 3: RUN b")
+    rep.output(b"one\ntw")
+    rep.output(b"o\nthr")
+    rep.say("[3/3] line 4: RUN c")
+    rep.output(b"x\n")
+    rep._end_line()
+    err = capfdbinary.readouterr().err.decode()
+    assert "[1/3] CACHED line 2: RUN a" in err
+    assert "#2 one\n#2 two\n#2 thr\n" in err and "#3 x\n" in err
