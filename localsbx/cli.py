@@ -301,6 +301,8 @@ def image_logs(name: str, project: ProjectOpt = None):
     from localsbx import layers
 
     i = store.lookup_image(name, project=project)
+    if not i.meta.steps:
+        err.print(f"image {name} has no step logs (built before the step cache)")
     for n, s in enumerate(i.meta.steps, 1):
         print(f"#{n} {'CACHED ' if s.cached else ''}{s.step}", flush=True)
         data = layers.output(s.layer)

@@ -228,6 +228,24 @@ async def test_a_failing_step_keeps_the_steps_before_it(base, vm):
     assert [h.cached for h in hist] == [True, True, False, False]
 
 
+async def test_an_interrupted_build_keeps_the_steps_before_it(base, vm, monkeypatch):
+    orig = FakeGuest.exec
+
+    async def exec_(self, argv, **kw):
+        if "sleep-forever" in list(argv)[-1]:
+            raise KeyboardInterrupt
+        return await orig(self, argv, **kw)
+
+    monkeypatch.setattr(FakeGuest, "exec", exec_)
+    d = defn("RUN a\nENV X=1\nRUN sleep-forever\n")
+    keys = builder._step_keys(d, None, base, None)
+    with pytest.raises(KeyboardInterrupt):
+        await run_build(d, base)
+    assert [r.id for r in layers.longest_prefix(keys)] == keys[:2]
+    assert not layers.layer_dir(keys[2]).exists()
+    assert not list(store.paths.images_dir().glob(".tmp-*"))  # no half-made image
+
+
 async def test_no_cache_runs_everything_and_leaves_the_entries(base, vm):
     d = defn("RUN a\nRUN b\n")
     keys, _, _ = await run_build(d, base)
