@@ -12,6 +12,12 @@ beside its raw reference, measured in the same run:
 * the rebuild after changing the last step (its build argument) against the cold build
   (target ratio ≤ 0.3) and beside its floor, two bare cold boots.
 
+The ratio depends on what the steps cost: a rebuild is still two cold boots (the build VM,
+then the snapshot VM at the sandbox shape) plus the changed step, so with steps of a
+fraction of a second each the ten-step ratio is bounded below by about 2 boots / (2 boots +
+10 steps); the steps here (a few seconds each under TCG) are meant to be typical of a real
+Dockerfile's RUNs, and their total is printed so the ratio can be read against it.
+
 Nothing here fails; results go to ``bench/results/stepcache.json`` (and into ``make
 bench``'s ``latest.json``). The images made are unregistered afterwards; their cached
 steps stay until ``localsbx prune``.
