@@ -49,9 +49,9 @@ class _CliReporter:
     output line is prefixed with its step (``#3 ...``, as ``docker buildx --progress
     plain``), so interleaved logs stay readable. Cached steps say ``CACHED``."""
 
-    def __init__(self, quiet: bool = False) -> None:
+    def __init__(self, quiet: bool = False, plain: bool | None = None) -> None:
         self.quiet = quiet
-        self.plain = not sys.stderr.isatty()
+        self.plain = not sys.stderr.isatty() if plain is None else plain
         self.step = ""
         self.partial = b""
 
@@ -82,6 +82,79 @@ class _CliReporter:
             sys.stderr.buffer.write(f"#{self.step} ".encode() + self.partial + b"\n")
             sys.stderr.buffer.flush()
             self.partial = b""
+
+    def close(self, failed: bool = False) -> None:
+        self._end_line()
+
+
+class _LiveReporter:
+    """Build progress as a live view on a terminal (``docker buildx`` style): one line per
+    step with its mark (``CACHED``, running, done) and time, the last lines of the running
+    step's output under it; other status lines print above the view."""
+
+    TAIL = 6
+
+    def __init__(self, quiet: bool = False, console: Console | None = None) -> None:
+        from collections import deque
+
+        from rich.live import Live
+
+        self.quiet = quiet
+        self.console = console or err
+        self.entries: list[list] = []  # [label, mark, started, ended]
+        self.tail: deque[str] = deque(maxlen=self.TAIL)
+        self.partial = ""
+        self.live = Live(self, console=self.console, refresh_per_second=8, transient=False)
+        self.live.start()
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.text import Text
+
+        now = time.monotonic()
+        lines = []
+        for label, mark, t0, t1 in self.entries:
+            secs = f"{(t1 or now) - t0:5.1f}s" if mark != "CACHED" else "      "
+            style = {"CACHED": "blue", "done": "green", "running": "bold",
+                     "failed": "red"}[mark]
+            sign = {"CACHED": "CACHED ", "done": "\u2714 ", "running": "\u2026 ",
+                    "failed": "\u2718 "}[mark]
+            lines.append(Text.assemble((secs + " ", "dim"), (sign, style), label))
+        if self.entries and self.entries[-1][1] == "running":
+            for ln in [*self.tail, *([self.partial] if self.partial else [])][-self.TAIL:]:
+                lines.append(Text("        | " + ln, style="dim"))
+        return Group(*lines)
+
+    def _finish(self, mark: str = "done") -> None:
+        if self.entries and self.entries[-1][1] == "running":
+            self.entries[-1][1:] = [mark, self.entries[-1][2], time.monotonic()]
+
+    def say(self, text: str) -> None:
+        import re
+
+        m = re.match(r"(\[\d+/\d+\]) (CACHED )?(.*)", text)
+        if m:
+            self._finish()
+            self.tail.clear()
+            self.partial = ""
+            self.entries.append([f"{m.group(1)} {m.group(3)}",
+                                 "CACHED" if m.group(2) else "running", time.monotonic(), 0.0])
+        else:
+            if text.startswith("build steps done"):
+                self._finish()
+            style = "yellow" if text.startswith("warning") else "bold"
+            self.console.print(f"[{style}]{_esc(text)}[/]")
+        self.live.refresh()
+
+    def output(self, chunk: bytes) -> None:
+        if self.quiet:
+            return
+        *lines, self.partial = (self.partial + chunk.decode(errors="replace")).split("\n")
+        self.tail.extend(ln.rstrip("\r") for ln in lines)
+
+    def close(self, failed: bool = False) -> None:
+        self._finish("failed" if failed else "done")
+        self.live.stop()
 
 
 def _pairs(option: str, values: list[str]) -> dict[str, str]:
@@ -206,6 +279,9 @@ def image_build(
     no_cache: Annotated[bool, typer.Option(
         "--no-cache", help="Run every step again (ignore the step cache).")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Do not echo step output.")] = False,
+    progress: Annotated[str, typer.Option(
+        "--progress", help="auto (a live view on a terminal, else plain), plain (prefixed "
+        "lines) or tty (the live view).")] = "auto",
     project: ProjectOpt = None,
 ):
     """Build an image and register it in the project."""
@@ -230,13 +306,18 @@ def image_build(
         if not sid or not src:
             raise ConfigError(f"--secret {item}: expected id=ID,src=FILE")
         secrets[sid] = src
-    rep = _CliReporter(quiet)
+    if progress not in ("auto", "plain", "tty"):
+        raise ConfigError(f"--progress {progress!r}: expected auto, plain or tty")
+    live = progress == "tty" or progress == "auto" and err.is_terminal
+    rep = _LiveReporter(quiet) if live else _CliReporter(quiet, plain=progress == "plain" or None)
     try:
         rec = build_image(definition, context_dir=ctx, name=name or definition.name,
                           project=project, reporter=rep, force=force, secrets=secrets,
                           no_cache=no_cache)
-    finally:
-        rep._end_line()
+    except BaseException:
+        rep.close(failed=True)
+        raise
+    rep.close()
     err.print(f"[green]built {rec.name}[/] in {time.monotonic() - t:.1f} s")
     if not sys.stdout.isatty():
         print(rec.name)

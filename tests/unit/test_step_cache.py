@@ -366,3 +366,40 @@ def test_cli_progress_piped_prefixes_output_lines_with_their_step(capfdbinary):
     err = capfdbinary.readouterr().err.decode()
     assert "[1/3] CACHED line 2: RUN a" in err
     assert "#2 one\n#2 two\n#2 thr\n" in err and "#3 x\n" in err
+
+
+def test_cli_live_view_marks_cached_running_and_done_steps():
+    import io
+
+    from rich.console import Console
+
+    from localsbx import cli
+
+    buf = io.StringIO()
+    rep = cli._LiveReporter(console=Console(file=buf, force_terminal=True, width=120))
+    rep.say("[1/3] CACHED line 2: RUN a")
+    rep.say("booting build VM (2 vCPU, 4096 MiB) from base debian-minimal")
+    rep.say("[2/3] line 3: RUN b")
+    rep.output(b"out-b-1\nout-b-2\npart")
+    snap = io.StringIO()
+    Console(file=snap, width=120).print(rep.__rich__())
+    assert "CACHED [1/3] line 2: RUN a" in snap.getvalue()
+    assert "[2/3] line 3: RUN b" in snap.getvalue() and "| out-b-2" in snap.getvalue()
+    assert "| part" in snap.getvalue()
+    rep.say("[3/3] line 4: RUN c")
+    rep.close()
+    assert [e[1] for e in rep.entries] == ["CACHED", "done", "done"]
+    assert "booting build VM" in buf.getvalue()
+
+
+def test_cli_live_view_marks_the_step_a_failure_stopped():
+    import io
+
+    from rich.console import Console
+
+    from localsbx import cli
+
+    rep = cli._LiveReporter(console=Console(file=io.StringIO(), force_terminal=True))
+    rep.say("[1/2] line 2: RUN a")
+    rep.close(failed=True)
+    assert [e[1] for e in rep.entries] == ["failed"]
