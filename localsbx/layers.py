@@ -425,6 +425,10 @@ def prune() -> PruneReport:
             rep.freed_bytes += _allocated(d)
             _rmtree(d)
             rep.layers.append(d.name)
+        if rep.layers:  # images only those layers pinned may go now
+            again = store.gc_images()
+            rep.images += again
+            rep.freed_bytes += sum(sizes.get(g, 0) for g in again)
     finally:
         os.close(fd)
     return rep

@@ -403,3 +403,35 @@ def test_cli_live_view_marks_the_step_a_failure_stopped():
     rep.say("[1/2] line 2: RUN a")
     rep.close(failed=True)
     assert [e[1] for e in rep.entries] == ["failed"]
+
+
+async def test_from_an_image_built_before_the_cache_pins_it(base, vm, home):
+    import time
+
+    pdir = store.image_dir("p" * 32)
+    pdir.mkdir(parents=True)
+    (pdir / "build.qcow2").write_bytes(b"old image disk")
+    meta = {"name": "old", "digest": "p" * 32, "base": "debian-minimal", "base_digest": "b",
+            "env": {"PATH": "/bin", "OLD": "1"}, "workdir": "/srv", "created_at": 1.0,
+            "snapshot": {"key": {}, "host_key": "", "cpus": 1, "memory_mib": 1,
+                         "state_size": 0, "ram_size": 0, "format": 3}}
+    (pdir / "image.json").write_text(json.dumps(meta))
+    import os
+    os.utime(pdir / "image.json", (time.time() - 3600, time.time() - 3600))
+    parent = store.register_image("default", "old", "p" * 32)
+    d = defn("RUN a\n")
+    keys = builder._step_keys(d, None, base, parent)
+    assert keys != builder._step_keys(d, None, base, None)
+    with layers.build_lock():
+        await builder._build(d, None, Rep(), name="t", project="default", digest="d" * 32,
+                             base=base, parent=parent, keys=keys, timeout=None, secret_data={},
+                             use_cache=True, started=0.0)
+    rec = layers.read(keys[0])
+    assert rec.pins_image == "p" * 32 and rec.root == str(pdir / "build.qcow2")
+    assert vm["guests"][-1].runs()[0].cwd == "/srv"  # the parent's state is the start
+    assert layers.disk_path(keys[0]).read_bytes() == b"overlay:" + str(pdir / "build.qcow2").encode()
+    store.remove_image("old", project="default")  # unregistered, but a cached step is built on its disk
+    assert pdir.exists() and "p" * 32 not in store.gc_images()
+    rep = layers.prune()  # the step goes (no image uses it), then the image it pinned
+    assert not layers.layer_dir(keys[0]).exists()
+    assert rep.images == ["p" * 32] and not pdir.exists()
