@@ -272,8 +272,16 @@ def begin(key: str) -> str:
     except FileExistsError:
         d = root / f"{key}~{secrets.token_hex(4)}"
         d.mkdir(mode=0o700)
-    (d / "owner").write_text(f"{os.getpid()} {proc_start_time(os.getpid())}")
+    _write_private(d / "owner", f"{os.getpid()} {proc_start_time(os.getpid())}".encode())
     return d.name
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file of mode 0600 (the store's rule for metadata: a step's
+    output may hold whatever the step printed)."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),
+              "wb") as f:
+        f.write(data)
 
 
 def commit(rec: LayerRecord, out: bytes = b"") -> LayerRecord:
@@ -291,7 +299,7 @@ def commit(rec: LayerRecord, out: bytes = b"") -> LayerRecord:
         p = disk_path(rec.id)
         os.chmod(p, 0o400)
         size = p.stat().st_blocks * 512
-    (d / "output.log").write_bytes(out[-OUTPUT_MAX:])
+    _write_private(d / "output.log", out[-OUTPUT_MAX:])
     import dataclasses
 
     rec = dataclasses.replace(rec, size=size, created_at=rec.created_at or time.time())

@@ -269,6 +269,9 @@ async def test_output_of_each_step_is_kept(base, vm):
     keys, hist, _ = await run_build(defn("RUN echo hello\nRUN true\n"), base)
     assert layers.output(keys[0]) == b"hi there\n"
     assert layers.output(keys[1]) == b""
+    for f in layers.layer_dir(keys[0]).iterdir():  # the store's modes: 0600, frozen 0400
+        assert f.stat().st_mode & 0o077 == 0, f
+    assert layers.layer_dir(keys[0]).stat().st_mode & 0o077 == 0
 
 
 # --------------------------------------------------------------------------- prune
