@@ -438,3 +438,26 @@ async def test_from_an_image_built_before_the_cache_pins_it(base, vm, home):
     rep = layers.prune()  # the step goes (no image uses it), then the image it pinned
     assert not layers.layer_dir(keys[0]).exists()
     assert rep.images == ["p" * 32] and not pdir.exists()
+
+
+def test_cli_prune_history_logs_and_progress_option(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cli = str(Path(sys.executable).parent / "localsbx")
+    env = {**os.environ, "LOCALSBX_HOME": str(tmp_path / "store"), "LOCALSBX_PROJECT": "t"}
+
+    def run(*args):
+        return subprocess.run([cli, *args], capture_output=True, text=True, env=env,
+                              timeout=60, stdin=subprocess.DEVNULL)
+
+    res = run("prune")
+    assert res.returncode == 0 and "removed 0 cached step(s) and 0 image folder(s), freed 0 B" \
+        in res.stderr, res.stderr
+    for sub in ("history", "logs"):
+        res = run("image", sub, "nope")
+        assert res.returncode == 1 and "no image named 'nope'" in res.stderr
+    (tmp_path / "Dockerfile").write_text("FROM debian-minimal\nRUN true\n")
+    res = run("image", "build", str(tmp_path / "Dockerfile"), "--progress", "fancy")
+    assert res.returncode == 1 and "--progress 'fancy'" in res.stderr
