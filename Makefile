@@ -16,7 +16,7 @@ BASE ?= debian-minimal
 # skopeo + umoci for FROM a registry image, docker-registry for the tests' local registry.
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs busybox-static cpio uidmap \
 	debian-archive-keyring lz4 zstd xz-utils gcc libc6-dev python3-venv coreutils tar passt \
-	skopeo umoci docker-registry fakeroot
+	skopeo umoci docker-registry fakeroot nftables
 
 .PHONY: setup apt venv base ts-sdk demo test test-unit fuzz bench lint clean-stamps
 

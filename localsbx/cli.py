@@ -179,12 +179,14 @@ def _esc(text: str) -> str:
 def _options(debug: Annotated[bool, typer.Option(
         "--debug", help="Log what localsbx does (QEMU argv, QMP, SSH) to stderr; sandbox "
         "supervisors log at debug level to their supervisor.log.")] = False) -> None:
-    if debug or os.environ.get("LOCALSBX_LOG"):
+    from localsbx._log import env_level
+
+    if debug or env_level():
         import logging
 
         from rich.logging import RichHandler
 
-        level = "DEBUG" if debug else os.environ["LOCALSBX_LOG"].upper()
+        level = "DEBUG" if debug else env_level()
         os.environ["LOCALSBX_LOG"] = level  # inherited by the supervisors this starts
         logging.basicConfig(level=level, format="%(name)s: %(message)s",
                             handlers=[RichHandler(console=err, show_time=False, show_path=False)])
@@ -409,7 +411,14 @@ def new(
     expose: Annotated[list[int], typer.Option("--expose", help="Guest TCP port to forward to "
                                               "127.0.0.1 (repeatable).")] = [],
     no_internet: Annotated[bool, typer.Option("--no-internet", help="No egress at all, DNS "
-                                              "included.")] = False,
+                                              "included (with --allow-out: only those, DNS "
+                                              "only if its resolver is listed).")] = False,
+    allow_out: Annotated[list[str], typer.Option(
+        "--allow-out", metavar="CIDR|HOST", help="Only these destinations get out (repeatable; "
+        "host names resolved now; DNS still works unless --no-internet).")] = [],
+    deny_out: Annotated[list[str], typer.Option(
+        "--deny-out", metavar="CIDR|HOST", help="Refuse these destinations (repeatable; wins "
+        "over --allow-out).")] = [],
     project: ProjectOpt = None,
 ):
     """Start a sandbox (restored from its image's snapshot) and print its id."""
@@ -420,7 +429,8 @@ def new(
     t = time.monotonic()
     sb = Sandbox.create(image, cpus=cpus, memory_mb=memory, disk_mb=disk, timeout_secs=timeout,
                         project=project, detached=True, name=name, snapshot_id=snapshot,
-                        exposed_ports=expose, allow_internet_access=not no_internet)
+                        exposed_ports=expose, allow_internet_access=not no_internet,
+                        allow_out=allow_out, deny_out=deny_out)
     if sb.notice:
         err.print(f"[yellow]note:[/] {_esc(sb.notice)}")
     for gport, hport in sorted(sb.ports.items()):

@@ -25,7 +25,7 @@ import os
 import secrets
 import string
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Self
@@ -182,6 +182,25 @@ def _stdin_source(fobj: BinaryIO):
     return source
 
 
+def _aiter_source(chunks: AsyncIterator[bytes]):
+    """A control ``payload_source`` sending ``chunks`` as stdin frames, then EOF, each
+    drained before the next is taken."""
+    async def source(writer: asyncio.StreamWriter) -> None:
+        try:
+            async for chunk in chunks:
+                for i in range(0, len(chunk), control.CHUNK):
+                    writer.write(control.stdin_frame(chunk[i:i + control.CHUNK]))
+                    await writer.drain()
+        except BaseException:
+            # the source broke (an HTTP client gone mid-body): drop the connection, so the
+            # supervisor abandons the transfer (the sandbox keeps its previous file)
+            writer.transport.abort()
+            raise
+        writer.write(control.STDIN_EOF)
+        await writer.drain()
+    return source
+
+
 @dataclass
 class AsyncSandbox:
     """A handle on a sandbox (asyncio). Any number of handles, in any processes, may drive
@@ -251,6 +270,8 @@ class AsyncSandbox:
         exposed_ports: Sequence[int] = (),
         allow_internet_access: bool = True,
         sandbox_id: str | None = None,
+        allow_out: Sequence[str] = (),
+        deny_out: Sequence[str] = (),
     ) -> AsyncSandbox:
         """Start a fresh sandbox (Tensorlake's ``Sandbox.create``).
 
@@ -275,16 +296,25 @@ class AsyncSandbox:
         :param exposed_ports: guest TCP ports to forward to 127.0.0.1 (see :attr:`ports`).
         :param allow_internet_access: ``False`` cuts all egress, DNS included (Tensorlake's
             ``network.allow_internet_access``).
+        :param allow_out: destinations the guest may reach (IPv4 addresses, CIDRs, host
+            names; Tensorlake's ``network.allow_out``): when non-empty, nothing else gets out
+            (DNS still does with ``allow_internet_access``). Enforced on the host
+            (:func:`localsbx.vm.net.egress_ruleset` has the exact semantics); host names are
+            resolved on the host now, and those addresses are the rule for the sandbox's
+            whole life, resumes included.
+        :param deny_out: destinations refused (same forms); wins over ``allow_out``.
         :param sandbox_id: the id to use (12 lowercase letters and digits, from
             :func:`new_sandbox_id`), for a caller that must name the sandbox before it is
             up (``localsbx serve`` answering a ``wait=False`` create); default a new one.
         :raises ImageNotFound: no such image or base.
         :raises SnapshotError: the image's snapshot files, or the checkpoint, are missing
             or damaged.
-        :raises ConfigError: a bad size, timeout or name; a name already taken.
+        :raises ConfigError: a bad size, timeout or name; a name already taken; an
+            ``allow_out``/``deny_out`` entry that is not a CIDR or host name, or does not resolve.
         :raises VMLaunchError: QEMU failed or the guest did not come up (nothing is left).
         """
         t0 = time.monotonic()
+        egress = await asyncio.to_thread(_egress, allow_out, deny_out)  # bad input fails first
         store.reap()
         me = os.getpid()
         if sandbox_id is not None and not store._ID_RE.match(sandbox_id):
@@ -311,7 +341,7 @@ class AsyncSandbox:
             raise
         rec = store.SandboxRecord(
             **plan, id=sid, name=name, created_at=time.time(),
-            internet=bool(allow_internet_access),
+            internet=bool(allow_internet_access), **egress,
             ports={str(int(p)): 0 for p in exposed_ports},
             owner_pid=None if detached else me,
             owner_start=None if detached else proc_start_time(me),
@@ -522,7 +552,7 @@ class AsyncSandbox:
 
         t = time.monotonic()
         streamed = stdin is not None and not isinstance(stdin, (bytes, bytearray, memoryview))
-        res = await self._call("exec", {"argv": [str(a) for a in argv], "env": dict(env or {}),
+        res = await self._call("exec", {"argv": [str(a) for a in argv], "env": _check_env(env),
                                         "cwd": working_dir, "user": user,
                                         "stdin": "stream" if streamed else stdin is not None,
                                         "timeout": timeout},
@@ -579,7 +609,7 @@ class AsyncSandbox:
         if stdin_mode not in (None, "pipe", "null", "closed"):
             raise ConfigError(f"stdin_mode {stdin_mode!r}: use 'pipe' or leave it out")
         return await self._call("start_process", {
-            "argv": shell_argv(command, args), "env": dict(env or {}), "cwd": working_dir,
+            "argv": shell_argv(command, args), "env": _check_env(env), "cwd": working_dir,
             "user": user, "stdin_mode": stdin_mode, "name": name})
 
     async def list_processes(self) -> list[dict]:
@@ -644,6 +674,102 @@ class AsyncSandbox:
         data = content.encode() if isinstance(content, str) else content
         await self._call("put", {"path": path, "mode": mode}, payload=data, timeout=None)
 
+    async def upload_file(self, path: str, src: str | os.PathLike | BinaryIO, *,
+                          mode: int | None = None, size: int | None = None) -> None:
+        """Write a sandbox file from a host file or a binary file object, streamed: the
+        content passes through in chunks of :data:`control.CHUNK` bytes, so a file of any
+        size never sits in memory (on either side). Atomic like :meth:`write_file`: a
+        transfer cut short leaves the sandbox's previous file.
+
+        :param src: a host path, an open binary file (``size`` is then its remaining
+            length, taken from ``fstat`` when not given), or an async iterator of bytes
+            (``size`` required; e.g. an HTTP request body).
+        :param mode: permission bits; default the host file's, else ``0o644``.
+        :raises ConfigError: ``src`` is not a readable host file.
+        :raises GuestFileError: the sandbox could not write it, or the source ended early.
+        """
+        if hasattr(src, "__aiter__"):
+            if size is None:
+                raise ConfigError("upload_file: a streamed source needs its size in bytes")
+            await self._call("put", {"path": path, "mode": 0o644 if mode is None else mode,
+                                     "stream": True, "length": size},
+                             payload_source=_aiter_source(src), timeout=None)
+            return
+        opened = None
+        if isinstance(src, (str, os.PathLike)):
+            try:
+                opened = src = open(src, "rb")
+            except OSError as exc:
+                raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        try:
+            if size is None:
+                st = os.fstat(src.fileno())
+                size = st.st_size - src.tell()
+                if mode is None and opened is not None:
+                    mode = st.st_mode & 0o7777
+            await self._call("put", {"path": path, "mode": 0o644 if mode is None else mode,
+                                     "stream": True, "length": size},
+                             payload_source=_stdin_source(src), timeout=None)
+        finally:
+            if opened is not None:
+                opened.close()
+
+    async def read_file_chunks(self, path: str) -> AsyncIterator[bytes]:
+        """A sandbox file's content as it is read (chunks of up to 256 KiB), in bounded
+        memory: the guest reads on only as the caller takes chunks.
+
+        :raises GuestFileError: no such file / not readable (before the first chunk).
+        """
+        q: asyncio.Queue = asyncio.Queue(maxsize=8)
+        done = object()
+
+        async def on_data(stream: str, data: bytes) -> None:
+            await q.put(data)
+
+        async def fetch() -> None:
+            try:
+                await self._call("get", {"path": path, "stream": True}, on_data=on_data,
+                                 timeout=None)
+                await q.put(done)
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer
+                await q.put(exc)
+
+        task = asyncio.create_task(fetch())
+        try:
+            while True:
+                item = await q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def download_file(self, path: str, dest: str | os.PathLike) -> int:
+        """Copy a sandbox file to a host file, streamed (bounded memory); ``dest`` is
+        written to a temporary file beside it and renamed into place when complete.
+
+        :returns: bytes copied.
+        :raises GuestFileError: the sandbox file cannot be read.
+        """
+        dest = Path(dest)
+        tmp = dest.with_name(f".{dest.name}.localsbx-{os.getpid()}.part")
+        total = 0
+        try:
+            with open(tmp, "wb") as out:
+                async for chunk in self.read_file_chunks(path):
+                    await asyncio.to_thread(out.write, chunk)
+                    total += len(chunk)
+            os.replace(tmp, dest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return total
+
     async def list_directory(self, path: str) -> list[dict]:
         """The entries of a sandbox folder (Tensorlake's ``list_directory``): ``name``,
         ``is_dir``, ``size`` (bytes), ``modified_at`` (UNIX seconds), sorted by name.
@@ -652,7 +778,9 @@ class AsyncSandbox:
         """
         from localsbx.errors import GuestFileError
 
-        res = await self.exec(["find", path, "-mindepth", "1", "-maxdepth", "1", "-printf",
+        # "PATH/" makes find refuse a file ("Not a directory") rather than list nothing
+        folder = path if path.endswith("/") else path + "/"
+        res = await self.exec(["find", folder, "-mindepth", "1", "-maxdepth", "1", "-printf",
                                "%y\\t%s\\t%T@\\t%f\\0"],
                               env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
         if res.exit_status != 0:
@@ -700,7 +828,7 @@ class AsyncSandbox:
         if src.is_file():
             if dest.endswith("/"):
                 dest += src.name
-            await self.write_file(dest, src.read_bytes(), mode=src.stat().st_mode & 0o7777)
+            await self.upload_file(dest, src)
             return
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tf:
@@ -733,9 +861,8 @@ class AsyncSandbox:
             raise ConfigError(f"cp: host folder {parent} does not exist")
         probe = await self.exec(["test", "-d", src])
         if probe.exit_status != 0:  # a file, or a symlink to one (followed, like `cat`)
-            data = await self.read_file(src)
             target = dest / os.path.basename(src.rstrip("/")) if dest.is_dir() else dest
-            target.write_bytes(data)
+            await self.download_file(src, target)
             return
         name = os.path.basename(src.rstrip("/")) or "root"
         res = await self.exec(["tar", "-C", os.path.dirname(src.rstrip("/")) or "/", "-cf", "-",
@@ -922,6 +1049,24 @@ def _check_name_free(name: str, project: str, *, but: str | None = None) -> None
                           hint="pick another name, or terminate that sandbox")
 
 
+def _check_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    """A command's extra environment as a plain dict, each name checked as POSIX and
+    Docker's ``-e`` require (not empty, no ``=``, no NUL; values without NUL).
+
+    :raises ConfigError: a name or value the guest could not take, saying which.
+    """
+    out = {}
+    for k, v in (env or {}).items():
+        k, v = str(k), str(v)
+        if not k or "=" in k or "\0" in k:
+            raise ConfigError(f"environment variable name {k!r}: give a non-empty name "
+                              "without '=' or NUL")
+        if "\0" in v:
+            raise ConfigError(f"environment variable {k}: its value contains a NUL byte")
+        out[k] = v
+    return out
+
+
 def _check_timeout(value) -> int:
     try:
         v = int(value)
@@ -929,6 +1074,9 @@ def _check_timeout(value) -> int:
         raise ConfigError(f"timeout {value!r}: expected whole seconds") from None
     if v < 0:
         raise ConfigError(f"timeout {v}: must be 0 (never) or positive seconds")
+    if v > MAX_TIMEOUT_SECS:
+        raise ConfigError(f"timeout {v}: at most {MAX_TIMEOUT_SECS} s (68 years); "
+                          "give 0 for no timeout")
     return v
 
 
@@ -999,6 +1147,26 @@ def _stale_base_image(img: store.ImageRecord) -> bool:
         return False
 
 
+def check_resources(*, cpus=None, memory_mb=None, timeout_secs=None, disk_mb=None) -> int:
+    """Check a sandbox's sizes before anything starts; ``None`` means the default.
+
+    :param cpus: vCPUs, 1 to :data:`MAX_CPUS`.
+    :param memory_mb: MiB of guest RAM, 128 up to the host's RAM.
+    :param timeout_secs: seconds, 0 (never) up to :data:`MAX_TIMEOUT_SECS`.
+    :param disk_mb: MiB of root disk, up to :data:`MAX_DISK_MB`.
+    :returns: the timeout in seconds the sandbox gets.
+    :raises ConfigError: a size out of range, saying the range.
+    """
+    if cpus is not None and not 1 <= int(cpus) <= MAX_CPUS:
+        raise ConfigError(f"cpus {cpus}: give 1 to {MAX_CPUS} vCPUs")
+    if memory_mb is not None and not 128 <= int(memory_mb) <= _host_memory_mb():
+        raise ConfigError(f"memory {memory_mb} MiB: need at least 128 MiB and at most the "
+                          f"host's {_host_memory_mb()} MiB")
+    if disk_mb is not None and not 0 < int(disk_mb) <= MAX_DISK_MB:
+        raise ConfigError(f"disk {disk_mb} MiB: give a size in MiB up to {MAX_DISK_MB}")
+    return DEFAULT_TIMEOUT_SECS if timeout_secs is None else _check_timeout(timeout_secs)
+
+
 async def _plan(image: str | None, *, cpus, memory_mb, timeout_secs, project, cold_boot,
                 snapshot_id, disk_mb=None) -> dict:
     """Decide how a new sandbox boots: the record fields that describe it (one place
@@ -1006,14 +1174,8 @@ async def _plan(image: str | None, *, cpus, memory_mb, timeout_secs, project, co
     from localsbx.base import get_base
     from localsbx.vm.accel import choose_accel
 
-    if cpus is not None and int(cpus) < 1:
-        raise ConfigError(f"cpus {cpus}: need at least 1 vCPU")
-    if memory_mb is not None and not 128 <= int(memory_mb) <= _host_memory_mb():
-        raise ConfigError(f"memory {memory_mb} MiB: need at least 128 MiB and at most the "
-                          f"host's {_host_memory_mb()} MiB")
-    timeout = DEFAULT_TIMEOUT_SECS if timeout_secs is None else _check_timeout(timeout_secs)
-    if disk_mb is not None and not 0 < int(disk_mb) <= MAX_DISK_MB:
-        raise ConfigError(f"disk {disk_mb} MiB: give a size in MiB up to {MAX_DISK_MB}")
+    timeout = check_resources(cpus=cpus, memory_mb=memory_mb, timeout_secs=timeout_secs,
+                              disk_mb=disk_mb)
     if snapshot_id is not None:
         plan = _plan_checkpoint(snapshot_id, cpus=cpus, memory_mb=memory_mb, timeout=timeout)
         return {**plan, "disk_mb": int(disk_mb or 0)}
@@ -1062,6 +1224,11 @@ async def _plan(image: str | None, *, cpus, memory_mb, timeout_secs, project, co
 #: The largest root disk a sandbox may ask for, in MiB (qcow2 files are sparse: only what
 #: the guest writes takes host space).
 MAX_DISK_MB = 1 << 20
+#: vCPUs a sandbox may ask for (QEMU's microvm takes more, but beyond this a guest on one host
+#: only thrashes; Tensorlake's own sizes are far below).
+MAX_CPUS = 64
+#: The longest timeout: seconds that still fit a signed 32-bit count (about 68 years).
+MAX_TIMEOUT_SECS = 2**31 - 1
 
 
 def _disk_growth(base, disk_mb) -> int:
@@ -1118,6 +1285,20 @@ def list_sandboxes(project: str | None = None) -> list[store.SandboxRecord]:
     (Tensorlake's ``list``)."""
     store.reap()
     return store.list_sandboxes(project=project)
+
+
+def _egress(allow_out: Sequence[str], deny_out: Sequence[str]) -> dict:
+    """The record's egress fields: the entries as given and resolved (host names on the
+    host, now). :raises ConfigError: a bad or unresolvable entry."""
+    from localsbx.vm.net import resolve_egress
+
+    if isinstance(allow_out, str) or isinstance(deny_out, str):
+        raise ConfigError("allow_out / deny_out: expected a list of destinations, got a string",
+                          hint='e.g. allow_out=["pypi.org"]')
+    allow, deny = [str(e) for e in allow_out], [str(e) for e in deny_out]
+    return {"allow_out": allow, "deny_out": deny,
+            "allow_nets": list(resolve_egress(allow, what="allow_out")),
+            "deny_nets": list(resolve_egress(deny, what="deny_out"))}
 
 
 def _tail(data: bytes, n: int = 2000) -> str:
@@ -1224,6 +1405,15 @@ class Sandbox:
     def write_file(self, path: str, content: bytes | str, *, mode: int = 0o644) -> None:
         """See :meth:`AsyncSandbox.write_file`."""
         run_sync(self._inner.write_file(path, content, mode=mode))
+
+    def upload_file(self, path: str, src, *, mode: int | None = None,
+                    size: int | None = None) -> None:
+        """See :meth:`AsyncSandbox.upload_file` (streamed)."""
+        run_sync(self._inner.upload_file(path, src, mode=mode, size=size))
+
+    def download_file(self, path: str, dest) -> int:
+        """See :meth:`AsyncSandbox.download_file` (streamed)."""
+        return run_sync(self._inner.download_file(path, dest))
 
     def list_directory(self, path: str) -> list[dict]:
         """See :meth:`AsyncSandbox.list_directory`."""

@@ -459,7 +459,10 @@ class SandboxRecord:
 
     Boot fields (``kernel``, ``initrd``, ``ram_file``, ``disk``) say how to start its QEMU
     again (resume); ``source`` is ``image``, ``checkpoint:<id>`` or ``legacy``. Unknown keys
-    from a newer localsbx are kept in ``extra`` and written back.
+    from a newer localsbx are kept in ``extra`` and written back. Egress lists:
+    ``allow_out``/``deny_out`` as the caller gave them, ``allow_nets``/``deny_nets`` the
+    same resolved at create (what every boot and resume enforces); a record without them
+    (older localsbx) has no filter.
     """
 
     id: str
@@ -488,6 +491,10 @@ class SandboxRecord:
     disk_backing: str = ""
     cold_boot: bool = False
     internet: bool = True
+    allow_out: list[str] = field(default_factory=list)  # Tensorlake's entries, as given
+    deny_out: list[str] = field(default_factory=list)
+    allow_nets: list[str] = field(default_factory=list)  # the same, resolved at create
+    deny_nets: list[str] = field(default_factory=list)
     host_key: str = ""
     ssh_port: int = 0
     qemu_pid: int | None = None

@@ -315,7 +315,8 @@ class Supervisor:
             common = {"kernel": Path(rec.kernel), "disk": overlay, "workdir": d, "accel": accel,
                           "client_key": key, "cpus": rec.cpus, "memory_mib": rec.memory_mb,
                           "detached": True, "name": f"localsbx-{rec.id}",
-                          "net": NetSpec(internet=rec.internet)}
+                          "net": NetSpec(internet=rec.internet, allow_out=tuple(rec.allow_nets),
+                                         deny_out=tuple(rec.deny_nets))}
             if mode == "create" and rec.cold_boot:
                 self.machine = await Machine.cold_boot(initrd=Path(rec.initrd), **common)
                 rec.initrd = str(d / "initrd.cpio")  # with this VM's identity appended
@@ -564,9 +565,39 @@ class Supervisor:
     async def op_put(self, h, payload, reader, writer) -> None:
         """Write a file. If the client goes away before the guest has it all (Ctrl-C or a
         SIGKILLed ``cp``), the transfer is abandoned and the guest keeps the previous file
-        (the agent commits only after exactly the announced size)."""
+        (the agent commits only after exactly the announced size).
+
+        With ``"stream": true`` and ``"length": N`` the content comes as the client's
+        stdin frames (as a streamed ``exec`` stdin), read only as fast as the guest writes
+        them, so a file of any size passes through in bounded memory."""
         self._require_running()
         await self.ready()
+        if h.get("stream"):
+            gone_early = asyncio.Event()
+
+            async def chunks():
+                try:
+                    while True:
+                        frame = await control.read_frame(reader)
+                        if frame is None:
+                            gone_early.set()
+                            return
+                        hdr, data = frame
+                        if hdr.get("eof"):
+                            return
+                        if data:
+                            yield data
+                except (control.ProtocolError, ConnectionError):
+                    gone_early.set()
+
+            try:
+                await self.machine.guest.put_file(h["path"], mode=int(h.get("mode", 0o644)),
+                                                  chunks=chunks(), size=int(h["length"]))
+            except GuestError:
+                if gone_early.is_set():
+                    raise ConnectionError("client went away") from None
+                raise
+            return
         task = asyncio.create_task(self.machine.guest.put_file(
             h["path"], payload, mode=int(h.get("mode", 0o644))))
         gone = asyncio.create_task(reader.read(1))
@@ -580,8 +611,16 @@ class Supervisor:
         task.result()
 
     async def op_get(self, h, payload, reader, writer) -> dict:
+        """Read a file as ``{"stream": "file"}`` data frames. With ``"stream": true`` they
+        are sent as the guest reads them, each drained before the next (a file of any size
+        in bounded memory; a slow client slows the guest's reading)."""
         self._require_running()
         await self.ready()
+        if h.get("stream"):
+            async def send(chunk: bytes) -> None:
+                writer.write(control.encode_frame({"stream": "file"}, chunk))
+                await writer.drain()
+            return {"size": await self.machine.guest.stream_file(h["path"], send)}
         data = await self.machine.guest.get_file(h["path"])
         for i in range(0, len(data), control.CHUNK):
             writer.write(control.encode_frame({"stream": "file"}, data[i:i + control.CHUNK]))
@@ -1032,7 +1071,9 @@ def main(argv: list[str] | None = None) -> int:
         os.close(a.go_fd)
         if not word:
             return 0
-    logging.basicConfig(level=os.environ.get("LOCALSBX_LOG", "INFO").upper(),
+    from localsbx._log import env_level
+
+    logging.basicConfig(level=env_level("INFO"),
                         format=f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(message)s")
     try:
         return asyncio.run(run(a.mode, a.sandbox_id, a.ready_fd))

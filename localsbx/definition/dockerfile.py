@@ -657,7 +657,10 @@ class _Reader:
     def _do_run(self, ins: _Instr) -> None:
         loc, benv = self.loc(ins), self.build_env()
         if ins.node.json:
-            self.ops.append(run_from_text(ins.text, build_env=benv, location=loc,
+            # BuildKit's parser decides exec form and its argv; like Go's json.Decoder it
+            # ignores text after the array (``RUN ["a", "b"] junk`` runs a b)
+            self.ops.append(run_from_text(json.dumps(list(ins.node.value)), build_env=benv,
+                                          location=loc,
                                           warnings=self.warnings, shell=self.shell))
             return
         command = ins.node.value[0] if ins.node.value else ""
@@ -731,15 +734,12 @@ class _Reader:
         self.ops.append(User(user, location=self.loc(ins), text=ins.text))
 
     def _json_or_shell(self, ins: _Instr) -> tuple[str, ...]:
-        if ins.node.json:
-            return tuple(json.loads(ins.text))
+        if ins.node.json:  # BuildKit's parse (text after the array is ignored, as there)
+            return tuple(ins.node.value)
         return (*self.shell, ins.node.value[0] if ins.node.value else "")
 
     def do_shell(self, ins: _Instr) -> None:
-        try:
-            argv = json.loads(ins.text)
-        except ValueError:
-            argv = None
+        argv = list(ins.node.value) if ins.node.json else None
         if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
             raise DefinitionError("SHELL needs a JSON array, e.g. SHELL [\"/bin/bash\", \"-c\"]",
                                   location=self.loc(ins), hint="write the shell in exec form")

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncssh
 
@@ -51,6 +52,8 @@ KEEPALIVE_COUNT = 8
 
 #: Seconds to keep collecting output after the exit status arrived.
 OUTPUT_GRACE = 2.0
+#: Bytes read at a time by :meth:`GuestConnection.stream_file`.
+STREAM_CHUNK = 256 * 1024
 
 OutputCallback = Callable[[bytes], None]
 
@@ -402,14 +405,18 @@ class GuestConnection:
             raise GuestError("post-restore fixup failed: " + res.stderr.decode(errors="replace"))
 
     async def agent(self, verb: str, *args: str, stdin: bytes | None = None,
-                    timeout: float | None = 60.0) -> ExecResult:
+                    timeout: float | None = 60.0,
+                    stdin_stream: AsyncIterator[bytes] | None = None) -> ExecResult:
         """Run an agent verb (``sync``, ``poweroff``, ``get``...); see the contract.
         A pending post-restore fixup runs first."""
         if self.fixup_pending:
             await self.fixup()
-        return await self.raw(agent_command(verb, *args), stdin=stdin, timeout=timeout)
+        return await self.raw(agent_command(verb, *args), stdin=stdin, timeout=timeout,
+                              stdin_stream=stdin_stream)
 
-    async def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+    async def put_file(self, path: str, data: bytes = b"", *, mode: int = 0o644,
+                       chunks: AsyncIterator[bytes] | None = None,
+                       size: int | None = None) -> None:
         """Write ``data`` to ``path`` in the guest atomically (missing parents are created).
 
         The agent is told the size (``put --size N``) and renames its temp file into place
@@ -417,8 +424,20 @@ class GuestConnection:
         (the connection, the supervisor or the client killed) leaves the previous file as it
         was and no temp file. Bounded: 120 s plus 4 s per MiB.
 
-        :raises GuestFileError: the agent could not write it.
+        :param chunks: instead of ``data``, the content as it comes (a file of any size:
+            written under SSH flow control, never held whole); ``size`` (bytes) is then
+            required, and a stream that ends short of it writes nothing.
+        :raises GuestFileError: the agent could not write it, or a stream ended short.
         """
+        if chunks is not None:
+            if size is None or size < 0:
+                raise ValueError("put_file: a streamed file needs its size")
+            res = await self.agent("put", path, "--mode", f"{mode:o}", "--size", str(size),
+                                   stdin_stream=chunks, timeout=120.0 + 4.0 * size / (1 << 20))
+            if res.exit_status != 0:
+                raise GuestFileError(f"cannot write {path} in the sandbox: "
+                                     f"{res.stderr.decode(errors='replace').strip()}")
+            return
         timeout = 120.0 + 4.0 * len(data) / (1 << 20)
         res = await self.agent("put", path, "--mode", f"{mode:o}", "--size", str(len(data)),
                                stdin=data, timeout=timeout)
@@ -442,6 +461,43 @@ class GuestConnection:
             raise GuestFileError(f"cannot read {path} in the sandbox: "
                                  f"{res.stderr.decode(errors='replace').strip()}")
         return res.stdout
+
+    async def stream_file(self, path: str, sink: Callable[[bytes], Any]) -> int:
+        """Read a guest file in chunks, handing each to ``await sink(chunk)`` before the
+        next is read: a slow sink holds the guest back through SSH flow control, so a file
+        of any size never sits in memory.
+
+        :returns: the number of bytes read.
+        :raises GuestFileError: no such file, a directory, or no permission.
+        """
+        if self.fixup_pending:
+            await self.fixup()
+        conn = self._require()
+        try:
+            proc = await conn.create_process(agent_command("get", path), encoding=None)
+        except (asyncssh.Error, OSError) as exc:
+            raise GuestError(f"cannot start a command in the guest: {exc}") from exc
+        total = 0
+        try:
+            proc.stdin.write_eof()
+            err = asyncio.create_task(proc.stderr.read())
+            while chunk := await proc.stdout.read(STREAM_CHUNK):
+                total += len(chunk)
+                res = sink(chunk)
+                if asyncio.iscoroutine(res):
+                    await res
+            await proc.wait()
+            stderr = await err
+        except (asyncssh.Error, OSError) as exc:
+            raise GuestError(f"reading {path} from the guest broke off: {exc}") from exc
+        finally:
+            proc.close()
+        if proc.exit_status != 0:
+            why = stderr.decode(errors="replace").strip() or (
+                f"the agent ended with status {proc.exit_status}, signal {proc.exit_signal}, "
+                f"after {total} bytes")
+            raise GuestFileError(f"cannot read {path} in the sandbox: {why}")
+        return total
 
     async def extract_tar(self, tar_bytes: bytes, *, timeout: float | None = None) -> ExecResult:
         """Extract a tar stream at ``/`` keeping numeric owners and modes; existing

@@ -20,13 +20,14 @@ import json
 import logging
 import secrets
 import struct
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from sse_starlette.sse import EventSourceResponse
 
 from localsbx import __version__, store
@@ -254,22 +255,35 @@ def _file_error(exc: GuestFileError) -> JSONResponse:
 @router.get("/files", summary="Read a file (raw bytes)")
 async def read_file(request: Request, path: str | None = None) -> Response:
     sb = await _sandbox(request.headers)
-    try:
-        data = await sb.read_file(_path(path))
+    chunks = sb.read_file_chunks(_path(path))
+    try:  # the first chunk (or the error, before any byte) decides the status
+        first = await anext(chunks, b"")
     except GuestFileError as exc:
         return _file_error(exc)
-    return Response(data, media_type="application/octet-stream")
+
+    async def body() -> AsyncIterator[bytes]:
+        if first:
+            yield first
+        async for chunk in chunks:
+            yield chunk
+    return StreamingResponse(body(), media_type="application/octet-stream")
 
 
 @router.put("/files", summary="Write a file (raw body)")
 async def write_file(request: Request, path: str | None = None) -> Response:
     sb = await _sandbox(request.headers)
     p = _path(path)
-    data = bytearray()
-    async for chunk in request.stream():
-        data.extend(chunk)
+    length = request.headers.get("content-length")
     try:
-        await sb.write_file(p, bytes(data))
+        if length is not None and length.isdigit():
+            # streamed into the guest as it arrives: bounded memory for any size
+            await sb.upload_file(p, request.stream(), size=int(length))
+        else:  # chunked upload: spooled to a host temp file first (never whole in memory)
+            with tempfile.TemporaryFile() as spool:
+                async for chunk in request.stream():
+                    await asyncio.to_thread(spool.write, chunk)
+                spool.seek(0)
+                await sb.upload_file(p, spool)
     except GuestFileError as exc:
         return _file_error(exc)
     return Response(status_code=204)

@@ -35,6 +35,10 @@ router = APIRouter(tags=["images"])
 
 #: The largest build context accepted, in bytes (the SDK is told in ``max_bytes``).
 MAX_CONTEXT_BYTES = 4 << 30
+#: Seconds an admitted build may wait for its context before it is dropped.
+PENDING_BUILD_TTL = 3600.0
+#: Seconds a finished build stays pollable.
+FINISHED_BUILD_TTL = 24 * 3600.0
 
 
 @dataclass
@@ -190,8 +194,11 @@ async def legacy_get(tid: str) -> Response:
 @router.post("/images/v4/builds", summary="Admit a build (then upload its context)")
 async def create_build(body: wire.CreateBuild, request: Request) -> Response:
     builds = _builds(request)
+    await asyncio.to_thread(expire_builds, builds)
     key = request.headers.get("idempotency-key")
     idem = request.app.state.build_keys
+    for k in [k for k, v in idem.items() if v not in builds]:
+        del idem[k]
     if key and key in idem and idem[key] in builds:
         return JSONResponse(builds[idem[key]].record(_base_url(request)))
     if body.kind != "dockerfile":
@@ -301,13 +308,40 @@ class _BuildLog:
         self.b.log.append(chunk.decode(errors="replace"))
 
 
+def _client_paths(text: str, b: Build) -> str:
+    """A build error as the SDK's user reads it: paths in the server's unpacked copy of
+    the context become paths relative to their own context folder."""
+    ctx = b.dir / "context"
+    for prefix in {str(ctx.resolve()), str(ctx)}:
+        text = text.replace(prefix + "/", "").replace(prefix, ".")
+    return text
+
+
+def expire_builds(builds: dict[str, Build], *, now: float | None = None) -> int:
+    """Forget builds whose context never came (pending longer than
+    :data:`PENDING_BUILD_TTL`) and finished builds older than :data:`FINISHED_BUILD_TTL`,
+    deleting their folders. :returns: how many were dropped."""
+    now = time.time() if now is None else now
+    gone = [bid for bid, b in builds.items()
+            if (b.status == "pending" and now - b.updated > PENDING_BUILD_TTL)
+            or (b.status in ("succeeded", "failed", "canceled")
+                and now - b.updated > FINISHED_BUILD_TTL)]
+    for bid in gone:
+        b = builds.pop(bid)
+        store._rmtree(b.dir)
+    return len(gone)
+
+
 def _unpack(tar: Path, dest: Path) -> None:
     dest.mkdir()
     try:
         with tarfile.open(tar) as tf:
             tf.extractall(dest, filter="tar")  # names stay inside dest
     except (tarfile.TarError, OSError) as exc:
-        raise ConfigError(f"the build context is not a readable tar: {exc}") from None
+        raise ConfigError(f"the uploaded build context is not a readable tar archive "
+                          f"({type(exc).__name__})",
+                          hint="upload a plain (uncompressed) tar of the context folder, "
+                               "as the SDK's Image.build() does") from None
 
 
 async def _run(b: Build) -> None:
@@ -331,10 +365,10 @@ async def _run(b: Build) -> None:
         b.status, b.error = "canceled", "canceled"
         raise
     except LocalsbxError as exc:
-        b.status, b.error = "failed", str(exc)
+        b.status, b.error = "failed", _client_paths(str(exc), b)
     except Exception as exc:
         log.exception("build %s crashed", b.id)
-        b.status, b.error = "failed", f"{type(exc).__name__}: {exc}"
+        b.status, b.error = "failed", _client_paths(f"{type(exc).__name__}: {exc}", b)
     finally:
         b.updated = time.time()
         with contextlib.suppress(OSError):

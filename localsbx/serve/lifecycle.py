@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 
 from localsbx import store
 from localsbx.errors import ConfigError, LocalsbxError, SandboxNotFound, SandboxStateError
-from localsbx.sandbox import AsyncSandbox, new_sandbox_id
+from localsbx.sandbox import AsyncSandbox, check_resources, new_sandbox_id
 from localsbx.serve import wire
 from localsbx.store import SandboxState
 
@@ -59,10 +59,6 @@ def _info(request: Request, ns: str, rec: store.SandboxRecord) -> dict:
 
 
 def _check_supported(req: wire.CreateSandbox | wire.UpdateSandbox) -> None:
-    if req.network and (req.network.allow_out or req.network.deny_out):
-        raise ConfigError("network.allow_out / deny_out are not supported by localsbx yet",
-                          hint="use allow_internet_access=False to cut all egress, or leave "
-                               "the lists out")
     res = req.resources
     if res is not None and res.gpus:
         raise ConfigError("GPUs are not available in localsbx sandboxes",
@@ -79,11 +75,15 @@ def _create_kwargs(ns: str, req: wire.CreateSandbox) -> dict:
         if not math.isfinite(res.cpus) or res.cpus <= 0:
             raise ConfigError(f"resources.cpus {res.cpus}: must be a positive number")
         cpus = max(1, math.ceil(res.cpus))
+    check_resources(cpus=cpus, memory_mb=res.memory_mb, timeout_secs=req.timeout_secs,
+                    disk_mb=res.disk_mb)
     return dict(image=req.image, cpus=cpus, memory_mb=res.memory_mb, disk_mb=res.disk_mb,
                 timeout_secs=req.timeout_secs, project=ns, detached=True, name=req.name,
                 snapshot_id=req.snapshot_id, exposed_ports=tuple(req.exposed_ports or ()),
                 allow_internet_access=(req.network.allow_internet_access
-                                       if req.network else True))
+                                       if req.network else True),
+                allow_out=tuple(req.network.allow_out if req.network else ()),
+                deny_out=tuple(req.network.deny_out if req.network else ()))
 
 
 async def _create(ns: str, req: wire.CreateSandbox, sid: str) -> AsyncSandbox:
@@ -183,6 +183,10 @@ async def update_sandbox(ns: str, ident: str, body: wire.UpdateSandbox, request:
     if body.network is not None and body.network.allow_internet_access != rec.internet:
         raise ConfigError("allow_internet_access cannot change on a running localsbx sandbox",
                           hint="create a new sandbox with the network policy you need")
+    if body.network is not None and (list(body.network.allow_out) != rec.allow_out
+                                     or list(body.network.deny_out) != rec.deny_out):
+        raise ConfigError("network.allow_out / deny_out cannot change on a running localsbx "
+                          "sandbox", hint="create a new sandbox with the network policy you need")
     if body.name is not None:
         await sb.update(name=body.name)
     if body.exposed_ports is not None:

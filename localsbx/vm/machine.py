@@ -24,7 +24,7 @@ from pathlib import Path
 
 import asyncssh
 
-from localsbx.errors import GuestError, SnapshotError
+from localsbx.errors import GuestError, SnapshotError, VMLaunchError
 from localsbx.guest.ssh import GuestConnection
 from localsbx.vm import snapshot
 from localsbx.vm.net import NetSpec
@@ -36,6 +36,22 @@ log = logging.getLogger("localsbx.vm")
 BOOT_TIMEOUT = 180.0
 #: Seconds for the first SSH connection after the guest is ready / restored.
 CONNECT_TIMEOUT = 60.0
+
+
+#: Serial-log words of a boot that failed because of the rootfs or its init (not retried).
+_ROOTFS_FAULTS = (b"Attempted to kill init", b"No working init", b"VFS: Unable to mount root",
+                  b"Requested init")
+
+
+def boot_crash_is_transient(serial_log: Path) -> bool:
+    """Whether a cold boot that stopped before it was ready died of a guest kernel crash
+    of its own (an oops, "Kernel panic - not syncing" without a rootfs or init cause), which
+    a second boot of the same files does not repeat."""
+    try:
+        text = serial_log.read_bytes()
+    except OSError:
+        return False
+    return b"Kernel panic" in text and not any(w in text for w in _ROOTFS_FAULTS)
 
 
 @dataclass
@@ -74,10 +90,38 @@ class Machine:
     ) -> Machine:
         """Boot a guest and connect to it.
 
+        A guest kernel that crashes during boot for a reason of its own (an oops under TCG
+        emulation, seen about once in a few hundred SMP boots here) is booted once more, with
+        a warning; a crash that says the rootfs or its init is unusable is not retried.
+
         :param disk: the qcow2 overlay the guest boots from (created by the caller).
         :param workdir: folder for the serial log, QMP socket and per-VM initramfs.
         :raises VMLaunchError: QEMU failed or the guest was not ready in time (QEMU stopped).
         """
+        for attempt in (1, 2):
+            try:
+                return await cls._boot_once(
+                    kernel=kernel, initrd=initrd, disk=disk, workdir=workdir, accel=accel,
+                    client_key=client_key, cpus=cpus, memory_mib=memory_mib,
+                    ram_file=ram_file, ram_share=ram_share, detached=detached,
+                    wrapper=wrapper, name=name, net=net)
+            except VMLaunchError:
+                serial = workdir / "serial.log"
+                if attempt == 2 or not boot_crash_is_transient(serial):
+                    raise
+                kept = serial.with_name("serial.crashed-boot.log")
+                with contextlib.suppress(OSError):
+                    os.replace(serial, kept)
+                log.warning("the guest kernel crashed during boot (%s); booting once more",
+                            kept)
+        raise AssertionError("unreachable")
+
+    @classmethod
+    async def _boot_once(cls, *, kernel: Path, initrd: Path, disk: Path, workdir: Path,
+                         accel: Accel, client_key: asyncssh.SSHKey, cpus: int,
+                         memory_mib: int, ram_file: Path | None, ram_share: bool,
+                         detached: bool, wrapper: list[str] | None, name: str,
+                         net: NetSpec) -> Machine:
         from localsbx.vm.kernel import make_identity_cpio
 
         t0 = time.monotonic()

@@ -251,6 +251,9 @@ INLINE: list[Case] = [
     # ---- RUN
     c("run-shell-form", "RUN mkdir /dst && echo $0 > /dst/sh && echo \"$HOME\" > /dst/home\n"),
     c("run-exec-form", 'RUN ["mkdir", "-p", "/dst/exec"]\nRUN ["sh", "-c", "echo $HOME > /dst/h"]\n'),
+    # BuildKit's parser takes the JSON array and ignores text after it (Go's json.Decoder)
+    c("run-exec-form-trailing-text",
+      'RUN ["mkdir", "-p", "/dst/t"] ignored words\nRUN ["sh", "-c", "echo $0 > /dst/t/a"] x\n'),
     c("run-fails", "RUN false\n"),
     c("run-exit-code", "RUN exit 3\n"),
     c("run-stdin-closed", "RUN mkdir /dst && (cat; echo rc=$?) > /dst/in\n"),

@@ -85,7 +85,7 @@ def test_a_taken_name_is_a_409_with_the_sdk_code(image):
 
 def test_bad_requests_are_remote_api_errors_with_words(image):
     with pytest.raises(RemoteAPIError) as exc:
-        Sandbox.create(image=image, allow_out=["10.0.0.0/8"])
+        Sandbox.create(image=image, allow_out=["10.0.0.1/8"])  # host bits set
     assert exc.value.status_code == 400 and "allow_out" in str(exc.value)
     with pytest.raises(RemoteAPIError) as exc:
         Sandbox.create(image="no-such-image")

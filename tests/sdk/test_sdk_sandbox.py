@@ -250,3 +250,22 @@ def test_concurrent_runs_from_threads(sbx):
     for t in threads:
         t.join(120)
     assert not errors and len(codes) == 20 and all(codes)
+
+
+def test_egress_lists_are_enforced_and_reported(image):
+    """``deny_out`` through the SDK's own parameter: the listed name is refused in the
+    guest, DNS still answers, and ``info().network_policy`` reports the lists."""
+    sb = Sandbox.create(image=image, deny_out=["pypi.org"], timeout_secs=300)
+    try:
+        pol = sb.info().network_policy
+        assert (pol.allow_internet_access, pol.allow_out, pol.deny_out) == (True, [], ["pypi.org"])
+        r = sb.run("python3", ["-c", "import socket, urllib.request\n"
+                               "print(socket.gethostbyname('pypi.org'))\n"
+                               "try:\n urllib.request.urlopen('https://pypi.org/simple/six/', "
+                               "timeout=5); print('OPEN')\n"
+                               "except Exception as e:\n print('REFUSED', e)"])
+        assert r.exit_code == 0, r.stderr
+        addr, verdict = r.stdout.splitlines()
+        assert addr[0].isdigit() and verdict.startswith("REFUSED"), r.stdout
+    finally:
+        sb.terminate()

@@ -111,3 +111,14 @@ def test_found_by_fuzzing_split_character_before_another_syntax_error():
         parse_dockerfile("FROM debian-minimal\nHEALTHCHECK 0\x850\nENV debian-minimal\n",
                          source="<t>")
     assert ei.value.location.line == 2
+
+
+def test_found_by_fuzzing_text_after_an_exec_form_array_is_ignored_as_buildkit_does():
+    from localsbx.definition.dockerfile import Run
+
+    d = parse_dockerfile('FROM debian-minimal\nCMD ["sh", "-c", "echo"] debian-minimal\n'
+                         'RUN ["mkdir", "/x"] junk\nSHELL ["/bin/bash", "-c"] more\n',
+                         source="<t>")
+    [run] = [op for op in d.ops if isinstance(op, Run)]
+    assert run.argv == ("mkdir", "/x")
+    assert d.cmd == ("sh", "-c", "echo")

@@ -6,7 +6,9 @@ import asyncio
 import shutil
 import socket
 import struct
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +98,11 @@ def test_snapshot_key_ignores_the_host_side_of_the_network():
 
 
 def passt_pids() -> set[int]:
+    """This process's passts (their socket folder names our pid: others' VM tests on the
+    same machine start passts of their own meanwhile)."""
+    import os
+
+    ours = f"/lsbx-net-{os.getpid()}-".encode()
     out = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
@@ -103,7 +110,8 @@ def passt_pids() -> set[int]:
                 cmd = (p / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if cmd and cmd[0].endswith(b"passt") and pid_alive(int(p.name)):
+            if (cmd and cmd[0].endswith(b"passt") and any(ours in a for a in cmd)
+                    and pid_alive(int(p.name))):
                 out.append(int(p.name))
     return set(out)
 
@@ -174,13 +182,14 @@ def _syn(src: str, dst: str, sport: int, dport: int) -> bytes:
     return eth + ip + tcp
 
 
-def _host_accepts_raw_syn(tmp_path, dst: str) -> bool:
+def _host_accepts_raw_syn(tmp_path, dst: str, *, netspec: NetSpec | None = None,
+                          bind: str = "127.0.0.1") -> bool:
     """Send a guest SYN to ``dst``:PORT through passt; whether a listener on the host's
-    127.0.0.1:PORT accepted a connection."""
+    ``bind``:PORT accepted a connection."""
     lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
+    lst.bind((bind, 0))
     lst.listen()
-    lst.settimeout(3)
+    lst.settimeout(2)
     port = lst.getsockname()[1]
     hits = []
 
@@ -194,13 +203,16 @@ def _host_accepts_raw_syn(tmp_path, dst: str) -> bool:
     t.start()
 
     async def go():
-        h = await start_network(NetSpec(), workdir=tmp_path)
+        h = await start_network(netspec or NetSpec(), workdir=tmp_path)
         try:
             with socket.socket(socket.AF_UNIX) as s:
                 s.connect(str(h.socket_path))
                 f = _syn(net.GUEST_ADDR, dst, 40000, port)
                 s.sendall(struct.pack("!I", len(f)) + f)
-                await asyncio.sleep(1.0)
+                for _ in range(30):  # 1.5 s for passt to connect
+                    if hits:
+                        break
+                    await asyncio.sleep(0.05)
         finally:
             await stop_network(h)
     asyncio.run(go())
@@ -222,3 +234,233 @@ def test_raw_frame_to_gateway_does_not_reach_host_loopback(tmp_path):
                    "passt that refuses loopback destinations turns this into a failure to flip")
 def test_raw_frame_to_loopback(tmp_path):
     assert not _host_accepts_raw_syn(tmp_path, "127.0.0.1")
+
+
+# ---- egress lists (allow_out / deny_out) ---------------------------------------------------
+
+needs_egress = pytest.mark.skipif(
+    any(shutil.which(t) is None for t in ("passt", "pasta", "nft", "unshare", "setpriv")),
+    reason="passt/pasta, nftables or util-linux missing (make setup installs them)")
+
+
+@pytest.mark.parametrize("entry,kind,value", [
+    ("8.8.8.8", "net", "8.8.8.8/32"),
+    (" 10.0.0.0/8 ", "net", "10.0.0.0/8"),
+    ("1.2.3.4:443", "net", "1.2.3.4/32"),  # :port accepted, not port-specific (Tensorlake)
+    ("10.0.0.0/8:443", "net", "10.0.0.0/8"),
+    ("API.Example.com", "host", "api.example.com"),
+    ("deb.debian.org.", "host", "deb.debian.org"),
+    ("pypi.org:443", "host", "pypi.org"),
+    ("localhost", "host", "localhost"),
+])
+def test_egress_entries_parse(entry, kind, value):
+    assert net.parse_egress_entry(entry) == net.EgressEntry(kind, value)
+
+
+@pytest.mark.parametrize("entry,why", [
+    ("", "empty"), ("10.0.0.1/8", "host bits"), ("1.2.3", "not an IPv4"),
+    ("300.1.1.1", "not an IPv4"), ("::1", "IPv6"), ("2001:db8::/32", "IPv6"),
+    ("https://pypi.org/simple", "URL"), ("*.example.com", "host name"),
+    ("a..b", "host name"), ("-x.com", "host name"), ("x.com:0", "port"),
+    ("x.com:http", "port"), ("x" * 64 + ".com", "host name"),
+])
+def test_bad_egress_entries_are_refused_clearly(entry, why):
+    from localsbx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=why) as ei:
+        net.parse_egress_entry(entry)
+    assert repr(entry) in str(ei.value) and ei.value.hint
+
+
+def test_resolve_egress_resolves_names_and_refuses_unresolvable():
+    from localsbx.errors import ConfigError
+
+    names = {"a.example": ["192.0.2.7", "192.0.2.8"], "none.example": []}
+
+    def resolve(name):
+        if name not in names:
+            raise socket.gaierror(-2, "Name or service not known")
+        return names[name]
+
+    assert net.resolve_egress(["a.example", "10.0.0.0/8", "192.0.2.7", "a.example:443"],
+                              resolve=resolve) == ("10.0.0.0/8", "192.0.2.7/32", "192.0.2.8/32")
+    with pytest.raises(ConfigError, match="does not resolve"):
+        net.resolve_egress(["nope.example"], resolve=resolve)
+    with pytest.raises(ConfigError, match="no IPv4"):
+        net.resolve_egress(["none.example"], resolve=resolve)
+    assert net.resolve_egress([], resolve=resolve) == ()
+
+
+def test_netspec_filter_kinds():
+    assert not NetSpec().filtered and not NetSpec(internet=False, deny_out=("1.2.3.4/32",)).filtered
+    assert NetSpec(deny_out=("1.2.3.4/32",)).filtered
+    only = NetSpec(internet=False, allow_out=("1.2.3.4/32",))
+    assert only.filtered and only.kind == "passt"  # allow_out without internet: passt + filter
+    assert NetSpec(internet=False, deny_out=("1.2.3.4/32",)).kind == "slirp"
+    with pytest.raises(ValueError):
+        NetSpec(allow_out=("pypi.org",))  # resolved networks only
+    with pytest.raises(ValueError, match="loopback"):
+        NetSpec(internet=False, allow_out=("1.2.3.4/32",), backend="slirp")
+
+
+def _rules(**kw):
+    text = net.egress_ruleset(NetSpec(**kw), ("192.0.2.53",))
+    return [ln.strip() for ln in text.splitlines()]
+
+
+def test_ruleset_deny_only_allows_the_rest_and_dns():
+    r = _rules(deny_out=("172.16.0.0/12", "172.17.0.0/16", "203.0.113.9/32"))
+    out = r[r.index("chain out {") + 1:r.index("chain refuse {")]
+    assert out[0].endswith("policy drop;")
+    assert out.index("ct state established,related accept") < out.index(
+        "ip daddr { 172.16.0.0/12, 203.0.113.9/32 } jump refuse")  # overlaps merged
+    assert "ip daddr { 192.0.2.53 } meta l4proto { udp, tcp } th dport 53 accept" in out
+    assert out[-3:] == ["accept", "jump refuse", "}"]
+    assert "meta l4proto tcp reject with tcp reset" in r
+    assert "meta nfproto ipv6 drop" in out and 'oif "lo" accept' in out
+
+
+def test_ruleset_allow_is_default_deny_and_deny_wins():
+    r = _rules(allow_out=("198.51.100.0/24",), deny_out=("198.51.100.7/32",))
+    deny = r.index("ip daddr { 198.51.100.7/32 } jump refuse")
+    allow = r.index("ip daddr { 198.51.100.0/24 } accept")
+    assert deny < allow and r[allow + 1] == "jump refuse"
+    assert "accept" not in r[allow + 1:]  # nothing else gets out
+    assert any("dport 53 accept" in ln for ln in r)  # internet on: the resolver implicitly
+
+
+@pytest.mark.parametrize("kw,dns", [
+    ({"internet": False, "allow_out": ("198.51.100.0/24",)}, False),
+    ({"internet": False, "allow_out": ("198.51.100.0/24", "10.0.2.3/32")}, True),  # guest's view
+    ({"internet": False, "allow_out": ("192.0.2.0/24",)}, True),  # the host's resolver listed
+    ({"allow_out": ("198.51.100.0/24",), "deny_out": ("192.0.2.53/32",)}, False),  # deny wins
+    ({"deny_out": ("10.0.2.0/24",)}, False),
+    ({"deny_out": ("10.0.0.0/8",)}, False),  # covers the guest's resolver 10.0.2.3
+    ({"deny_out": ("203.0.113.0/24",)}, True),
+])
+def test_ruleset_dns_follows_tensorlake(kw, dns):
+    assert any("dport 53 accept" in ln for ln in _rules(**kw)) is dns
+
+
+def _host_addr() -> str | None:
+    """A non-loopback IPv4 address of this host (the source of its default route)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+            a = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if a.startswith("127.") else a
+
+
+@needs_egress
+def test_ruleset_loads_in_nft():
+    rules = net.egress_ruleset(NetSpec(allow_out=("198.51.100.0/24", "203.0.113.80/32"),
+                                       deny_out=("198.51.100.7/32",)), ("192.0.2.53",))
+    r = subprocess.run(["unshare", "--user", "--map-root-user", "--net", "nft", "-c", "-f", "-"],
+                       input=rules, text=True, capture_output=True)
+    assert r.returncode == 0, r.stderr
+
+
+@needs_egress
+def test_filtered_passt_enforces_allow_and_deny(tmp_path):
+    """A fake guest's SYN through a filtered passt (in its own namespace, behind pasta):
+    a host service on a non-loopback address is reached, or refused, per the lists."""
+    host = _host_addr()
+    if host is None:
+        pytest.skip("no non-loopback IPv4 address on this host")
+    me = f"{host}/32"
+    cases = [(NetSpec(deny_out=(me,)), False), (NetSpec(deny_out=("198.51.100.0/24",)), True),
+             (NetSpec(allow_out=(me,)), True), (NetSpec(allow_out=("198.51.100.0/24",)), False),
+             (NetSpec(allow_out=(me,), deny_out=(me,)), False),
+             (NetSpec(internet=False, allow_out=(me,)), True)]
+    got = [_host_accepts_raw_syn(tmp_path / str(i), host, netspec=n, bind=host)
+           for i, (n, _) in enumerate(cases)]
+    assert got == [want for _, want in cases]
+
+
+@needs_egress
+def test_filtered_passt_does_not_reach_host_loopback(tmp_path):
+    """In its own namespace, passt's 127.0.0.1 is not the host's: the raw-frame hole of
+    test_raw_frame_to_loopback is closed for filtered VMs."""
+    n = NetSpec(deny_out=("198.51.100.0/24",))
+    assert not _host_accepts_raw_syn(tmp_path / "a", "127.0.0.1", netspec=n)
+    assert not _host_accepts_raw_syn(tmp_path / "b", net.GATEWAY, netspec=n)
+
+
+@needs_egress
+def test_filtered_helper_starts_and_leaves_nothing(tmp_path):
+    async def go():
+        h = await start_network(NetSpec(deny_out=("198.51.100.0/24",)), workdir=tmp_path)
+        kids = net._children(h.proc.pid)
+        try:
+            assert sorted(kids.values()) == ["passt", "pasta"]
+            with socket.create_connection(("127.0.0.1", h.host_port), timeout=2):
+                pass  # pasta accepts on the host's loopback
+            assert "localsbx_egress" in (tmp_path / "egress.nft").read_text()
+        finally:
+            await stop_network(h)
+        return kids
+    kids = asyncio.run(go())
+    deadline = time.monotonic() + 3
+    while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(pid_alive(p) for p in kids)
+
+
+@needs_egress
+def test_filtered_helper_dies_with_its_launcher(tmp_path):
+    """SIGKILL of the recorded pid (what reap does) takes pasta and passt with it."""
+    import os
+    import signal
+
+    async def go():
+        h = await start_network(NetSpec(deny_out=("198.51.100.0/24",)), workdir=tmp_path)
+        kids = net._children(h.proc.pid)
+        os.kill(int((tmp_path / "passt.pid").read_text().split()[0]), signal.SIGKILL)
+        await h.proc.wait()
+        await stop_network(h)
+        return kids
+    kids = asyncio.run(go())
+    deadline = time.monotonic() + 3
+    while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert kids and not any(pid_alive(p) for p in kids)
+
+
+def test_egress_launcher_command():
+    argv = net.egress_argv(["passt", "-f", "-s", "/tmp/x y/p.sock"], P("/s/egress.nft"), 40123,
+                           root=True)
+    assert argv[:2] == ["sh", "-c"] and argv[3:7] == ["localsbx-egress", "/s/egress.nft",
+                                                      "40123", "passt"]
+    script = argv[2]
+    assert "unshare --user --map-root-user --net" in script and "nft -f" in script
+    assert script.count("setpriv --pdeathsig KILL") == 2
+    pasta = next(ln for ln in script.splitlines() if "pasta" in ln)
+    assert "--runas 0" in pasta and "--no-map-gw" in script and "-T none -u none -U none" in script
+    assert '-t "127.0.0.1/$port"' in script and "0.0.0.0" not in script
+    assert "--runas" not in net.egress_argv(["passt"], P("/r"), 1, root=False)[2]
+
+
+@needs_egress
+def test_filtered_helper_retries_a_taken_port(tmp_path, monkeypatch):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    taken = busy.getsockname()[1]
+    picks = [taken]
+    real = net.free_port
+    monkeypatch.setattr(net, "free_port", lambda: picks.pop() if picks else real())
+
+    async def go():
+        t = time.monotonic()
+        h = await start_network(NetSpec(deny_out=("198.51.100.0/24",)), workdir=tmp_path)
+        try:
+            assert h.host_port != taken and net._forward_ready(h)
+        finally:
+            await stop_network(h)
+        return time.monotonic() - t
+    try:
+        assert asyncio.run(go()) < 8
+    finally:
+        busy.close()

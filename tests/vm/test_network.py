@@ -187,3 +187,139 @@ def test_no_helper_left_after_vms(base_ready, tmp_path):
     h = asyncio.run(go())
     assert not pid_alive(h.proc.pid)
     assert not h.own_dir.exists()
+
+
+# ---- egress lists: allow_out / deny_out (passt in its own filtered namespace) --------------
+
+def _host_addr() -> str | None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+            a = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if a.startswith("127.") else a
+
+
+@pytest.fixture
+def host_service(tmp_path):
+    """An HTTP server on the host's own non-loopback address (which a passt guest reaches):
+    a second destination next to the package mirror, at another address."""
+    import secrets
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    host = _host_addr()
+    if host is None:
+        pytest.skip("no non-loopback IPv4 address on this host")
+    root = tmp_path / "www"
+    root.mkdir()
+    token = secrets.token_hex(8)
+    (root / "token").write_text(token)
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["python3", "-m", "http.server", "--bind", host, str(port)],
+                            cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert urllib.request.urlopen(f"http://{host}:{port}/token", timeout=2) \
+                    .read().decode() == token
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield host, f"http://{host}:{port}/token", token
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _probe(sb, *urls):
+    r = sb.run("python3", ["-c", HTTP_PROBE, *urls], timeout=60)
+    assert r.exit_code == 0, r.stderr
+    return {ln.split(" ", 1)[0]: ln for ln in r.stdout.splitlines()}
+
+
+def _dns(sb, name="pypi.org"):
+    r = sb.run("python3", ["-c", "import socket,sys\ntry:\n print(socket.gethostbyname(sys.argv[1]))"
+                                 "\nexcept OSError as e:\n print('NODNS', e)", name], timeout=60)
+    return r.stdout.strip()
+
+
+def test_allow_out_lets_only_listed_destinations_out_also_after_resume(base_ready, host_service):
+    import time
+    import urllib.request
+
+    host, url, token = host_service
+    sb = Sandbox.create("debian-minimal", allow_out=[host], timeout_secs=300,
+                        exposed_ports=[8000])
+    try:
+        rec = store.read_sandbox(sb.sandbox_id)
+        assert (rec.allow_out, rec.allow_nets, rec.deny_out) == ([host], [f"{host}/32"], [])
+        sb.run("sh", ["-c", "echo exposed > /tmp/x; (setsid python3 -m http.server 8000 -d /tmp "
+                            ">/dev/null 2>&1 &)"])
+        for phase in ("fresh", "resumed"):
+            got = _probe(sb, url, PYPI)
+            assert token in got[url], (phase, got)  # the listed address gets through
+            assert "ERROR" in got[PYPI] and "BODY" not in got[PYPI], (phase, got)  # not listed
+            assert _dns(sb)[0].isdigit(), phase  # the resolver is implicitly allowed
+            deadline = time.monotonic() + 20
+            while True:  # an exposed port works whatever the filter
+                try:
+                    body = urllib.request.urlopen(f"http://127.0.0.1:{sb.ports[8000]}/x",
+                                                  timeout=5).read()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.3)
+            assert body == b"exposed\n", phase
+            if phase == "fresh":
+                sb.suspend()
+                sb.resume()
+    finally:
+        sb.terminate()
+
+
+def test_deny_out_blocks_a_name_while_others_work_and_outlives_its_supervisor(base_ready,
+                                                                             host_service):
+    """Also: SIGKILL of the supervisor keeps the filter (the guest runs on, the next client
+    attaches), and terminating leaves no pasta/passt (nor their namespace) behind."""
+    import os
+    import signal
+    import time
+
+    from localsbx.vm import net
+    from localsbx.vm.qemu import pid_alive
+
+    host, url, token = host_service
+    sb = Sandbox.create("debian-minimal", deny_out=["pypi.org"], timeout_secs=300)
+    try:
+        got = _probe(sb, PYPI, url)
+        assert "ERROR" in got[PYPI] and "BODY" not in got[PYPI], got
+        assert token in got[url], got
+        rec = store.read_sandbox(sb.sandbox_id)
+        launcher = int((rec.dir / "passt.pid").read_text().split()[0])
+        helpers = [launcher, *net._children(launcher)]
+        assert sorted(net._children(launcher).values()) == ["passt", "pasta"]
+        os.kill(rec.supervisor_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pid_alive(rec.supervisor_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the kill is asynchronous
+        again = Sandbox.connect(sb.sandbox_id)  # a new supervisor attaches
+        got = _probe(again, url, PYPI)
+        assert token in got[url] and "ERROR" in got[PYPI], got
+    finally:
+        sb.terminate()
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in helpers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(pid_alive(p) for p in helpers)

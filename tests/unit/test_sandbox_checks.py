@@ -1,0 +1,57 @@
+"""Sizes, timeouts and environments are checked before anything starts, with errors that say
+the range (localsbx.sandbox.check_resources, _check_env)."""
+
+import pytest
+
+from localsbx.errors import ConfigError
+from localsbx.sandbox import (
+    DEFAULT_TIMEOUT_SECS,
+    MAX_CPUS,
+    MAX_TIMEOUT_SECS,
+    _check_env,
+    check_resources,
+)
+
+
+@pytest.mark.parametrize("kw,words", [
+    ({"cpus": 0}, "give 1 to 64 vCPUs"),
+    ({"cpus": 10**9}, "give 1 to 64 vCPUs"),
+    ({"memory_mb": 64}, "at least 128 MiB"),
+    ({"memory_mb": 10**9}, "at most the host's"),
+    ({"disk_mb": 0}, "give a size in MiB"),
+    ({"timeout_secs": -1}, r"0 \(never\) or positive"),
+    ({"timeout_secs": 10**18}, "at most 2147483647 s"),
+    ({"timeout_secs": "soon"}, "expected whole seconds"),
+])
+def test_out_of_range_sizes_are_refused(kw, words):
+    with pytest.raises(ConfigError, match=words):
+        check_resources(**kw)
+
+
+def test_in_range_sizes_pass_and_give_the_timeout():
+    assert check_resources() == DEFAULT_TIMEOUT_SECS
+    assert check_resources(cpus=MAX_CPUS, memory_mb=128, disk_mb=1024,
+                           timeout_secs=MAX_TIMEOUT_SECS) == MAX_TIMEOUT_SECS
+    assert check_resources(timeout_secs=0) == 0
+
+
+@pytest.mark.parametrize("env", [{"": "x"}, {"A=B": "x"}, {"A\0": "x"}, {"A": "x\0y"}])
+def test_bad_environment_names_and_values_are_refused(env):
+    with pytest.raises(ConfigError, match="environment variable"):
+        _check_env(env)
+
+
+def test_environment_is_passed_as_strings():
+    assert _check_env({"A": 1, "B_2": "x y"}) == {"A": "1", "B_2": "x y"}
+    assert _check_env(None) == {}
+
+
+@pytest.mark.parametrize("value,level", [
+    ("", None), ("debug", "DEBUG"), ("INFO", "INFO"), ("1", "DEBUG"), ("yes", "DEBUG"),
+    ("30", "WARNING"),
+])
+def test_localsbx_log_values_never_break_start_up(monkeypatch, value, level):
+    from localsbx._log import env_level
+
+    monkeypatch.setenv("LOCALSBX_LOG", value)
+    assert env_level() == level
