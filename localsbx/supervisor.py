@@ -591,8 +591,8 @@ class Supervisor:
                     gone_early.set()
 
             try:
-                await self.machine.guest.put_file(h["path"], mode=int(h.get("mode", 0o644)),
-                                                  chunks=chunks(), size=int(h["length"]))
+                await self.machine.guest.put_file_stream(
+                    h["path"], chunks(), size=int(h["length"]), mode=int(h.get("mode", 0o644)))
             except GuestError:
                 if gone_early.is_set():
                     raise ConnectionError("client went away") from None

@@ -414,9 +414,24 @@ class GuestConnection:
         return await self.raw(agent_command(verb, *args), stdin=stdin, timeout=timeout,
                               stdin_stream=stdin_stream)
 
-    async def put_file(self, path: str, data: bytes = b"", *, mode: int = 0o644,
-                       chunks: AsyncIterator[bytes] | None = None,
-                       size: int | None = None) -> None:
+    async def put_file_stream(self, path: str, chunks: AsyncIterator[bytes], *, size: int,
+                              mode: int = 0o644) -> None:
+        """:meth:`put_file` of content as it comes (a file of any size: written under SSH
+        flow control, never held whole); ``size`` is the byte count announced to the agent,
+        so a stream that ends short of it (or goes past it) writes nothing.
+
+        :raises GuestFileError: the agent could not write it, or the stream's length was
+            not ``size``.
+        """
+        if size < 0:
+            raise ValueError("put_file_stream: size must be >= 0")
+        res = await self.agent("put", path, "--mode", f"{mode:o}", "--size", str(size),
+                               stdin_stream=chunks, timeout=120.0 + 4.0 * size / (1 << 20))
+        if res.exit_status != 0:
+            raise GuestFileError(f"cannot write {path} in the sandbox: "
+                                 f"{res.stderr.decode(errors='replace').strip()}")
+
+    async def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
         """Write ``data`` to ``path`` in the guest atomically (missing parents are created).
 
         The agent is told the size (``put --size N``) and renames its temp file into place
@@ -424,20 +439,8 @@ class GuestConnection:
         (the connection, the supervisor or the client killed) leaves the previous file as it
         was and no temp file. Bounded: 120 s plus 4 s per MiB.
 
-        :param chunks: instead of ``data``, the content as it comes (a file of any size:
-            written under SSH flow control, never held whole); ``size`` (bytes) is then
-            required, and a stream that ends short of it writes nothing.
-        :raises GuestFileError: the agent could not write it, or a stream ended short.
+        :raises GuestFileError: the agent could not write it.
         """
-        if chunks is not None:
-            if size is None or size < 0:
-                raise ValueError("put_file: a streamed file needs its size")
-            res = await self.agent("put", path, "--mode", f"{mode:o}", "--size", str(size),
-                                   stdin_stream=chunks, timeout=120.0 + 4.0 * size / (1 << 20))
-            if res.exit_status != 0:
-                raise GuestFileError(f"cannot write {path} in the sandbox: "
-                                     f"{res.stderr.decode(errors='replace').strip()}")
-            return
         timeout = 120.0 + 4.0 * len(data) / (1 << 20)
         res = await self.agent("put", path, "--mode", f"{mode:o}", "--size", str(len(data)),
                                stdin=data, timeout=timeout)

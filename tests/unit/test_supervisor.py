@@ -55,6 +55,22 @@ class FakeGuest:
     async def put_file(self, path, data, *, mode=0o644):
         self.files[path] = (data, mode)
 
+    async def put_file_stream(self, path, chunks, *, size, mode=0o644):
+        data = bytearray()
+        async for chunk in chunks:
+            data.extend(chunk)
+            self.peak_chunk = max(getattr(self, "peak_chunk", 0), len(chunk))
+        if len(data) != size:  # the agent's put --size: a short stream writes nothing
+            raise errors.GuestFileError(f"cannot write {path} in the sandbox: put {path}: "
+                                        f"input ended after {len(data)} of {size} bytes")
+        self.files[path] = (bytes(data), mode)
+
+    async def stream_file(self, path, sink):
+        data = (await self.get_file(path))
+        for i in range(0, len(data), 65536):
+            await sink(data[i:i + 65536])
+        return len(data)
+
     async def get_file(self, path):
         if path not in self.files:
             raise errors.GuestFileError(f"cannot read {path} in the sandbox: No such file")
@@ -188,6 +204,41 @@ async def test_errors_keep_their_class_and_hint(vm_process):
                           payload=b"data" * 100_000)
     got = await control.request(sup.rec.control_socket, "get", {"path": "/f"})
     assert got["data"]["file"] == b"data" * 100_000 and got["result"]["size"] == 400_000
+
+
+async def test_files_stream_both_ways_in_frames(vm_process, tmp_path):
+    """``upload_file``/``read_file_chunks``: the content crosses the control socket in
+    frames (never one payload), a stream that ends short writes nothing, and a missing
+    file is an error before any chunk."""
+    from localsbx.sandbox import _aiter_source, _stdin_source
+
+    sup = await started(vm_process)
+    guest = sup.machine.guest
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(3 << 20))
+    with open(big, "rb") as f:
+        await control.request(sup.rec.control_socket, "put",
+                              {"path": "/big", "mode": 0o600, "stream": True,
+                               "length": 3 << 20},
+                              payload_source=_stdin_source(f), timeout=10)
+    assert guest.files["/big"] == (big.read_bytes(), 0o600)
+    assert guest.peak_chunk <= control.CHUNK
+    chunks = []
+    res = await control.request(sup.rec.control_socket, "get", {"path": "/big", "stream": True},
+                                on_data=lambda s, d: chunks.append(d), timeout=10)
+    assert res == {"size": 3 << 20} and b"".join(chunks) == big.read_bytes()
+    assert max(map(len, chunks)) <= 65536
+
+    async def short():
+        yield b"only this"
+    with pytest.raises(errors.GuestFileError, match="input ended after 9 of 100"):
+        await control.request(sup.rec.control_socket, "put",
+                              {"path": "/short", "stream": True, "length": 100},
+                              payload_source=_aiter_source(short()), timeout=10)
+    assert "/short" not in guest.files
+    with pytest.raises(errors.GuestFileError, match="No such file"):
+        await control.request(sup.rec.control_socket, "get", {"path": "/nope", "stream": True},
+                              on_data=lambda s, d: None, timeout=10)
 
 
 async def test_a_client_that_goes_away_cancels_its_command(vm_process):
