@@ -9,7 +9,9 @@ Prints, on this machine:
 * RSS and PSS per idle restored sandbox with four alive (target PSS ≤ 100 MiB);
 * the same via the CLI (``localsbx new`` + ``localsbx exec``), wall time including Python
   start-up;
-* the control plane (:mod:`bench.control`): each figure beside its raw reference.
+* the control plane (:mod:`bench.control`): each figure beside its raw reference;
+* the build step cache (:mod:`bench.stepcache`): no-op rebuild, ten steps with the last
+  one changed against the cold build, each beside its raw reference.
 
 Targets are printed beside the figures; nothing here fails a build (the machines are shared
 and noisy). Results are also written to ``bench/results/latest.json``.
@@ -143,6 +145,10 @@ def main() -> None:
     from bench import serve
 
     results["serve"] = serve.run(IMAGE, args.runs)
+
+    from bench import stepcache
+
+    results["stepcache"] = stepcache.run(min(args.runs, 3))
 
     if not args.skip_plugin:
         from bench import plugin_suite

@@ -45,19 +45,116 @@ _streamed_output = False
 
 
 class _CliReporter:
-    def __init__(self, quiet: bool = False) -> None:
+    """Build progress on stderr. On a terminal step output streams as it comes; piped, each
+    output line is prefixed with its step (``#3 ...``, as ``docker buildx --progress
+    plain``), so interleaved logs stay readable. Cached steps say ``CACHED``."""
+
+    def __init__(self, quiet: bool = False, plain: bool | None = None) -> None:
         self.quiet = quiet
+        self.plain = not sys.stderr.isatty() if plain is None else plain
+        self.step = ""
+        self.partial = b""
 
     def say(self, text: str) -> None:
-        style = "yellow" if text.startswith("warning") else "bold"
+        import re
+
+        m = re.match(r"\[(\d+)/\d+\] ", text)
+        if m:
+            self._end_line()
+            self.step = m.group(1)
+        style = ("yellow" if text.startswith("warning") else
+                 "blue" if m and text[m.end():].startswith("CACHED ") else "bold")
         err.print(f"[{style}]{_esc(text)}[/]")
 
     def output(self, chunk: bytes) -> None:
         global _streamed_output
-        if not self.quiet:
-            _streamed_output = True
-            sys.stderr.buffer.write(chunk)
+        if self.quiet:
+            return
+        _streamed_output = True
+        if self.plain and self.step:
+            *lines, self.partial = (self.partial + chunk).split(b"\n")
+            chunk = b"".join(f"#{self.step} ".encode() + ln + b"\n" for ln in lines)
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.buffer.flush()
+
+    def _end_line(self) -> None:
+        if self.partial:
+            sys.stderr.buffer.write(f"#{self.step} ".encode() + self.partial + b"\n")
             sys.stderr.buffer.flush()
+            self.partial = b""
+
+    def close(self, failed: bool = False) -> None:
+        self._end_line()
+
+
+class _LiveReporter:
+    """Build progress as a live view on a terminal (``docker buildx`` style): one line per
+    step with its mark (``CACHED``, running, done) and time, the last lines of the running
+    step's output under it; other status lines print above the view."""
+
+    TAIL = 6
+
+    def __init__(self, quiet: bool = False, console: Console | None = None) -> None:
+        from collections import deque
+
+        from rich.live import Live
+
+        self.quiet = quiet
+        self.console = console or err
+        self.entries: list[list] = []  # [label, mark, started, ended]
+        self.tail: deque[str] = deque(maxlen=self.TAIL)
+        self.partial = ""
+        self.live = Live(self, console=self.console, refresh_per_second=8, transient=False)
+        self.live.start()
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.text import Text
+
+        now = time.monotonic()
+        lines = []
+        for label, mark, t0, t1 in self.entries:
+            secs = f"{(t1 or now) - t0:5.1f}s" if mark != "CACHED" else "      "
+            style = {"CACHED": "blue", "done": "green", "running": "bold",
+                     "failed": "red"}[mark]
+            sign = {"CACHED": "CACHED ", "done": "\u2714 ", "running": "\u2026 ",
+                    "failed": "\u2718 "}[mark]
+            lines.append(Text.assemble((secs + " ", "dim"), (sign, style), label))
+        if self.entries and self.entries[-1][1] == "running":
+            for ln in [*self.tail, *([self.partial] if self.partial else [])][-self.TAIL:]:
+                lines.append(Text("        | " + ln, style="dim"))
+        return Group(*lines)
+
+    def _finish(self, mark: str = "done") -> None:
+        if self.entries and self.entries[-1][1] == "running":
+            self.entries[-1][1:] = [mark, self.entries[-1][2], time.monotonic()]
+
+    def say(self, text: str) -> None:
+        import re
+
+        m = re.match(r"(\[\d+/\d+\]) (CACHED )?(.*)", text)
+        if m:
+            self._finish()
+            self.tail.clear()
+            self.partial = ""
+            self.entries.append([f"{m.group(1)} {m.group(3)}",
+                                 "CACHED" if m.group(2) else "running", time.monotonic(), 0.0])
+        else:
+            if text.startswith("build steps done"):
+                self._finish()
+            style = "yellow" if text.startswith("warning") else "bold"
+            self.console.print(f"[{style}]{_esc(text)}[/]")
+        self.live.refresh()
+
+    def output(self, chunk: bytes) -> None:
+        if self.quiet:
+            return
+        *lines, self.partial = (self.partial + chunk.decode(errors="replace")).split("\n")
+        self.tail.extend(ln.rstrip("\r") for ln in lines)
+
+    def close(self, failed: bool = False) -> None:
+        self._finish("failed" if failed else "done")
+        self.live.stop()
 
 
 def _pairs(option: str, values: list[str]) -> dict[str, str]:
@@ -181,7 +278,12 @@ def image_build(
     target: Annotated[Optional[str], typer.Option(
         "--target", help="Dockerfile stage to build (default: the last).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Build even if unchanged.")] = False,
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", help="Run every step again (ignore the step cache).")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Do not echo step output.")] = False,
+    progress: Annotated[str, typer.Option(
+        "--progress", help="auto (a live view on a terminal, else plain), plain (prefixed "
+        "lines) or tty (the live view).")] = "auto",
     project: ProjectOpt = None,
 ):
     """Build an image and register it in the project."""
@@ -206,8 +308,18 @@ def image_build(
         if not sid or not src:
             raise ConfigError(f"--secret {item}: expected id=ID,src=FILE")
         secrets[sid] = src
-    rec = build_image(definition, context_dir=ctx, name=name or definition.name, project=project,
-                      reporter=_CliReporter(quiet), force=force, secrets=secrets)
+    if progress not in ("auto", "plain", "tty"):
+        raise ConfigError(f"--progress {progress!r}: expected auto, plain or tty")
+    live = progress == "tty" or progress == "auto" and err.is_terminal
+    rep = _LiveReporter(quiet) if live else _CliReporter(quiet, plain=progress == "plain" or None)
+    try:
+        rec = build_image(definition, context_dir=ctx, name=name or definition.name,
+                          project=project, reporter=rep, force=force, secrets=secrets,
+                          no_cache=no_cache)
+    except BaseException:
+        rep.close(failed=True)
+        raise
+    rep.close()
     err.print(f"[green]built {rec.name}[/] in {time.monotonic() - t:.1f} s")
     if not sys.stdout.isatty():
         print(rec.name)
@@ -247,6 +359,38 @@ def image_rm(name: str, project: ProjectOpt = None):
     """Unregister an image (its files go when nothing uses them)."""
     store.remove_image(name, project=project)
     err.print(f"removed {name}")
+
+
+@image_app.command("history")
+def image_history(name: str, as_json: JsonOpt = False, project: ProjectOpt = None):
+    """Show an image's build steps: cached or run by the build that made it, time, size."""
+    i = store.lookup_image(name, project=project)
+    if not i.meta.steps:
+        err.print(f"image {name} has no step history (built before the step cache)")
+    if as_json:
+        out.print_json(data=[vars(s) for s in i.meta.steps])
+        return
+    rows = [("STEP", "RESULT", "TIME", "SIZE", "INSTRUCTION")]
+    for n, s in enumerate(i.meta.steps, 1):
+        rows.append((str(n), "CACHED" if s.cached else "run", f"{s.seconds:.1f} s",
+                     _size(s.size), s.step))
+    _print_columns(rows)
+
+
+@image_app.command("logs")
+def image_logs(name: str, project: ProjectOpt = None):
+    """Print the output of every build step of an image (cached steps: from the build that
+    ran them)."""
+    from localsbx import layers
+
+    i = store.lookup_image(name, project=project)
+    if not i.meta.steps:
+        err.print(f"image {name} has no step logs (built before the step cache)")
+    for n, s in enumerate(i.meta.steps, 1):
+        print(f"#{n} {'CACHED ' if s.cached else ''}{s.step}", flush=True)
+        data = layers.output(s.layer)
+        sys.stdout.buffer.write(data if not data or data.endswith(b"\n") else data + b"\n")
+        sys.stdout.buffer.flush()
 
 
 # ----------------------------------------------------------------------------- sandboxes
@@ -659,6 +803,18 @@ def gc():
     n = store.reap()
     gone = store.gc_images()
     err.print(f"reaped {n} sandbox(es); removed {len(gone)} unused image folder(s)")
+
+
+@app.command("prune")
+def prune():
+    """Free what no image uses: unused image folders and cached build steps no image needs
+    (never what an image, a running sandbox or a checkpoint still uses)."""
+    from localsbx import layers
+
+    rep = layers.prune()
+    err.print(f"removed {len(rep.layers)} cached step(s) and {len(rep.images)} image folder(s), "
+              f"freed {_size(rep.freed_bytes) if rep.freed_bytes else '0 B'}; "
+              f"kept {rep.kept_layers} step(s) in use")
 
 
 @app.command("serve")

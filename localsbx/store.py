@@ -140,6 +140,19 @@ class SnapshotMeta:
 
 
 @dataclass(frozen=True)
+class StepMeta:
+    """One build step of an image (``image.json`` ``steps``): its layer id in the step cache
+    (:mod:`localsbx.layers`), the step as shown, whether this build took it from the cache,
+    the seconds it ran (when it was made) and the bytes its disk layer holds."""
+
+    layer: str
+    step: str
+    cached: bool
+    seconds: float = 0.0
+    size: int = 0
+
+
+@dataclass(frozen=True)
 class ImageMeta:
     """``images/<digest>/image.json``, written once by the builder; this module reads it.
 
@@ -162,11 +175,16 @@ class ImageMeta:
     created_at: float = 0.0
     build_seconds: float = 0.0
     accel: str = ""
+    #: the build steps (the step cache's layers) and the id of the disk layer
+    #: ``build.qcow2`` is an overlay of ("": none, or an image built before the cache)
+    steps: tuple[StepMeta, ...] = ()
+    layer: str = ""
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["warnings"] = list(self.warnings)
+        d["steps"] = [asdict(s) for s in self.steps]
         extra = d.pop("extra")
         return {**extra, **d}
 
@@ -180,6 +198,9 @@ class ImageMeta:
                     if f.name in data["snapshot"] or f.default is MISSING}
             kw["snapshot"] = SnapshotMeta(**snap)
             kw["warnings"] = tuple(kw.get("warnings") or ())
+            step_keys = {f.name for f in fields(StepMeta)}
+            kw["steps"] = tuple(StepMeta(**{k: v for k, v in s.items() if k in step_keys})
+                                for s in kw.get("steps") or ())
             return cls(**kw, extra={k: v for k, v in data.items() if k not in known})
         except (KeyError, TypeError) as exc:
             raise ValueError(f"incomplete image record: {exc}") from exc
@@ -339,6 +360,7 @@ def gc_images(*, min_age: float = 60.0) -> list[str]:
                 named |= {e.get("digest") for e in _read_table(proj.name).values()}
     in_use = {s.image_digest for s in list_sandboxes(reap_dead=False)}
     in_use |= {c.image_digest for c in list_checkpoints()}
+    in_use |= _layer_pins()
     gone = []
     now = time.time()
     for d in root.iterdir():
@@ -721,8 +743,18 @@ def drop_image_if_unused(digest: str) -> bool:
         return False
     if any(c.image_digest == digest for c in list_checkpoints()):
         return False
+    if digest in _layer_pins():
+        return False
     _rmtree(image_dir(digest))
     return True
+
+
+def _layer_pins() -> set[str]:
+    """Images whose disk is the root of a cached build step's chain (built before the step
+    cache, then used as a FROM): kept until those steps are pruned."""
+    from localsbx import layers
+
+    return layers.pinned_images()
 
 
 def image_is_named(digest: str) -> bool:

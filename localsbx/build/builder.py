@@ -1,21 +1,29 @@
 """Build an image: IR → build VM → snapshot → registered name.
 
+0. Every op gets a cache key (:mod:`localsbx.layers`: parent key, the op after
+   substitution, what it reads); the longest cached prefix is taken as is (``[i/n] CACHED``).
 1. A build VM (default 2 vCPU / 4096 MiB, Tensorlake's builder size) cold-boots on a new
-   overlay over the base rootfs. Each op runs through the guest agent: ``Run`` as its argv
-   with the image ENV, the ARG values in scope, the current WORKDIR, stdin at EOF, and every
-   process it left behind killed when it ends (a RUN's background processes do not survive
-   the step, as in Docker); ``Copy``/``Add`` as one tar stream extracted at ``/``;
-   ``Env``/``Workdir`` change the state later steps see (WORKDIR is created).
-2. The guest syncs and powers off; its overlay is frozen (``build.qcow2``).
+   layer over the last cached step's disk (or the base rootfs). Each remaining op runs
+   through the guest agent: ``Run`` as its argv with the image ENV, the ARG values in scope,
+   the current WORKDIR, stdin at EOF, and every process it left behind killed when it ends
+   (a RUN's background processes do not survive the step, as in Docker);
+   ``Copy``/``Add`` as one tar stream extracted at ``/``; ``Env``/``Workdir`` change the
+   state later steps see (WORKDIR is created). After each op that may write the disk, QMP
+   ``blockdev-snapshot-sync`` freezes what it wrote as its layer and the VM goes on on a
+   new one; no VM boots when only ``ENV``/``USER`` are left.
+2. The guest syncs and powers off; the last layer is frozen; ``build.qcow2`` is an empty
+   frozen overlay of it.
 3. A snapshot VM boots at the sandbox default shape (1 vCPU / 1024 MiB, Tensorlake's
    default) on a new overlay over ``build.qcow2`` with RAM in ``snap/ram``, runs one command
    (warming the page cache sandboxes will use), closes its sessions, syncs and is snapshotted
    (method C: ``snap/disk.qcow2`` + ``snap/ram`` + ``snap/state.mig``).
-4. ``image.json`` is written, the folder renamed to ``images/<digest>`` and the name
-   registered. Any failure before that removes the folder and leaves no QEMU.
+4. ``image.json`` is written (with the steps: layer, cached or run, time, size), the folder
+   renamed to ``images/<digest>`` and the name registered. Any failure before that removes
+   the folder, and the layer of the step that failed, and leaves no QEMU; the layers of the
+   steps that finished stay in the cache.
 
 An unchanged definition (same digest: ops, context files, base, snapshot shape) is not built
-again; the name is just registered.
+again; the name is just registered (nothing boots).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from localsbx import paths, store
+from localsbx import layers, paths, store
 from localsbx.build.steps import TAIL_BYTES, BuildState, run_stages, runtime_env, user_home
 from localsbx.definition.ops import Copy, ImageDefinition
 from localsbx.errors import (
@@ -125,6 +133,7 @@ async def build_image_async(
     reporter: Reporter | None = None,
     force: bool = False,
     secrets: Mapping[str, str | Path] | None = None,
+    no_cache: bool = False,
 ) -> store.ImageRecord:
     """Build ``definition`` and register it as ``name`` (default ``definition.name``).
 
@@ -132,7 +141,9 @@ async def build_image_async(
         when the definition copies local files, as in Tensorlake's ``Image.build``.
     :param project: the project to register in (default: ``$LOCALSBX_PROJECT`` or
         ``default``).
-    :param force: build even if an identical image exists.
+    :param force: build even if an identical image exists (every step runs again).
+    :param no_cache: run every step again, ignoring the step cache and an identical
+        image (the new steps are cached for later builds).
     :param secrets: ``RUN --mount=type=secret`` sources, id -> host file; read at build
         time, visible to the steps that mount them, never stored in the image or its
         metadata (and not part of the image digest, as in BuildKit).
@@ -177,7 +188,7 @@ async def build_image_async(
         f"{context_digest}|base={base.digest}|snap={SNAPSHOT_FORMAT}:{SANDBOX_CPUS}:{SANDBOX_MEMORY_MIB}"
         f"|build={definition.build_cpus}:{definition.build_memory_mb}"
         + (f"|from={parent.digest}" if parent else ""))[:32]
-    if not force:
+    if not (force or no_cache):
         with contextlib.suppress(Exception):
             old = store.ImageMeta.from_json(store.read_json(store.image_dir(digest) / "image.json"))
             if old.digest == digest and _intact(store.image_dir(digest), old, name, rep):
@@ -191,100 +202,319 @@ async def build_image_async(
         except OSError as exc:
             raise ConfigError(f"--secret id={sid}: cannot read {src}: {exc.strerror}",
                               hint="give src=PATH of a readable file") from None
-    accel = await choose_accel(base.kernel, base.initrd)
-    rep.say(f"accelerator: {accel.kind.upper()} ({accel.reason})")
-    client_key = store.management_key()
-    tmp = store.new_image_tmpdir()
+    keys = await asyncio.to_thread(_step_keys, definition, ctx, base, parent)
     started = time.monotonic()
+    with layers.build_lock():
+        return await _build(definition, ctx, rep, name=name, project=project, digest=digest,
+                            base=base, parent=parent, keys=keys, timeout=timeout,
+                            secret_data=secret_data, use_cache=not (force or no_cache),
+                            started=started)
+
+
+def _step_keys(definition: ImageDefinition, ctx, base, parent: store.ImageRecord | None
+               ) -> list[str]:
+    """The cache key of every op of ``definition`` (see :mod:`localsbx.layers`): reads the
+    build-context files each op copies or binds.
+
+    :raises DefinitionError: a COPY source is missing.
+    """
+    import hashlib
+    import json
+
+    key = layers.root_key(base_digest=base.digest, parent_image=parent.digest if parent else "",
+                          build_cpus=definition.build_cpus,
+                          build_memory_mb=definition.build_memory_mb)
+    stages = ""
+    if definition.stages:  # any op reading a stage depends on all of them (conservative)
+        st_reads = [r for st in definition.stages for r in _context_reads(st.definition)]
+        h = hashlib.sha256(json.dumps([st.definition.to_json() for st in definition.stages]
+                                      + [st.key for st in definition.stages],
+                                      sort_keys=True).encode())
+        if ctx is not None and st_reads:
+            h.update(ctx.digest(st_reads).encode())
+        stages = h.hexdigest()
+    out = []
+    for op, op_json in zip(definition.ops, definition.to_json()["ops"], strict=True):
+        reads: list[str] = []
+        if isinstance(op, Copy) and op.from_stage is not None:
+            reads.append("stages:" + stages)
+        elif isinstance(op, Copy) and not op.inline and ctx is not None:
+            reads.append(ctx.digest(op))
+        for m in getattr(op, "mounts", ()):
+            if m.type == "bind" and m.from_stage is not None:
+                reads.append("stages:" + stages)
+            elif m.type == "bind" and ctx is not None:
+                reads.append(ctx.digest(m.source or "."))
+        key = layers.step_key(key, op_json, "|".join(reads))
+        out.append(key)
+    return out
+
+
+class _StepLog:
+    """A reporter that forwards everything to ``rep`` and keeps each step's output."""
+
+    def __init__(self, rep: Reporter) -> None:
+        self.rep = rep
+        self.buf = bytearray()
+
+    def say(self, text: str) -> None:
+        self.rep.say(text)
+
+    def output(self, chunk: bytes) -> None:
+        self.buf.extend(chunk)
+        if len(self.buf) > 2 * layers.OUTPUT_MAX:
+            del self.buf[:-layers.OUTPUT_MAX]
+        self.rep.output(chunk)
+
+    def take(self) -> bytes:
+        out = bytes(self.buf)
+        self.buf.clear()
+        return out
+
+
+class _NoGuest:
+    """The guest of a build whose remaining ops touch no disk (``ENV``/``USER``): no VM."""
+
+    def __getattr__(self, name):  # pragma: no cover - run_ops never calls it for ENV/USER
+        raise ImageBuildError(f"internal error: guest.{name} called without a build VM")
+
+
+async def _build(definition: ImageDefinition, ctx, rep: Reporter, *, name: str, project: str,
+                 digest: str, base, parent: store.ImageRecord | None, keys: list[str],
+                 timeout: float | None, secret_data: dict[str, bytes], use_cache: bool,
+                 started: float) -> store.ImageRecord:
+    """The build proper, under the layers' build lock: cached prefix, build VM for the
+    rest (a disk layer per step), snapshot VM, registration."""
+    from localsbx.build.steps import touches_disk, uses_stages
+
+    ops = definition.ops
+    n = len(ops)
+    # ---- 0. the chain's root and the longest cached prefix
+    pins = ""
+    root_below: str | None = None
+    if parent is not None and parent.meta.layer and layers.read(parent.meta.layer):
+        root_below = parent.meta.layer
+        top = layers.read(root_below)
+        root, root_depth, pins = top.root, top.depth, top.pins_image
+    elif parent is not None:  # built before the step cache: its disk is the root
+        root, pins, root_depth = str(parent.path / "build.qcow2"), parent.digest, 0
+    else:
+        root, root_depth = str(base.rootfs), 0
+    cached = layers.longest_prefix(keys) if use_cache else []
+    if cached and len(cached) < n and definition.stages and uses_stages(ops[len(cached):]):
+        rep.say("the steps left read other stages, which are built on the pristine root: "
+                "running every step")
+        cached = []
+    j = len(cached)
+    if parent:
+        initial = BuildState(dict(parent.env), parent.workdir, parent.user)
+        rep.say(f"FROM image {parent.name} ({parent.digest[:12]})")
+    else:
+        initial = BuildState()
+    if cached:
+        last = cached[-1]
+        initial = BuildState(dict(last.env), last.workdir, last.user)
+    for i in range(1, j + 1):
+        rep.say(f"[{i}/{n}] CACHED {ops[i - 1].describe()}")
+    history: list[store.StepMeta] = [
+        store.StepMeta(layer=r.id, step=r.step, cached=True, seconds=r.seconds, size=r.size)
+        for r in cached]
+
+    # state of the disk chain while steps run
+    cur_disk: str | None = cached[-1].disk if cached else root_below
+    cur_depth = (layers.read(cur_disk).depth if cur_disk and layers.read(cur_disk)
+                 else root_depth)
+    prev_id: str | None = cached[-1].id if cached else None
+    disk_steps = [i for i in range(j + 1, n + 1) if touches_disk(ops[i - 1])]
+    active: str | None = None       # layer folder the VM writes to now
+    reserved: list[str] = []        # folders begun by this build (abandoned on failure)
+    pending: list[tuple[layers.LayerRecord, bytes]] = []  # waiting for their disk to freeze
+    log_ = _StepLog(rep)
+    tmp = store.new_image_tmpdir()
+    accel = None
+    client_key = store.management_key()
+
+    def record(i: int, op, state: BuildState, seconds: float, lid: str, disk_id: str | None,
+               below: str | None, depth: int) -> layers.LayerRecord:
+        return layers.LayerRecord(
+            id=lid, key=keys[i - 1], parent=prev_id, disk=disk_id, below=below, root=root,
+            depth=depth, step=op.describe(), env=dict(state.env), workdir=state.workdir,
+            user=state.user, seconds=round(seconds, 2), pins_image=pins)
+
+    def flush() -> None:
+        for r, out in pending:
+            c = layers.commit(r, out)
+            history.append(store.StepMeta(layer=c.id, step=c.step, cached=False,
+                                          seconds=c.seconds, size=c.size))
+            if c.id in reserved:
+                reserved.remove(c.id)
+        pending.clear()
+
     try:
-        # ---- 1. build VM
-        build_disk = tmp / "build.qcow2"
-        await disk.create_overlay(build_disk, parent.path / "build.qcow2" if parent
-                                  else base.rootfs)
-        rep.say(f"booting build VM ({definition.build_cpus} vCPU, {definition.build_memory_mb} MiB) "
-                f"from base {base.name}")
-        async with await Machine.cold_boot(
-            kernel=base.kernel, initrd=base.initrd, disk=build_disk, workdir=tmp,
-            accel=accel, client_key=client_key, cpus=definition.build_cpus,
-            memory_mib=definition.build_memory_mb, name=f"localsbx-build-{name}",
-        ) as vm:
-            initial = None
-            if parent:
-                initial = BuildState(dict(parent.env), parent.workdir, parent.user)
-                rep.say(f"FROM image {parent.name} ({parent.digest[:12]})")
-            try:
-                state = await run_stages(vm.guest, definition, ctx, rep, timeout=timeout,
-                                         initial=initial, secrets=secret_data,
-                                         cache_dir=paths.data_dir() / "build-cache")
-            except (ImageBuildError, GuestError) as exc:
-                raise _with_console(exc, vm) from exc
-            env, workdir = state.env, state.workdir
-            if state.user and "HOME" not in env:  # docker run: HOME of the image's USER
-                env = {"HOME": await user_home(vm.guest, state.user), **env}
-            rep.say("build steps done; syncing and powering off the build VM")
-            if not await vm.poweroff():
-                rep.say("warning: the build VM did not power off in time; it was killed")
-        if parent:  # the image must not depend on the parent's folder, which may go
-            await disk.rebase(build_disk, base.rootfs)
-        disk.freeze(build_disk)
+        state = initial
+        if j < n:
+            step_t = [time.monotonic()]
+            vm: Machine | None = None
 
-        # ---- 2. snapshot VM at the sandbox shape
-        snap = tmp / "snap"
-        snap.mkdir()
-        snap_disk = snap / "disk.qcow2"
-        await disk.create_overlay(snap_disk, build_disk)
-        rep.say(f"booting snapshot VM ({SANDBOX_CPUS} vCPU, {SANDBOX_MEMORY_MIB} MiB)")
-        vm = await Machine.cold_boot(
-            kernel=base.kernel, initrd=base.initrd, disk=snap_disk, workdir=snap, accel=accel,
-            client_key=client_key, cpus=SANDBOX_CPUS, memory_mib=SANDBOX_MEMORY_MIB,
-            ram_file=snap / "ram", ram_share=True, name=f"localsbx-snap-{name}",
-        )
-        try:
-            warm = await vm.guest.exec(["/bin/sh", "-c", "true"], env=runtime_env(env),
-                                       cwd=workdir)
-            if warm.exit_status == 127:  # a rootfs without a shell (exec form only)
-                from localsbx.guest.ssh import KIT_BUSYBOX
+            async def after_step(i: int, op, st: BuildState) -> None:
+                # a disk step's layer is the folder the VM wrote it to; it is frozen (and its
+                # record, and those of the ENV/USER steps after it, committed) once the VM
+                # writes elsewhere: at the next disk step, or after the poweroff
+                nonlocal cur_disk, cur_depth, prev_id, active
+                secs = time.monotonic() - step_t[0]
+                out = log_.take()
+                if touches_disk(op):
+                    lid = active
+                    pending.append((record(i, op, st, secs, lid, lid, cur_disk, cur_depth + 1),
+                                    out))
+                    cur_disk, cur_depth = lid, cur_depth + 1
+                    later = [k for k in disk_steps if k > i]
+                    if later and vm is not None:
+                        nxt = layers.begin(keys[later[0] - 1])
+                        reserved.append(nxt)
+                        await vm.new_disk_layer(layers.disk_path(nxt))
+                        active = nxt
+                else:
+                    lid = layers.begin(keys[i - 1])
+                    reserved.append(lid)
+                    pending.append((record(i, op, st, secs, lid, cur_disk, None, cur_depth),
+                                    out))
+                if cur_disk != active:
+                    flush()
+                prev_id = lid
+                step_t[0] = time.monotonic()
 
-                warm = await vm.guest.exec([KIT_BUSYBOX, "true"], env=runtime_env(env),
-                                           cwd=workdir)
-            if warm.exit_status != 0:
-                raise ImageBuildError(f"image {name}: the snapshot VM cannot run commands in "
-                                      f"WORKDIR {workdir}: {warm.stderr.decode(errors='replace')}")
-            await vm.guest.agent("sync")
-            await vm.guest.close()
-            await asyncio.sleep(0.5)  # let the guest's per-connection server process exit
-            key = snapshot.snapshot_key(vm.qemu.spec, kernel_digest=base.kernel_digest)
-            await snapshot.save(vm.qemu, snap / "state.mig")
-        finally:
-            await vm.stop()
-        host_key = vm.host_key.export_public_key("openssh").decode().strip()
-        for f in (snap_disk, snap / "ram", snap / "state.mig"):
-            disk.freeze(f)
-        (snap / "serial.log").unlink(missing_ok=True)
-
-        # ---- 3. metadata, commit, register
-        final = store.image_dir(digest)
-        await disk.rebase_unsafe(snap_disk, final / "build.qcow2")
-        meta = store.ImageMeta(
-            name=name, digest=digest, base=base.name, base_digest=base.digest,
-            source=definition.source, definition=_redacted(definition.to_json()),
-            warnings=tuple(definition.warnings), env=env, workdir=workdir, user=state.user,
-            created_at=time.time(), build_seconds=round(time.monotonic() - started, 1),
-            accel=accel.kind,
-            snapshot=store.SnapshotMeta(
-                key=key, host_key=host_key, cpus=SANDBOX_CPUS, memory_mib=SANDBOX_MEMORY_MIB,
-                state_size=(snap / "state.mig").stat().st_size,
-                ram_size=(snap / "ram").stat().st_size, format=SNAPSHOT_FORMAT,
-                state_digest=await asyncio.to_thread(snapshot.file_digest, snap / "state.mig"),
-                ram_digest=await asyncio.to_thread(snapshot.file_digest, snap / "ram")))
-        store.write_json_atomic(tmp / "image.json", meta.to_json())
-        store.commit_image_dir(tmp, digest)
+            if disk_steps:
+                active = layers.begin(keys[disk_steps[0] - 1])
+                reserved.append(active)
+                below = layers.disk_path(cur_disk) if cur_disk else Path(root)
+                await disk.create_overlay(layers.disk_path(active), below)
+                accel = await choose_accel(base.kernel, base.initrd)
+                rep.say(f"accelerator: {accel.kind.upper()} ({accel.reason})")
+                rep.say(f"booting build VM ({definition.build_cpus} vCPU, "
+                        f"{definition.build_memory_mb} MiB) from base {base.name}"
+                        + (f", resuming after step {j}" if j else ""))
+                async with await Machine.cold_boot(
+                    kernel=base.kernel, initrd=base.initrd, disk=layers.disk_path(active),
+                    workdir=tmp, accel=accel, client_key=client_key,
+                    cpus=definition.build_cpus, memory_mib=definition.build_memory_mb,
+                    name=f"localsbx-build-{name}",
+                ) as vm:
+                    step_t[0] = time.monotonic()
+                    try:
+                        state = await run_stages(
+                            vm.guest, definition, ctx, log_, timeout=timeout, initial=initial,
+                            secrets=secret_data, cache_dir=paths.data_dir() / "build-cache",
+                            start=j, after_step=after_step)
+                    except (ImageBuildError, GuestError) as exc:
+                        raise _with_console(exc, vm) from exc
+                    rep.say("build steps done; syncing and powering off the build VM")
+                    if not await vm.poweroff():
+                        rep.say("warning: the build VM did not power off in time; it was "
+                                "killed")
+                active = None
+            else:  # only ENV/USER left: no VM
+                state = await run_stages(_NoGuest(), definition, ctx, log_, timeout=timeout,
+                                         initial=initial, start=j, after_step=after_step)
+            flush()
+        elif cached:
+            state = initial
+        top = cur_disk
+        if top is not None:
+            top_rec = layers.read(top)
+            if top_rec is not None and top_rec.depth > layers.MAX_DEPTH:
+                rep.say(f"flattening the disk chain ({top_rec.depth} layers deep)")
+                flat = tmp / "flat.qcow2"
+                await disk.copy_sparse(layers.disk_path(top), flat)
+                os.chmod(flat, 0o600)
+                await disk.rebase(flat, base.rootfs, timeout=disk.COPY_TIMEOUT)
+                layers.replace_disk(top_rec, flat, root=str(base.rootfs))
+        return await _snapshot_and_register(
+            definition, rep, tmp=tmp, name=name, project=project, digest=digest, base=base,
+            top=top, root=Path(root), pinned=bool(pins), state=state, accel=accel,
+            client_key=client_key, history=history, started=started)
     except BaseException:
         store.discard_tmpdir(tmp)
+        for lid in reserved:
+            layers.abandon(lid)
         raise
+
+
+async def _snapshot_and_register(definition: ImageDefinition, rep: Reporter, *, tmp: Path,
+                                 name: str, project: str, digest: str, base, top: str | None,
+                                 root: Path, pinned: bool, state: BuildState, accel,
+                                 client_key, history: list[store.StepMeta],
+                                 started: float) -> store.ImageRecord:
+    """Steps 2-3: ``build.qcow2`` (an empty overlay of the top disk layer), the snapshot VM,
+    ``image.json``, commit and register. The caller removes ``tmp`` on failure."""
+    build_disk = tmp / "build.qcow2"
+    await disk.create_overlay(build_disk, layers.disk_path(top) if top else root)
+    if top is None and pinned:  # the image must not depend on a pre-cache parent's folder
+        await disk.rebase(build_disk, base.rootfs)
+    disk.freeze(build_disk)
+    if accel is None:
+        accel = await choose_accel(base.kernel, base.initrd)
+        rep.say(f"accelerator: {accel.kind.upper()} ({accel.reason})")
+
+    # ---- 2. snapshot VM at the sandbox shape
+    snap = tmp / "snap"
+    snap.mkdir()
+    snap_disk = snap / "disk.qcow2"
+    await disk.create_overlay(snap_disk, build_disk)
+    rep.say(f"booting snapshot VM ({SANDBOX_CPUS} vCPU, {SANDBOX_MEMORY_MIB} MiB)")
+    vm = await Machine.cold_boot(
+        kernel=base.kernel, initrd=base.initrd, disk=snap_disk, workdir=snap, accel=accel,
+        client_key=client_key, cpus=SANDBOX_CPUS, memory_mib=SANDBOX_MEMORY_MIB,
+        ram_file=snap / "ram", ram_share=True, name=f"localsbx-snap-{name}",
+    )
+    try:
+        env, workdir = state.env, state.workdir
+        if state.user and "HOME" not in env:  # docker run: HOME of the image's USER
+            env = {"HOME": await user_home(vm.guest, state.user), **env}
+        warm = await vm.guest.exec(["/bin/sh", "-c", "true"], env=runtime_env(env),
+                                   cwd=workdir)
+        if warm.exit_status == 127:  # a rootfs without a shell (exec form only)
+            from localsbx.guest.ssh import KIT_BUSYBOX
+
+            warm = await vm.guest.exec([KIT_BUSYBOX, "true"], env=runtime_env(env),
+                                       cwd=workdir)
+        if warm.exit_status != 0:
+            raise ImageBuildError(f"image {name}: the snapshot VM cannot run commands in "
+                                  f"WORKDIR {workdir}: {warm.stderr.decode(errors='replace')}")
+        await vm.guest.agent("sync")
+        await vm.guest.close()
+        await asyncio.sleep(0.5)  # let the guest's per-connection server process exit
+        key = snapshot.snapshot_key(vm.qemu.spec, kernel_digest=base.kernel_digest)
+        await snapshot.save(vm.qemu, snap / "state.mig")
+    finally:
+        await vm.stop()
+    host_key = vm.host_key.export_public_key("openssh").decode().strip()
+    for f in (snap_disk, snap / "ram", snap / "state.mig"):
+        disk.freeze(f)
+    (snap / "serial.log").unlink(missing_ok=True)
+
+    # ---- 3. metadata, commit, register
+    final = store.image_dir(digest)
+    await disk.rebase_unsafe(snap_disk, final / "build.qcow2")
+    meta = store.ImageMeta(
+        name=name, digest=digest, base=base.name, base_digest=base.digest,
+        source=definition.source, definition=_redacted(definition.to_json()),
+        warnings=tuple(definition.warnings), env=env, workdir=workdir, user=state.user,
+        created_at=time.time(), build_seconds=round(time.monotonic() - started, 1),
+        accel=accel.kind, steps=tuple(history), layer=top or "",
+        snapshot=store.SnapshotMeta(
+            key=key, host_key=host_key, cpus=SANDBOX_CPUS, memory_mib=SANDBOX_MEMORY_MIB,
+            state_size=(snap / "state.mig").stat().st_size,
+            ram_size=(snap / "ram").stat().st_size, format=SNAPSHOT_FORMAT,
+            state_digest=await asyncio.to_thread(snapshot.file_digest, snap / "state.mig"),
+            ram_digest=await asyncio.to_thread(snapshot.file_digest, snap / "ram")))
+    store.write_json_atomic(tmp / "image.json", meta.to_json())
+    store.commit_image_dir(tmp, digest)
     rec = store.register_image(project, name, digest)
+    ran = sum(not h.cached for h in history)
     rep.say(f"image {name} registered in project {project} "
-            f"({meta.build_seconds} s, digest {digest[:12]})")
+            f"({meta.build_seconds} s, digest {digest[:12]}, {len(history) - ran} step(s) "
+            f"cached, {ran} run)")
     return rec
 
 
@@ -344,10 +574,11 @@ def _with_console(exc: ImageBuildError | GuestError, vm: Machine) -> LocalsbxErr
 def build_image(definition: ImageDefinition, *, context_dir: str | Path | None = None,
                 name: str | None = None, project: str | None = None,
                 reporter: Reporter | None = None, force: bool = False,
-                secrets: Mapping[str, str | Path] | None = None) -> store.ImageRecord:
+                secrets: Mapping[str, str | Path] | None = None,
+                no_cache: bool = False) -> store.ImageRecord:
     """Synchronous :func:`build_image_async` (for scripts and ``Image.build``)."""
     from localsbx._loop import run_sync
 
     return run_sync(build_image_async(definition, context_dir=context_dir, name=name,
                                       project=project, reporter=reporter, force=force,
-                                      secrets=secrets))
+                                      secrets=secrets, no_cache=no_cache))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -129,7 +129,8 @@ async def run_ops(guest: Guest, defn: ImageDefinition, ctx: BuildContext | None,
                   stage_roots: Mapping[str, tuple[Guest, str]] | None = None,
                   initial: BuildState | None = None,
                   secrets: Mapping[str, bytes] | None = None,
-                  cache_dir: Path | None = None) -> BuildState:
+                  cache_dir: Path | None = None, start: int = 0,
+                  after_step: AfterStep | None = None) -> BuildState:
     """Run every op of ``defn`` in ``guest``, in order.
 
     :param ctx: the build context COPY/ADD read from (``None``: a COPY is an error).
@@ -140,7 +141,12 @@ async def run_ops(guest: Guest, defn: ImageDefinition, ctx: BuildContext | None,
     :param secrets: ``RUN --mount=type=secret`` contents by id (never written to the image).
     :param cache_dir: host folder of ``RUN --mount=type=cache`` contents (one folder per id).
     :param initial: the state to start from (an image built FROM another image: its ENV,
-        WORKDIR and USER); default Docker's.
+        WORKDIR and USER; a build resumed from the step cache: the state after step
+        ``start``); default Docker's.
+    :param start: how many leading ops are already done (the step cache had them): they
+        are skipped, the ``[i/n]`` numbering stays the definition's.
+    :param after_step: awaited after each op that ran, with its 1-based index, the op
+        and the state after it (the builder snapshots the disk there).
     :returns: the final :class:`BuildState`.
     :raises ImageBuildError: a step failed or timed out (step, exit code, output tail).
     :raises DefinitionError: a COPY without a context, a missing source, an unknown
@@ -150,6 +156,8 @@ async def run_ops(guest: Guest, defn: ImageDefinition, ctx: BuildContext | None,
     state = BuildState(dict(initial.env), initial.workdir, initial.user) if initial else BuildState()
     total = len(defn.ops)
     for i, op in enumerate(defn.ops, 1):
+        if i <= start:
+            continue
         rep.say(f"[{i}/{total}] {op.describe()}")
         if isinstance(op, Env):
             state.env[op.key] = op.value
@@ -185,7 +193,27 @@ async def run_ops(guest: Guest, defn: ImageDefinition, ctx: BuildContext | None,
             await _copy(guest, op, state, ctx, defn.source, timeout)
         else:  # pragma: no cover - the IR has five ops
             raise DefinitionError(f"unknown op {op!r}")
+        if after_step is not None:
+            await after_step(i, op, state)
     return state
+
+
+#: ``after_step(index, op, state)`` of :func:`run_ops`.
+AfterStep = Callable[[int, Op, BuildState], Awaitable[None]]
+
+
+def touches_disk(op: Op) -> bool:
+    """Whether an op may change the guest's file system (``ENV`` and ``USER`` only change
+    the build state)."""
+    return not isinstance(op, (Env, User))
+
+
+def uses_stages(ops: Sequence[Op]) -> bool:
+    """Whether any of ``ops`` reads an earlier stage (``COPY --from``, ``RUN --mount
+    from=``)."""
+    return any((isinstance(op, Copy) and op.from_stage is not None)
+               or any(m.from_stage is not None for m in getattr(op, "mounts", ()))
+               for op in ops)
 
 
 async def _owner_ids(guest: Guest, user: str) -> str:
@@ -611,10 +639,14 @@ async def run_stages(guest: Guest, defn: ImageDefinition, ctx: BuildContext | No
                      rep: Reporter, *, timeout: float | None, scratch: str = "/run/localsbx-stages",
                      initial: BuildState | None = None,
                      secrets: Mapping[str, bytes] | None = None,
-                     cache_dir: Path | None = None) -> BuildState:
+                     cache_dir: Path | None = None, start: int = 0,
+                     after_step: AfterStep | None = None) -> BuildState:
     """Run a whole definition: the other stages it copies from (each on its own overlay
     over the guest's pristine root, under ``scratch`` on a tmpfs), then the final stage's
-    ops on ``guest`` itself. The scratch roots are removed afterwards.
+    ops on ``guest`` itself. The scratch roots are removed afterwards. ``start`` and
+    ``after_step`` are :func:`run_ops`'s; the stages are built only when an op after
+    ``start`` reads one (the caller resumes with ``start > 0`` only then if the root is
+    still pristine, i.e. never: see the builder).
 
     :raises DefinitionError: a stage is FROM another base than the image (not supported)."""
     if isinstance(guest, ChrootGuest):
@@ -624,7 +656,7 @@ async def run_stages(guest: Guest, defn: ImageDefinition, ctx: BuildContext | No
     roots: dict[str, tuple[Guest, str]] = {}
     made: list[str] = []
     try:
-        for st in defn.stages:
+        for st in defn.stages if uses_stages(defn.ops[start:]) else ():
             if st.definition.base != defn.base:
                 raise DefinitionError(
                     f"stage {st.name or st.key} is FROM {st.definition.base} and the image "
@@ -638,7 +670,8 @@ async def run_stages(guest: Guest, defn: ImageDefinition, ctx: BuildContext | No
                           stage_roots=roots, secrets=secrets, cache_dir=cache_dir)
             roots[st.key] = (holder, m)
         return await run_ops(guest, defn, ctx, rep, timeout=timeout, stage_roots=roots,
-                             initial=initial, secrets=secrets, cache_dir=cache_dir)
+                             initial=initial, secrets=secrets, cache_dir=cache_dir,
+                             start=start, after_step=after_step)
     finally:
         for path in reversed(made):
             with contextlib.suppress(Exception):

@@ -220,6 +220,24 @@ class Machine:
         await self.guest.connect(timeout=CONNECT_TIMEOUT,
                                  alive=lambda: proc is None or proc.returncode is None)
 
+    async def new_disk_layer(self, overlay: Path, *, timeout: float = 60.0) -> None:
+        """Make the disk written so far immutable and go on writing to ``overlay``: the
+        guest syncs its file systems, then QMP ``blockdev-snapshot-sync`` (which drains and
+        flushes the device) creates ``overlay`` (qcow2, backed by the current file by its
+        absolute path) and switches the guest's disk to it. The previous file is then only
+        read by this QEMU; the caller may freeze it.
+
+        :param overlay: the new file (absolute; must not exist).
+        :raises GuestError: the guest's sync failed.
+        :raises VMError: QEMU refused the snapshot.
+        """
+        res = await self.guest.agent("sync", timeout=timeout)
+        if res.exit_status != 0:
+            raise GuestError(f"sync before a disk layer failed: {res.describe()}")
+        await self.qemu.execute("blockdev-snapshot-sync", {
+            "device": "root", "snapshot-file": str(overlay), "format": "qcow2",
+            "mode": "absolute-paths"}, timeout=timeout)
+
     async def poweroff(self, *, timeout: float = 30.0) -> bool:
         """Sync and power the guest off cleanly; ``True`` when QEMU exited by itself."""
         with contextlib.suppress(GuestError):
