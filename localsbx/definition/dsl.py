@@ -127,7 +127,8 @@ class Image:
         """Add a build command (Tensorlake: a list is joined with spaces into one command).
 
         :param commands: shell command, or a list of words joined with single spaces.
-        :param options: ``RUN --key=value`` flags; none are supported (error at build).
+        :param options: ``RUN --key=value`` flags, rendered as Tensorlake does
+            (``{"mount": "type=cache,target=/root/.cache"}`` is ``RUN --mount=...``).
         """
         args = list(commands) if isinstance(commands, list) else [commands]
         return self._add(_BuildOp(_OpType.RUN, args, dict(options or {})))
@@ -218,24 +219,25 @@ class Image:
     @staticmethod
     def _run_ops(op: _BuildOp, loc: SourceLocation, benv: tuple[tuple[str, str], ...],
                  base: str, warnings: list[str]) -> list[Op]:
-        if op.options:
-            raise DefinitionError(
-                "run(options=...) is not supported by localsbx: "
-                + ", ".join(f"--{k}" for k in op.options), location=loc,
-                hint="drop the options (--mount/--network need BuildKit)",
-            )
         command = " ".join(op.args)
-        if "\n" not in command:
+        if "\n" not in command and not op.options:
             return [replace(run_from_text(command, location=loc, warnings=warnings),
                             build_env=benv)]
-        try:  # multi-line: Dockerfile rules (heredocs), as Tensorlake's rendering
-            sub = parse_dockerfile(f"FROM {base}\nRUN {command}\n", source="<dsl>")
+        # options (``{"mount": "type=cache,target=/root/.cache"}``) or several lines: the
+        # line Tensorlake renders (``RUN --key=value ... command``) read by the Dockerfile
+        # front end, so RUN --mount and heredocs mean what they mean in a Dockerfile
+        try:
+            sub = parse_dockerfile(f"FROM {base}\n{op.render()}\n", source="<dsl>")
         except DefinitionError as exc:
-            raise DefinitionError(
-                f"run() command #{loc.line} spans several lines: {exc.message}", location=loc,
-                hint="a multi-line command must be a heredoc (<<EOF ... EOF), or join the "
-                "lines with && / ;",
-            ) from exc
+            what = "options" if op.options else "spans several lines"
+            hint = (exc.hint if op.options else
+                    "a multi-line command must be a heredoc (<<EOF ... EOF), or join the "
+                    "lines with && / ;")
+            inner = exc.message.split(": ", 1)[1] if exc.location else exc.message
+            raise DefinitionError(f"run() command #{loc.line} {what}: {inner}",
+                                  location=loc, hint=hint) from exc
+        warnings.extend(w.replace("line 2: ", f"run() command #{loc.line}: ", 1)
+                        for w in sub.warnings)
         return [replace(o, location=loc, build_env=benv) for o in sub.ops]
 
     def build(

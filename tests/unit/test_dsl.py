@@ -106,10 +106,27 @@ def test_bad_options_are_definition_errors():
     with pytest.raises(DefinitionError) as exc:
         Image().copy("a", "b", {"from": "builder"}).to_definition()
     assert "single-stage" in exc.value.message and exc.value.location.path == "<dsl>"
-    with pytest.raises(DefinitionError, match="--mount"):
-        Image().run("x", {"mount": "type=cache,target=/c"}).to_definition()
+    with pytest.raises(DefinitionError, match="run\\(\\) command #1 options: RUN flag --frob"):
+        Image().run("x", {"frob": "1"}).to_definition()
+    with pytest.raises(DefinitionError, match="needs type=cache"):
+        Image().run("x", {"mount": "type=weird"}).to_definition()
     with pytest.raises(DefinitionError, match="bad variable name"):
         Image().env("A B", "x").to_definition()
+
+
+def test_run_options_render_as_tensorlake_does_and_mean_what_run_flags_mean():
+    """Issue 8: ``options`` become ``--key=value`` flags (Tensorlake's render_op_line), so
+    ``run(..., {"mount": "type=cache,target=/root/.cache"})`` is a cache mount."""
+    img = Image().run("pip install x", {"mount": "type=cache,target=/root/.cache"})
+    assert img.dockerfile().splitlines()[-1] == \
+        "RUN --mount=type=cache,target=/root/.cache pip install x"
+    [run] = img.to_definition({"A": "1"}).ops
+    assert run.argv == ("/bin/sh", "-c", "pip install x") and run.build_env == (("A", "1"),)
+    [m] = run.mounts
+    assert (m.type, m.target) == ("cache", "/root/.cache")
+    d = Image().run("true", {"network": "none"}).to_definition()
+    assert d.warnings == ("run() command #1: RUN --network=none ignored (build steps have "
+                          "the build VM's network)",)
 
 
 def test_build_calls_the_builder_lazily(monkeypatch):
