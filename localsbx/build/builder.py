@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from localsbx import paths, store
+from localsbx.build import basetimes
 from localsbx.build.steps import TAIL_BYTES, BuildState, run_stages, runtime_env, user_home
 from localsbx.definition.ops import Copy, ImageDefinition
 from localsbx.errors import (
@@ -144,7 +145,7 @@ async def build_image_async(
     :raises ImageBuildError: a step failed (which, its exit code, its output tail); nothing
         is registered and no QEMU is left.
     """
-    from localsbx.base import get_base
+    from localsbx.base import get_base, record_timings
     from localsbx.build.resolve import resolve_from
     from localsbx.definition.context import BuildContext
 
@@ -250,6 +251,7 @@ async def build_image_async(
             if warm.exit_status != 0:
                 raise ImageBuildError(f"image {name}: the snapshot VM cannot run commands in "
                                       f"WORKDIR {workdir}: {warm.stderr.decode(errors='replace')}")
+            await basetimes.settle_init(vm, runtime_env(env), rep.say)  # systemd
             await vm.guest.agent("sync")
             await vm.guest.close()
             await asyncio.sleep(0.5)  # let the guest's per-connection server process exit
@@ -261,6 +263,13 @@ async def build_image_async(
         for f in (snap_disk, snap / "ram", snap / "state.mig"):
             disk.freeze(f)
         (snap / "serial.log").unlink(missing_ok=True)
+        if not base.timings:  # the first image on this base: its boot times for `base ls`
+            restore_s = await basetimes.measure_restore(
+                vm, kernel=base.kernel, snap=snap, accel=accel, client_key=client_key,
+                host_key=host_key, cpus=SANDBOX_CPUS, memory_mib=SANDBOX_MEMORY_MIB)
+            record_timings(base.name, cold_boot_s=round(vm.timings.get("connected", 0), 2),
+                           init_ready_s=round(vm.timings.get("init_ready", 0), 2) or None,
+                           restore_s=restore_s, accel=accel.kind)
 
         # ---- 3. metadata, commit, register
         final = store.image_dir(digest)
