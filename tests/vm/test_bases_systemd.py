@@ -73,6 +73,11 @@ def test_debian_systemd_runs_systemd_as_pid1_after_restore(systemd_base):
         # /tmp stays on the disk (no tmp.mount), the identity is the clone's
         assert sb.run("stat -fc %T /tmp").stdout == "ext2/ext3\n"
         assert sb.run("hostname").stdout.strip() == sb.sandbox_id
+        # suspend to disk and resume: systemd and the management SSH come back as they were
+        sb.run("echo kept >/run/marker")
+        sb.suspend()
+        sb.resume()
+        assert sb.run("cat /run/marker; systemctl is-system-running").stdout == "kept\nrunning\n"
 
 
 @pytest.fixture(scope="module")
