@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import socket
 import time
+import warnings
 from collections.abc import Sequence
 
 from localsbx.errors import DesktopError
@@ -81,6 +82,8 @@ class Desktop:
                                    f"after {connect_timeout:.0f} s",
                                    hint="is the desktop running in the sandbox (a *-vnc base)?")
             time.sleep(0.5)
+        # VNC authentication is DES by the protocol (vncdotool warns from its own thread)
+        warnings.filterwarnings("ignore", message=".*TripleDES has been moved")
         self._client = api.connect(f"127.0.0.1::{host_port}", password=password,
                                    timeout=timeout)
         try:
