@@ -51,9 +51,10 @@ mkdir -p "$root/usr/local/libexec"
 cat >"$root/usr/local/libexec/xfce-desktop-ready" <<'END'
 #!/bin/sh
 # xfce-desktop.service's ExecStartPost: wait until the panel and the full-screen desktop
-# window are mapped on :1, then a moment for them to be drawn
-until xwininfo -root -children 2>/dev/null | grep -q 'xfce4-panel.*1280x' &&
-    xwininfo -root -children 2>/dev/null | grep -q 'Xfdesktop")  1280x800'; do
+# window are mapped on :1 (anywhere in the tree: xfwm4 reparents them), then a moment for
+# them to be drawn
+until xwininfo -root -tree 2>/dev/null | grep -q 'Xfce4-panel")  1280x' &&
+    xwininfo -root -tree 2>/dev/null | grep -q 'Xfdesktop")  1280x800'; do
     sleep 1
 done
 sleep 5

@@ -159,6 +159,8 @@ async def build_image_async(
     parent: store.ImageRecord | None = None
     with contextlib.suppress(ImageNotFound):
         parent = store.lookup_image(definition.base, project=project)
+    if parent is not None and _base_rebuilt_since(parent):
+        parent = None  # an image of a base alone, stale: its disk backs on the old base
     if parent is not None:
         base = get_base(parent.meta.base)
     else:
@@ -295,6 +297,14 @@ async def build_image_async(
     rep.say(f"image {name} registered in project {project} "
             f"({meta.build_seconds} s, digest {digest[:12]})")
     return rec
+
+
+def _base_rebuilt_since(img: store.ImageRecord) -> bool:
+    """``img`` was made from a base alone (``Sandbox.create(BASE)``) and that base was
+    rebuilt since, so it cannot be a parent (``image_for`` rebuilds it from the base)."""
+    from localsbx.sandbox import _stale_base_image
+
+    return _stale_base_image(img)
 
 
 def _redacted(defn: dict) -> dict:
