@@ -42,6 +42,8 @@ Recipe keys (``images/<name>/recipe.toml``):
 ``dpkg_path_exclude``   dpkg ``path-exclude`` patterns (kept in the image)
 ``dpkg_path_include``   dpkg ``path-include`` patterns
 ``customize``           script in the recipe folder, run as ``customize ROOT``
+``extends``             another recipe this one builds on: its keys are the defaults,
+                        ``packages`` are added to its packages, its ``customize`` runs first
 ``mirror``              the archive when the host has no mirror for ``distro`` (Ubuntu's)
 ``keyring``             host keyring file for mmdebstrap ``--keyring`` (Ubuntu's archive key)
 ======================  ===================================================================
@@ -100,6 +102,8 @@ VMLINUX = "vmlinux"
 INITRAMFS = "initramfs.cpio"
 METADATA = "base.json"
 BUILD_LOG = "build.log"
+#: boot times measured on the host (cold boot, restore to a first command): see record_timings
+TIMINGS = "timings.json"
 #: Base format. 2: the boot kit (agent + dropbear) is in the initramfs, not the rootfs;
 #: a format-1 base cannot boot with today's /init and must be rebuilt.
 _FORMAT = 2
@@ -130,17 +134,19 @@ class Recipe:
     rootfs_label: str
     dpkg_path_exclude: tuple[str, ...]
     dpkg_path_include: tuple[str, ...]
-    customize: Path | None
+    #: customize scripts in order (an ``extends`` parent's first)
+    customize: tuple[Path, ...]
     digest: str = field(repr=False)
     mirror: str | None = None
     keyring: str | None = None
+    extends: str | None = None
 
 
 _REQUIRED = ("distro", "suite", "packages", "kernel_package", "busybox_package",
              "initramfs_modules")  # fmt: skip
 _KNOWN = {*_REQUIRED, "variant", "components", "extra_suites", "security", "build_packages",
           "rootfs_size_gib", "rootfs_label", "dpkg_path_exclude", "dpkg_path_include",
-          "customize", "mirror", "keyring"}  # fmt: skip
+          "customize", "mirror", "keyring", "extends"}  # fmt: skip
 
 
 def recipe_names() -> list[str]:
@@ -168,34 +174,20 @@ def _unknown(name: str) -> BaseImageError:
 
 
 def load_recipe(name: str) -> Recipe:
-    """Parse and check ``images/<name>/recipe.toml``.
+    """Parse and check ``images/<name>/recipe.toml`` (``tensorlake/<name>`` is the same
+    recipe, as Tensorlake names its bases).
 
     :raises BaseImageError: unknown name, or a malformed recipe.
     """
-    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
-        raise _unknown(name)
-    folder = RECIPES_DIR / name
-    path = folder / "recipe.toml"
-    if not path.is_file():
-        raise _unknown(name)
-    try:
-        raw: dict[str, Any] = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise BaseImageError(f"{path}: {exc}") from exc
-    missing = [k for k in _REQUIRED if k not in raw]
-    extra = sorted(set(raw) - _KNOWN)
-    if missing or extra:
-        raise BaseImageError(f"{path}: missing keys {missing}, unknown keys {extra}")
-    customize = folder / raw["customize"] if raw.get("customize") else None
-    if customize is not None and not customize.is_file():
-        raise BaseImageError(f"{path}: customize script {customize} does not exist")
+    name = name.removeprefix("tensorlake/")
+    raw, customize, files = _recipe_raw(name, ())
     digest = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()) + list(_GUEST_FILES):
+    for f in files + list(_GUEST_FILES):
         digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     suite = raw["suite"]
     return Recipe(
         name=name,
-        dir=folder,
+        dir=RECIPES_DIR / name,
         distro=raw["distro"],
         suite=suite,
         variant=raw.get("variant", "minbase"),
@@ -211,11 +203,53 @@ def load_recipe(name: str) -> Recipe:
         rootfs_label=raw.get("rootfs_label", "root"),
         dpkg_path_exclude=tuple(raw.get("dpkg_path_exclude", [])),
         dpkg_path_include=tuple(raw.get("dpkg_path_include", [])),
-        customize=customize,
+        customize=tuple(customize),
         digest=digest.hexdigest(),
         mirror=raw.get("mirror"),
         keyring=raw.get("keyring"),
+        extends=raw.get("extends"),
     )
+
+
+def _recipe_raw(name: str, chain: tuple[str, ...]) -> tuple[dict[str, Any], list[Path], list[Path]]:
+    """The recipe's keys with its ``extends`` chain folded in, its customize scripts
+    (parents' first) and every file of the recipe folders (for the digest)."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
+        raise _unknown(name)
+    folder = RECIPES_DIR / name
+    path = folder / "recipe.toml"
+    if not path.is_file():
+        raise _unknown(name)
+    try:
+        raw: dict[str, Any] = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise BaseImageError(f"{path}: {exc}") from exc
+    extra = sorted(set(raw) - _KNOWN)
+    if extra:
+        raise BaseImageError(f"{path}: unknown keys {extra}")
+    customize = folder / raw["customize"] if raw.get("customize") else None
+    if customize is not None and not customize.is_file():
+        raise BaseImageError(f"{path}: customize script {customize} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if customize is not None and customize.resolve().parent != folder.resolve():
+        files.append(customize)  # shared with another recipe (ubuntu-systemd: debian-systemd's)
+    scripts: list[Path] = []
+    parent = raw.get("extends")
+    if parent:
+        if parent in (*chain, name):
+            raise BaseImageError(f"{path}: extends {parent!r} makes a cycle")
+        praw, scripts, pfiles = _recipe_raw(parent, (*chain, name))
+        packages = [*praw.get("packages", []), *raw.get("packages", [])]
+        raw = {**{k: v for k, v in praw.items() if k != "customize"}, **raw,
+               "packages": packages, "extends": parent}
+        files = pfiles + files
+    if customize is not None:
+        scripts.append(customize)
+    if not chain:
+        missing = [k for k in _REQUIRED if k not in raw]
+        if missing:
+            raise BaseImageError(f"{path}: missing keys {missing}")
+    return raw, scripts, files
 
 
 # --------------------------------------------------------------------------- bases
@@ -313,7 +347,20 @@ class BaseInfo:
             "digest": self.digest,
             "size_bytes": self.size_bytes if self.built else None,
             "built_at": self.built_at,
+            **{k: self.timings.get(k) for k in ("cold_boot_s", "init_ready_s", "restore_s")},
         }
+
+    @property
+    def timings(self) -> dict[str, Any]:
+        """Boot times measured on this host when the first image was built on the base
+        (:func:`record_timings`): ``cold_boot_s`` (QEMU start to SSH connected, the snapshot
+        VM), ``init_ready_s`` (to systemd up, systemd bases), ``restore_s`` (snapshot
+        restore to the end of a first command); ``{}`` if none."""
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads((self.path / TIMINGS).read_text())
+            if isinstance(data, dict):
+                return data
+        return {}
 
 
 def _bases_dir() -> Path:
@@ -347,6 +394,19 @@ def _info(name: str) -> BaseInfo:
     )
 
 
+def record_timings(name: str, **values: Any) -> None:
+    """Write the base's measured boot times (``timings.json``, beside ``base.json``, so
+    the base's digest does not change); a rebuilt base starts without them."""
+    path = _bases_dir() / name
+    if not (path / METADATA).is_file():
+        return
+    data = {**values, "measured_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    tmp = path / f".{TIMINGS}.{os.getpid()}"
+    with contextlib.suppress(OSError):
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(path / TIMINGS)
+
+
 def list_bases() -> list[BaseInfo]:
     """Every base that has a recipe or a built directory, by name."""
     names = set(known_base_names())
@@ -362,6 +422,7 @@ def get_base(name: str) -> BaseInfo:
     :raises BaseImageError: unknown name (the message lists the known ones), or not
         built yet (hint: ``localsbx base build NAME``).
     """
+    name = name.removeprefix("tensorlake/")
     info = _info(name)
     if info.built:
         return info
@@ -555,8 +616,8 @@ def _mmdebstrap_argv(recipe: Recipe, *, mode: str, stage: Path, agent: Path, ext
     ]
     if recipe.keyring:
         argv.append(f"--keyring={recipe.keyring}")
-    if recipe.customize is not None:
-        argv.append(f"--customize-hook=sh {q(str(recipe.customize))} \"$1\"")
+    for script in recipe.customize:
+        argv.append(f"--customize-hook=sh {q(str(script))} \"$1\"")
     certs = host_ca_certificates()
     if certs:
         argv.append(f"--customize-hook={_ca_hook(certs)}")
@@ -612,6 +673,7 @@ def build_base(name: str, *, force: bool = False, progress: Progress | None = No
         tail of ``build.log``).
     :raises ConfigError: a host tool or the mirror is missing.
     """
+    name = name.removeprefix("tensorlake/")
     recipe = load_recipe(name)
     say = progress or (lambda _text: None)
     with _locked(name):

@@ -250,11 +250,16 @@ def base_ls(as_json: JsonOpt = False):
     if as_json:
         out.print_json(data=[_base_json(b) for b in bases])
         return
-    rows = [("NAME", "STATE", "KERNEL", "SIZE", "BUILT")]
+    rows = [("NAME", "STATE", "KERNEL", "SIZE", "BUILT", "COLD BOOT", "RESTORE")]
     for b in bases:
         j = _base_json(b)
+        boot = j.get("cold_boot_s")
+        boot_s = f"{boot:.1f} s" if boot else "-"
+        if j.get("init_ready_s"):
+            boot_s += f" (systemd {j['init_ready_s']:.0f} s)"
         rows.append((j["name"], j["state"], j.get("kernel_version") or "-",
-                     _size(j.get("size_bytes")), _when(j.get("built_at"))))
+                     _size(j.get("size_bytes")), _when(j.get("built_at")), boot_s,
+                     f"{j['restore_s']:.2f} s" if j.get("restore_s") else "-"))
     _print_columns(rows)
 
 
@@ -716,6 +721,39 @@ def expose(sandbox_id: str, port: int,
     hp = Sandbox.connect(sandbox_id, project=project).expose_port(port, host_port=host_port)
     err.print(f"port {port} -> 127.0.0.1:{hp}")
     print(hp)
+
+
+@app.command("desktop")
+def desktop(sandbox_id: str,
+            screenshot: Annotated[Optional[Path], typer.Option(
+                "--screenshot", help="Write the screen to this PNG file.")] = None,
+            type_text: Annotated[Optional[str], typer.Option("--type", help="Type this text.")]
+            = None,
+            key: Annotated[Optional[str], typer.Option("--key", help="Press a key (enter, ctrl-c).")]
+            = None,
+            click: Annotated[Optional[str], typer.Option("--click", help="Click at X,Y.")] = None,
+            port: Annotated[int, typer.Option(help="The guest's VNC port.")] = 5901,
+            password: Annotated[Optional[str], typer.Option(
+                help="VNC password (default: the desktop bases' 'tensorlake').")] = None,
+            project: ProjectOpt = None):
+    """Drive a sandbox's VNC desktop (a *-vnc base): click, type, keys, then a screenshot.
+    For a viewer, `localsbx expose ID 5901` (or `new --expose 5901`) and connect to it."""
+    from localsbx.sandbox import Sandbox
+
+    with Sandbox.connect(sandbox_id, project=project).connect_desktop(port, password) as d:
+        if click:
+            x, _, y = click.partition(",")
+            try:
+                d.click(int(x), int(y))
+            except ValueError:
+                raise ConfigError(f"--click {click!r}: expected X,Y") from None
+        if type_text:
+            d.type_text(type_text)
+        if key:
+            d.press(key)
+        if screenshot:
+            screenshot.write_bytes(d.screenshot())
+            err.print(f"screen {d.width}x{d.height} -> {screenshot}")
 
 
 @app.command("unexpose")

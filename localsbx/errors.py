@@ -211,6 +211,10 @@ class SandboxNotFound(LocalsbxError):
     """No sandbox with that id exists (or its QEMU is gone)."""
 
 
+class DesktopError(LocalsbxError):
+    """No VNC desktop to connect to, or the VNC session failed (:mod:`localsbx.desktop`)."""
+
+
 class SandboxStateError(LocalsbxError):
     """The sandbox is not in a state that allows the operation (e.g. already terminated)."""
 

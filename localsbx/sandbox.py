@@ -504,6 +504,18 @@ class AsyncSandbox:
         await self._call("unexpose", {"port": int(port)})
         await self.refresh()
 
+    async def connect_desktop(self, port: int = 5901, password: str | None = None, *,
+                              connect_timeout: float = 30.0):
+        """A :class:`localsbx.desktop.Desktop` on the sandbox's VNC server (a ``*-vnc``
+        base), through an exposed port (added when ``port`` is not exposed yet).
+        ``password`` ``None``: the desktop bases' ``"tensorlake"``."""
+        from localsbx.desktop import DEFAULT_PASSWORD, Desktop
+
+        await self.refresh()
+        host_port = self.ports.get(int(port)) or await self.expose_port(port)
+        return await asyncio.to_thread(Desktop, host_port, password=password or DEFAULT_PASSWORD,
+                                       connect_timeout=connect_timeout)
+
     async def update(self, *, name: str | None = None, timeout_secs: int | None = None) -> None:
         """Rename the sandbox (unique per project) or change its timeout (running seconds
         from its start; Tensorlake's ``update``).
@@ -1454,6 +1466,10 @@ class Sandbox:
     def unexpose_port(self, port: int) -> None:
         """See :meth:`AsyncSandbox.unexpose_port`."""
         run_sync(self._inner.unexpose_port(port))
+
+    def connect_desktop(self, port: int = 5901, password: str | None = None, **kw):
+        """See :meth:`AsyncSandbox.connect_desktop`."""
+        return run_sync(self._inner.connect_desktop(port, password, **kw))
 
     def update(self, *, name: str | None = None, timeout_secs: int | None = None) -> None:
         """See :meth:`AsyncSandbox.update`."""

@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from localsbx import layers, paths, store
+from localsbx.build import basetimes
 from localsbx.build.steps import TAIL_BYTES, BuildState, run_stages, runtime_env, user_home
 from localsbx.definition.ops import Copy, ImageDefinition
 from localsbx.errors import (
@@ -169,6 +170,8 @@ async def build_image_async(
     parent: store.ImageRecord | None = None
     with contextlib.suppress(ImageNotFound):
         parent = store.lookup_image(definition.base, project=project)
+    if parent is not None and _base_rebuilt_since(parent):
+        parent = None  # an image of a base alone, stale: its disk backs on the old base
     if parent is not None:
         base = get_base(parent.meta.base)
     else:
@@ -481,6 +484,7 @@ async def _snapshot_and_register(definition: ImageDefinition, rep: Reporter, *, 
         if warm.exit_status != 0:
             raise ImageBuildError(f"image {name}: the snapshot VM cannot run commands in "
                                   f"WORKDIR {workdir}: {warm.stderr.decode(errors='replace')}")
+        await basetimes.settle_init(vm, runtime_env(env), rep.say)  # systemd
         await vm.guest.agent("sync")
         await vm.guest.close()
         await asyncio.sleep(0.5)  # let the guest's per-connection server process exit
@@ -492,6 +496,15 @@ async def _snapshot_and_register(definition: ImageDefinition, rep: Reporter, *, 
     for f in (snap_disk, snap / "ram", snap / "state.mig"):
         disk.freeze(f)
     (snap / "serial.log").unlink(missing_ok=True)
+    if not base.timings:  # the first image on this base: its boot times for `base ls`
+        from localsbx.base import record_timings
+
+        restore_s = await basetimes.measure_restore(
+            vm, kernel=base.kernel, snap=snap, accel=accel, client_key=client_key,
+            host_key=host_key, cpus=SANDBOX_CPUS, memory_mib=SANDBOX_MEMORY_MIB)
+        record_timings(base.name, cold_boot_s=round(vm.timings.get("connected", 0), 2),
+                       init_ready_s=round(vm.timings.get("init_ready", 0), 2) or None,
+                       restore_s=restore_s, accel=accel.kind)
 
     # ---- 3. metadata, commit, register
     final = store.image_dir(digest)
@@ -516,6 +529,14 @@ async def _snapshot_and_register(definition: ImageDefinition, rep: Reporter, *, 
             f"({meta.build_seconds} s, digest {digest[:12]}, {len(history) - ran} step(s) "
             f"cached, {ran} run)")
     return rec
+
+
+def _base_rebuilt_since(img: store.ImageRecord) -> bool:
+    """``img`` was made from a base alone (``Sandbox.create(BASE)``) and that base was
+    rebuilt since, so it cannot be a parent (``image_for`` rebuilds it from the base)."""
+    from localsbx.sandbox import _stale_base_image
+
+    return _stale_base_image(img)
 
 
 def _redacted(defn: dict) -> dict:

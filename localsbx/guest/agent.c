@@ -7,6 +7,8 @@
  * ("The guest contract"); keep the two in sync.
  *
  *   agent init                      PID 1: runs the management sshd, reaps, powers off
+ *   agent init --exec INIT          PID 1 becomes INIT (systemd); a forked child (the kit
+ *                                   keeper) runs the management sshd and READY marker
  *   agent exec [opts] -- ARGV...    set up env/cwd/user/cgroup/stdin, then execvp in place
  *   agent kill NAME [--signal N] [--timeout S]
  *   agent fixup [--time-ns N] [--entropy HEX]
@@ -925,6 +927,15 @@ static int cmd_resizefs(int argc, char **argv) {
     return 0;
 }
 
+/* Is PID 1 this agent (`agent init`), or another init it handed over to (systemd)? */
+static int pid1_is_agent(void) {
+    char exe[PATH_MAX];
+    ssize_t n = readlink("/proc/1/exe", exe, sizeof exe - 1);
+    if (n <= 0) return 1;
+    exe[n] = 0;
+    return !strcmp(exe, LIBDIR "/agent");
+}
+
 static int cmd_poweroff(int argc, char **argv) {
     (void)argv;
     if (argc) usage("poweroff");
@@ -933,6 +944,9 @@ static int cmd_poweroff(int argc, char **argv) {
         reboot(RB_POWER_OFF);
         return EXIT_FAIL;
     }
+    /* systemd as PID 1: SIGRTMIN+4 is its poweroff (SIGTERM would make it re-execute);
+     * it stops the units, unmounts, remounts / read-only and powers off itself */
+    int sig = pid1_is_agent() ? SIGTERM : SIGRTMIN + 4;
     /* PID 1 (agent init) does the orderly part: TERM everyone, sync, remount ro, power off.
      * Signal it from a detached child a moment after we exit, so that the SSH server can
      * still report our exit status before PID 1 terminates it. */
@@ -946,10 +960,10 @@ static int cmd_poweroff(int argc, char **argv) {
             dup2(null, 2);
         }
         sleep_ms(POWEROFF_DELAY_MS);
-        kill(1, SIGTERM);
+        kill(1, sig);
         _exit(0);
     }
-    if (pid < 0 && kill(1, SIGTERM) < 0) {
+    if (pid < 0 && kill(1, sig) < 0) {
         msg("poweroff: %s", strerror(errno));
         return EXIT_FAIL;
     }
@@ -1099,14 +1113,55 @@ static _Noreturn void shutdown_system(void) {
     for (;;) pause();
 }
 
+/* `init --exec INIT`: PID 1 execs INIT (systemd, which then owns the machine: power
+ * off, reaping, shutdown); the forked child keeps the boot kit's part, the management
+ * sshd (restarted when it dies) and the READY marker.  When INIT cannot be executed the
+ * agent stays PID 1 as without --exec. */
+static int keeper = 0;
+
+static void hand_over(const char *init) {
+    if (access(init, X_OK) < 0) {
+        char line[PATH_MAX + 96];
+        snprintf(line, sizeof line, "localsbx: cannot execute %s (%s); the agent stays PID 1\n",
+                 init, strerror(errno));
+        console(line);
+        return;
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        console("localsbx: fork failed; the agent stays PID 1\n");
+        return;
+    }
+    if (pid == 0) {
+        keeper = 1;
+        setsid();
+        return;
+    }
+    reset_signals();
+    char *args[] = {(char *)init, NULL};
+    char *env[] = {"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", NULL};
+    execve(init, args, env);
+    /* too late to take back the keeper: it runs on, we only reap */
+    console("localsbx: exec of the init failed; reaping only\n");
+    for (;;)
+        if (waitpid(-1, NULL, 0) < 0) pause();
+}
+
 static int cmd_init(int argc, char **argv) {
-    (void)argv;
-    if (argc) usage("init");
-    if (getpid() != 1) {
+    if (argc == 2 && !strcmp(argv[0], "--exec")) {
+        if (getpid() != 1) {
+            msg("init must run as PID 1");
+            return EXIT_USAGE;
+        }
+        hand_over(argv[1]);
+    } else if (argc) {
+        usage("init [--exec INIT]");
+    }
+    if (getpid() != 1 && !keeper) {
         msg("init must run as PID 1");
         return EXIT_USAGE;
     }
-    reboot(RB_DISABLE_CAD); /* ctrl-alt-del sends SIGINT to us: treated as power off */
+    if (!keeper) reboot(RB_DISABLE_CAD); /* ctrl-alt-del sends SIGINT to us: power off */
     umask(022);
     if (chdir("/") < 0) {
     }
@@ -1128,6 +1183,11 @@ static int cmd_init(int argc, char **argv) {
         struct timespec wait = ready || sshd_pid < 0 ? (struct timespec){1, 0}
                                                      : (struct timespec){0, 5000000L};
         int sig = sigtimedwait(&set, NULL, &wait);
+        if (keeper && (sig == SIGTERM || sig == SIGINT || sig == SIGPWR)) {
+            /* the init is shutting the machine down: stop the sshd and go */
+            if (sshd_pid > 0) kill(sshd_pid, SIGTERM);
+            _exit(0);
+        }
         if (sig == SIGTERM || sig == SIGINT || sig == SIGPWR) shutdown_system();
         int status;
         pid_t p;

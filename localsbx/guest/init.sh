@@ -125,4 +125,11 @@ done
 [ -f $r/etc/passwd ] ||
     note "no /etc/passwd in the root filesystem: USER and --user take numeric ids only"
 
+# A base whose PID 1 is another init (debian-systemd: systemd) names it in
+# /etc/localsbx/pid1; the agent then hands PID 1 over and keeps the kit's sshd in a child.
+pid1=
+[ -f $r/etc/localsbx/pid1 ] && read -r pid1 <$r/etc/localsbx/pid1
+if [ -n "$pid1" ]; then
+    exec switch_root $r /usr/lib/localsbx/agent init --exec "$pid1"
+fi
 exec switch_root $r /usr/lib/localsbx/agent init
