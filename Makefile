@@ -18,7 +18,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs busybox-static c
 	debian-archive-keyring lz4 zstd xz-utils gcc libc6-dev python3-venv coreutils tar passt \
 	skopeo umoci docker-registry fakeroot nftables
 
-.PHONY: setup apt venv base ts-sdk demo test test-unit fuzz bench lint clean-stamps
+.PHONY: setup apt venv base ts-sdk demo test test-bases test-unit fuzz bench lint clean-stamps
 
 setup: apt venv base
 
@@ -58,6 +58,11 @@ ts-sdk: $(STAMPS)/ts-sdk
 
 test: setup lint ts-sdk
 	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
+
+# the heavy VM tests: Docker inside debian-systemd, the debian-vnc desktop with Firefox
+# (about 25 min under TCG plus their image builds; `make test` skips them, saying so)
+test-bases: setup
+	LOCALSBX_HEAVY=1 $(VENV)/bin/pytest -ra tests/vm/test_bases_systemd.py $(PYTEST_ARGS)
 
 test-unit: venv
 	$(VENV)/bin/pytest -ra tests/unit $(PYTEST_ARGS)

@@ -24,3 +24,19 @@ def base_ready():
         return get_base("debian-minimal")
     except BaseImageError as exc:
         pytest.fail(f"{exc} (run `make setup`)")
+
+
+#: The heavy VM tests (Docker inside a debian-systemd guest, the debian-vnc desktop with
+#: Firefox) take about 25 minutes together under TCG, on top of building their images: they
+#: run with ``LOCALSBX_HEAVY=1`` (``make test-bases``), not in every ``make test``.
+HEAVY_REASON = ("heavy VM test (about 10+ min under TCG: Docker in a guest or the desktop "
+                "with Firefox); run `make test-bases` (LOCALSBX_HEAVY=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("LOCALSBX_HEAVY") == "1":
+        return
+    skip = pytest.mark.skip(reason=HEAVY_REASON)
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)

@@ -88,6 +88,7 @@ def docker_image(systemd_base):
     return "t-docker"
 
 
+@pytest.mark.heavy
 def test_docker_runs_a_container_in_an_image_from_debian_systemd(docker_image):
     with Sandbox.create(docker_image, timeout_secs=1200) as sb:
         state = _state(sb)
@@ -122,6 +123,7 @@ def _poll(what: str, timeout: float, fn):
 COLOUR = (0x12, 0xB4, 0x56)
 
 
+@pytest.mark.heavy
 def test_debian_vnc_desktop_and_firefox_shows_a_page(vnc_base):
     with Sandbox.create("debian-vnc", timeout_secs=1800) as sb:
         state = _state(sb)
