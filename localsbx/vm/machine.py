@@ -217,8 +217,16 @@ class Machine:
         self.ssh_port = await self.qemu.host_ssh_port()
         self.guest.port = self.ssh_port
         proc = self.qemu.proc
-        await self.guest.connect(timeout=CONNECT_TIMEOUT,
-                                 alive=lambda: proc is None or proc.returncode is None)
+        try:
+            await self.guest.connect(timeout=CONNECT_TIMEOUT,
+                                     alive=lambda: proc is None or proc.returncode is None)
+        except GuestError as exc:
+            if proc is not None and proc.returncode is not None:
+                # the guest died (a panic, a reboot into -no-reboot): say so, with its console
+                raise VMLaunchError(f"the guest stopped before its SSH server answered ({exc})",
+                                    argv=self.qemu.argv, returncode=proc.returncode,
+                                    log_tail=self.qemu.log_tail()) from exc
+            raise
 
     async def new_disk_layer(self, overlay: Path, *, timeout: float = 60.0) -> None:
         """Make the disk written so far immutable and go on writing to ``overlay``: the
