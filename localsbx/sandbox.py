@@ -1098,14 +1098,16 @@ DEFAULT_IMAGES = ("ubuntu-minimal", "debian-minimal")
 
 
 def default_image() -> str:
-    """The default image name (:data:`DEFAULT_IMAGES`).
+    """The default image name (:data:`DEFAULT_IMAGES`): the first that is built, also when
+    it is outdated (its recipe changed since; it keeps working until rebuilt).
 
     :raises BaseImageError: no base is built.
     """
     from localsbx.base import list_bases
     from localsbx.errors import BaseImageError
 
-    built = {b.name for b in list_bases() if getattr(b, "state", None) == "built"}
+    # an outdated base (built from an earlier recipe) still boots: it stays the default
+    built = {b.name for b in list_bases() if b.built}
     for n in DEFAULT_IMAGES:
         if n in built:
             return n

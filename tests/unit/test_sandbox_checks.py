@@ -55,3 +55,22 @@ def test_localsbx_log_values_never_break_start_up(monkeypatch, value, level):
 
     monkeypatch.setenv("LOCALSBX_LOG", value)
     assert env_level() == level
+
+
+def test_an_outdated_base_is_still_the_default_image(monkeypatch):
+    """A base built from an earlier recipe (state ``outdated``) still boots, so it stays the
+    default image (found by CI: the TypeScript template build asked for one after an
+    upgrade changed the recipe digest)."""
+    from types import SimpleNamespace
+
+    import localsbx.base
+    from localsbx.errors import BaseImageError
+    from localsbx.sandbox import default_image
+
+    bases = [SimpleNamespace(name="debian-minimal", built=True, state="outdated"),
+             SimpleNamespace(name="ubuntu-minimal", built=False, state="not built")]
+    monkeypatch.setattr(localsbx.base, "list_bases", lambda: bases)
+    assert default_image() == "debian-minimal"
+    bases[0].built = False
+    with pytest.raises(BaseImageError, match="no base image is built"):
+        default_image()
