@@ -41,6 +41,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from localsbx import control, store
@@ -191,6 +192,29 @@ def _log_tail(sandbox_id: str, lines: int = 30) -> str:
                 out.append(f"[{name}]")
                 out.extend(text[-lines:])
     return "\n".join(out)
+
+
+async def _client_frames(reader: asyncio.StreamReader, *, gone: asyncio.Event,
+                         done: asyncio.Event | None = None) -> AsyncIterator[bytes]:
+    """The data of a client's streamed ``{"stream": "stdin"}`` frames, read one at a time
+    (so the client is held back as fast as the guest takes them), until the EOF frame.
+    ``gone`` is set when the connection ends or breaks first; ``done`` when reading stops."""
+    try:
+        while True:
+            frame = await control.read_frame(reader)
+            if frame is None:
+                gone.set()
+                return
+            hdr, data = frame
+            if hdr.get("eof"):
+                return
+            if data:
+                yield data
+    except (control.ProtocolError, ConnectionError):
+        gone.set()
+    finally:
+        if done is not None:
+            done.set()
 
 
 #: Lines of output kept per background process (oldest dropped first).
@@ -514,22 +538,8 @@ class Supervisor:
         streaming = h.get("stdin") == "stream"
         stdin_done, client_gone = asyncio.Event(), asyncio.Event()
 
-        async def stdin_frames():
-            try:
-                while True:
-                    frame = await control.read_frame(reader)
-                    if frame is None:
-                        client_gone.set()
-                        return
-                    hdr, data = frame
-                    if hdr.get("eof"):
-                        return
-                    if data:
-                        yield data
-            except (control.ProtocolError, ConnectionError):
-                client_gone.set()
-            finally:
-                stdin_done.set()
+        def stdin_frames():
+            return _client_frames(reader, gone=client_gone, done=stdin_done)
 
         async def watch_client():
             if streaming:
@@ -574,25 +584,10 @@ class Supervisor:
         await self.ready()
         if h.get("stream"):
             gone_early = asyncio.Event()
-
-            async def chunks():
-                try:
-                    while True:
-                        frame = await control.read_frame(reader)
-                        if frame is None:
-                            gone_early.set()
-                            return
-                        hdr, data = frame
-                        if hdr.get("eof"):
-                            return
-                        if data:
-                            yield data
-                except (control.ProtocolError, ConnectionError):
-                    gone_early.set()
-
             try:
                 await self.machine.guest.put_file_stream(
-                    h["path"], chunks(), size=int(h["length"]), mode=int(h.get("mode", 0o644)))
+                    h["path"], _client_frames(reader, gone=gone_early), size=int(h["length"]),
+                    mode=int(h.get("mode", 0o644)))
             except GuestError:
                 if gone_early.is_set():
                     raise ConnectionError("client went away") from None
