@@ -402,10 +402,15 @@ def test_filtered_helper_starts_and_leaves_nothing(tmp_path):
             await stop_network(h)
         return kids
     kids = asyncio.run(go())
-    deadline = time.monotonic() + 3
-    while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
+    assert not _alive_after(kids, 3)
+
+
+def _alive_after(pids, timeout: float) -> list[int]:
+    """The ``pids`` still alive once ``timeout`` seconds passed (or none are left)."""
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(pid_alive(p) for p in kids)
+    return [p for p in pids if pid_alive(p)]
 
 
 @needs_egress
@@ -422,10 +427,7 @@ def test_filtered_helper_dies_with_its_launcher(tmp_path):
         await stop_network(h)
         return kids
     kids = asyncio.run(go())
-    deadline = time.monotonic() + 3
-    while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert kids and not any(pid_alive(p) for p in kids)
+    assert kids and not _alive_after(kids, 3)
 
 
 def test_egress_launcher_command():
