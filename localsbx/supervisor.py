@@ -415,11 +415,21 @@ class Supervisor:
     async def _post_boot(self, *, fresh: bool) -> None:
         """After a restore: the clock and CRNG (every time), and for a new sandbox its own
         machine-id and hostname (the snapshot's are shared by every clone otherwise)."""
+        from localsbx.guest.ssh import agent_sets_identity
+
         guest = self.machine.guest
         if not fresh:
             await guest.fixup()
             return
-        # the clock/CRNG fixup rides on this command (GuestConnection.fixup_pending)
+        if agent_sets_identity(Path(self.rec.initrd)):
+            # nothing to wait for: the first guest operation carries the clock, the CRNG
+            # and the identity (one agent process, no shell)
+            guest.set_identity(secrets.token_hex(16), self.rec.id)
+            if self.rec.disk_mb:
+                await self._grow_disk(self.rec.disk_mb)
+            return
+        # an agent from before that (a base or snapshot built earlier): a shell does the
+        # identity; the clock/CRNG fixup rides on this command (GuestConnection.fixup_pending)
         # shell builtins only (every new binary costs a TCG translation): the files behind
         # the bind mounts of /etc/machine-id, /etc/hostname and /etc/hosts (guest init.sh)
         script = ('printf "%s\\n" "$1" > /run/localsbx/machine-id && '

@@ -11,7 +11,7 @@
  *                                   keeper) runs the management sshd and READY marker
  *   agent exec [opts] -- ARGV...    set up env/cwd/user/cgroup/stdin, then execvp in place
  *   agent kill NAME [--signal N] [--timeout S]
- *   agent fixup [--time-ns N] [--entropy HEX]
+ *   agent fixup [--time-ns N] [--entropy HEX] [--machine-id HEX32 --hostname NAME]
  *   agent put PATH [--mode OCTAL] [--size N]
  *                                   stdin -> PATH atomically (with --size: only after
  *                                   exactly N bytes and then end of input)
@@ -423,14 +423,15 @@ static int cmd_fixup(int argc, char **argv);
 
 static int cmd_exec(int argc, char **argv) {
     const char *cwd = NULL, *user = NULL, *cgroup = NULL, *argfile = NULL;
-    char *fixup_args[5];
+    char *fixup_args[9];
     int nfixup = 0;
     int want_stdin = 0;
     char **envs = calloc((size_t)argc + 1, sizeof *envs);
     int nenv = 0, i;
     static const char use[] =
         "exec [--cwd DIR] [--user U[:G]] [--env K=V]... [--cgroup NAME] [--stdin] "
-        "[--argfile PATH] [--fixup-time-ns N] [--fixup-entropy HEX] -- ARGV...";
+        "[--argfile PATH] [--fixup-time-ns N] [--fixup-entropy HEX] "
+        "[--fixup-machine-id HEX32 --fixup-hostname NAME] -- ARGV...";
     for (i = 0; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--")) {
@@ -457,13 +458,20 @@ static int cmd_exec(int argc, char **argv) {
         } else if (!strcmp(a, "--fixup-entropy")) {
             fixup_args[nfixup++] = "--entropy";
             fixup_args[nfixup++] = argv[++i];
+        } else if (!strcmp(a, "--fixup-machine-id")) {
+            fixup_args[nfixup++] = "--machine-id";
+            fixup_args[nfixup++] = argv[++i];
+        } else if (!strcmp(a, "--fixup-hostname")) {
+            fixup_args[nfixup++] = "--hostname";
+            fixup_args[nfixup++] = argv[++i];
         } else {
             usage(use);
         }
-        if (nfixup > 4) usage(use);
+        if (nfixup > 8) usage(use);
     }
     /* The first command after a snapshot restore carries the post-restore fixup (clock,
-     * CRNG reseed), which must happen before the user's command runs. */
+     * CRNG reseed, and for a new clone its machine-id and hostname), which must happen
+     * before the user's command runs. */
     if (nfixup) {
         fixup_args[nfixup] = NULL;
         if (cmd_fixup(nfixup, fixup_args) != 0) return EXIT_CANNOT_EXEC;
@@ -639,19 +647,65 @@ static int hexval(int c) {
     return -1;
 }
 
+/* A clone's own identity: the files behind the bind mounts of /etc/machine-id,
+ * /etc/hostname and /etc/hosts (init.sh), and the kernel's hostname.  The files are
+ * rewritten in place (O_TRUNC), not renamed: a bind mount holds the inode. */
+static int set_identity(const char *machine_id, const char *hostname) {
+    static const char dir[] = "/run/localsbx";
+    char path[64], text[512];
+    size_t n = strlen(machine_id), h = strlen(hostname);
+    if (n != 32 || strspn(machine_id, "0123456789abcdef") != n) return -2;
+    if (h == 0 || h > 63 || hostname[0] == '-' ||
+        strspn(hostname, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-") != h)
+        return -2;
+    const struct { const char *name; const char *fmt; } files[] = {
+        {"machine-id", "%s\n"},
+        {"hostname", "%s\n"},
+        {"hosts", "127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost ip6-localhost "
+                  "ip6-loopback\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n"},
+    };
+    int rc = 0;
+    for (size_t k = 0; k < sizeof files / sizeof files[0]; k++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[k].name);
+        snprintf(text, sizeof text, files[k].fmt, k == 0 ? machine_id : hostname);
+        int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (fd < 0 || write_all(fd, text, strlen(text)) < 0) {
+            msg("%s: %s", path, strerror(errno));
+            rc = -1;
+        }
+        if (fd >= 0) close(fd);
+    }
+    if (sethostname(hostname, h) < 0) {
+        msg("sethostname: %s", strerror(errno));
+        rc = -1;
+    }
+    return rc;
+}
+
 static int cmd_fixup(int argc, char **argv) {
-    static const char use[] = "fixup [--time-ns N] [--entropy HEX]";
-    const char *time_ns = NULL, *entropy = NULL;
+    static const char use[] =
+        "fixup [--time-ns N] [--entropy HEX] [--machine-id HEX32 --hostname NAME]";
+    const char *time_ns = NULL, *entropy = NULL, *machine_id = NULL, *hostname = NULL;
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--time-ns") && i + 1 < argc)
             time_ns = argv[++i];
         else if (!strcmp(argv[i], "--entropy") && i + 1 < argc)
             entropy = argv[++i];
+        else if (!strcmp(argv[i], "--machine-id") && i + 1 < argc)
+            machine_id = argv[++i];
+        else if (!strcmp(argv[i], "--hostname") && i + 1 < argc)
+            hostname = argv[++i];
         else
             usage(use);
     }
-    if (!time_ns && !entropy) usage(use);
+    if (!time_ns && !entropy && !machine_id) usage(use);
+    if (!machine_id != !hostname) usage(use);
     int rc = 0;
+    if (machine_id) {
+        int r = set_identity(machine_id, hostname);
+        if (r == -2) usage(use);
+        if (r < 0) rc = EXIT_FAIL;
+    }
     if (time_ns) {
         long long ns;
         if (parse_long(time_ns, 0, LLONG_MAX, &ns)) usage(use);
