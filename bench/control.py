@@ -2,7 +2,8 @@
 
 Each figure is printed beside its raw reference, measured in the same run:
 
-* ``new`` → first command (library and CLI) beside a bare restore: QEMU started on the
+* ``new`` → first command (library, with and without the spare supervisor a process keeps
+  after its first create, and CLI) beside a bare restore: QEMU started on the
   same snapshot files with the same network helper, ``migrate-incoming``, ``cont``, then a
   bare OpenSSH ``ssh`` running ``true`` in the guest (the raw limit; target ≤ 1.1×);
 * ``localsbx exec ID -- true`` on a running sandbox beside a bare ``ssh`` round trip to the
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 from localsbx import Sandbox, store
+from localsbx.supervisor import SPARE_ENV
 
 LSBX = str(Path(sys.executable).with_name("localsbx"))
 MiB = 1 << 20
@@ -143,17 +145,24 @@ def run(image: str, runs: int, idle: int) -> dict:
     res: dict = {}
     print(f"== control plane (image {image}, {runs} runs each, interleaved)")
     lib_new_first_command(image)  # warm the page cache
-    bare, lib, cli = [], [], []
+    bare, lib, cold_lib, cli = [], [], [], []
     for _ in range(runs):
         bare.append(bare_restore_then_ssh(image, key))
-        lib.append(lib_new_first_command(image))
+        lib.append(lib_new_first_command(image))  # the spare supervisor of the last create
+        os.environ[SPARE_ENV] = "0"
+        try:
+            cold_lib.append(lib_new_first_command(image))
+        finally:
+            del os.environ[SPARE_ENV]
         cli.append(cli_new_first_command(image))
     print(f"bare restore + ssh true (raw)      {fmt(bare)}")
     print(f"Sandbox.create -> first run        {fmt(lib)}   ratio {p50(lib) / p50(bare):.2f}"
           "   target <= 1.10")
+    print(f"  the same, no spare supervisor    {fmt(cold_lib)}   ratio "
+          f"{p50(cold_lib) / p50(bare):.2f}   (a process's first create)")
     print(f"CLI new + exec true                {fmt(cli)}   ratio {p50(cli) / p50(bare):.2f}"
           "   (two Python start-ups)")
-    res.update(bare_restore_s=bare, lib_new_s=lib, cli_new_s=cli)
+    res.update(bare_restore_s=bare, lib_new_s=lib, lib_new_no_spare_s=cold_lib, cli_new_s=cli)
 
     sb = Sandbox.create(image)
     try:

@@ -325,7 +325,7 @@ class AsyncSandbox:
         d.mkdir(mode=0o700, parents=True)
         (d / "creator").write_text(f"{me} {proc_start_time(me)}")
         try:
-            launch = supervisor.Launch(sid, "create")  # imports while we plan
+            launch = supervisor.Launch.start(sid, "create")  # imports while we plan
         except BaseException:
             store._rmtree(d)
             raise
@@ -363,6 +363,7 @@ class AsyncSandbox:
             store._rmtree(d)
             raise
         (d / "creator").unlink(missing_ok=True)
+        supervisor.Launch.keep_spare()
         sb = cls(store.load_sandbox(sid), rec.notice)
         sb.timings = {"total": time.monotonic() - t0}
         return sb

@@ -40,6 +40,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -74,7 +75,7 @@ def control_socket_path(sandbox_dir: Path) -> Path:
     return Path("/tmp") / f"localsbx-{os.getuid()}-{sandbox_dir.name}.ctl"
 
 
-def spawn(sandbox_id: str, mode: str, *, ready_fd: int | None = None,
+def spawn(sandbox_id: str | None, mode: str, *, ready_fd: int | None = None,
           go_fd: int | None = None) -> subprocess.Popen:
     """Start a supervisor for ``sandbox_id`` in its own session (it outlives the caller).
 
@@ -83,10 +84,11 @@ def spawn(sandbox_id: str, mode: str, *, ready_fd: int | None = None,
     :param go_fd: a pipe's read end: the supervisor imports what it needs, then waits for a
         byte on it before it reads the record (so its start-up overlaps the caller's work);
         end of file = not needed after all, it exits.
+    :param sandbox_id: ``None`` for a spare (mode ``spare``): it learns its mode and
+        sandbox from the go pipe (see :class:`Launch`) and logs nowhere until then.
     :returns: the process (the caller need not wait for it; it is reaped by init).
     """
-    d = store.sandbox_dir(sandbox_id)
-    argv = [sys.executable, "-m", "localsbx.supervisor", mode, sandbox_id]
+    argv = [sys.executable, "-m", "localsbx.supervisor", mode, sandbox_id or "-"]
     fds = []
     if ready_fd is not None:
         argv += ["--ready-fd", str(ready_fd)]
@@ -94,22 +96,49 @@ def spawn(sandbox_id: str, mode: str, *, ready_fd: int | None = None,
     if go_fd is not None:
         argv += ["--go-fd", str(go_fd)]
         fds.append(go_fd)
-    with open(d / "supervisor.log", "ab") as logf:
+    log_path = store.sandbox_dir(sandbox_id) / "supervisor.log" if sandbox_id else os.devnull
+    with open(log_path, "ab") as logf:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 start_new_session=True, close_fds=True, pass_fds=tuple(fds))
+
+
+#: Set to ``0`` to start every supervisor afresh (no spare kept; see :class:`Launch`).
+SPARE_ENV = "LOCALSBX_SPARE_SUPERVISOR"
+
+
+def _spare_key() -> tuple:
+    """What a spare inherited that must still hold when it is used: this process, and the
+    environment that picks the store and configures localsbx."""
+    return (os.getpid(), tuple(sorted((k, v) for k, v in os.environ.items()
+                                      if k.startswith(("LOCALSBX_", "XDG_")))))
 
 
 class Launch:
     """A supervisor being started: :meth:`go` lets it proceed, :meth:`wait` waits until it
     serves, :meth:`abort` stops it. ``Launch(id, mode)`` spawns it at once, so its imports
-    (about 0.5 s: asyncssh, qemu.qmp) run while the caller prepares the record."""
+    (0.3-0.5 s under load: asyncssh, qemu.qmp, localsbx) run while the caller prepares the
+    record.
 
-    def __init__(self, sandbox_id: str, mode: str) -> None:
+    A ``create`` takes this process's *spare* instead when there is one: a supervisor
+    started after the previous create, imported and waiting on its go pipe, told its
+    sandbox by the line ``create ID`` (the pre-forked worker of a server, or a zygote).
+    The spare costs one idle Python process (about 45 MiB RSS) per process that created a
+    sandbox; it exits when that process exits (end of file on its go pipe).  It is not
+    used when this process's environment (``LOCALSBX_*``, ``XDG_*``) changed since it
+    started, nor in a forked child; ``LOCALSBX_SPARE_SUPERVISOR=0`` turns it off.
+    """
+
+    _spare: Launch | None = None
+    _spare_key: tuple | None = None
+    _spare_lock = threading.Lock()
+
+    def __init__(self, sandbox_id: str | None, mode: str, *, _spare: bool = False) -> None:
         self.sandbox_id, self.mode = sandbox_id, mode
         self._ready_r, ready_w = os.pipe()
         go_r, self._go_w = os.pipe()
         try:
-            self.proc = spawn(sandbox_id, mode, ready_fd=ready_w, go_fd=go_r)
+            self.proc = spawn(sandbox_id, "spare" if _spare else mode,
+                              ready_fd=ready_w, go_fd=go_r)
         except BaseException:
             for fd in (self._ready_r, self._go_w):
                 os.close(fd)
@@ -117,11 +146,42 @@ class Launch:
         finally:
             os.close(ready_w)
             os.close(go_r)
+        self._word = b"g"
+
+    @classmethod
+    def start(cls, sandbox_id: str, mode: str) -> Launch:
+        """``Launch(sandbox_id, mode)``, or for ``create`` the spare, given its sandbox."""
+        if mode == "create" and os.environ.get(SPARE_ENV, "1") != "0":
+            with cls._spare_lock:
+                spare, key = cls._spare, cls._spare_key
+                cls._spare = cls._spare_key = None
+            if spare is not None:
+                if key == _spare_key() and spare.proc.poll() is None:
+                    spare.sandbox_id, spare._word = sandbox_id, f"create {sandbox_id}\n".encode()
+                    return spare
+                spare.abort()
+        return cls(sandbox_id, mode)
+
+    @classmethod
+    def keep_spare(cls) -> None:
+        """Start the spare for this process's next create, unless one is ready (after a
+        create has come up, so its imports do not compete with that boot)."""
+        if os.environ.get(SPARE_ENV, "1") == "0":
+            return
+        with cls._spare_lock:
+            if cls._spare is not None and cls._spare.proc.poll() is None:
+                return
+            try:
+                cls._spare, cls._spare_key = cls(None, "create", _spare=True), _spare_key()
+            except OSError as exc:  # no spare: the next create spawns its own
+                log.debug("no spare supervisor: %s", exc)
 
     def go(self) -> None:
-        os.write(self._go_w, b"g")
-        os.close(self._go_w)
-        self._go_w = None
+        try:
+            os.write(self._go_w, self._word)
+        finally:
+            os.close(self._go_w)
+            self._go_w = None
 
     def abort(self) -> None:
         """Not needed after all: it exits without touching anything."""
@@ -142,7 +202,14 @@ class Launch:
 
         sid, proc = self.sandbox_id, self.proc
         if self._go_w is not None:
-            self.go()
+            try:
+                self.go()
+            except BrokenPipeError:  # a spare that died idle
+                with contextlib.suppress(OSError):
+                    os.close(self._ready_r)
+                fresh = Launch(sid, self.mode)
+                self.proc, self._ready_r = fresh.proc, fresh._ready_r
+                fresh.go()
         try:
             line = await asyncio.wait_for(asyncio.to_thread(_read_line, self._ready_r), timeout)
         except TimeoutError:
@@ -169,7 +236,7 @@ class Launch:
 
 async def start_and_wait(sandbox_id: str, mode: str, *, timeout: float = READY_TIMEOUT) -> None:
     """Spawn a supervisor and wait until it serves (see :meth:`Launch.wait`)."""
-    await Launch(sandbox_id, mode).wait(timeout)
+    await Launch.start(sandbox_id, mode).wait(timeout)
 
 
 def _read_line(fd: int) -> bytes:
@@ -1058,8 +1125,8 @@ async def run(mode: str, sandbox_id: str, ready_fd: int | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m localsbx.supervisor")
-    p.add_argument("mode", choices=("create", "resume", "attach"))
-    p.add_argument("sandbox_id")
+    p.add_argument("mode", choices=("create", "resume", "attach", "spare"))
+    p.add_argument("sandbox_id", help="the sandbox, or '-' for a spare")
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--go-fd", type=int)
     a = p.parse_args(argv)
@@ -1072,10 +1139,21 @@ def main(argv: list[str] | None = None) -> int:
         import localsbx.vm.disk
         import localsbx.vm.machine  # noqa: F401
 
-        word = os.read(a.go_fd, 1)
+        word = os.read(a.go_fd, 1 if a.mode != "spare" else 64)
         os.close(a.go_fd)
         if not word:
             return 0
+        if a.mode == "spare":  # "create ID\n": from now on it is that sandbox's supervisor
+            global _STARTED
+            _STARTED = time.monotonic()
+            a.mode, a.sandbox_id = word.decode().split()
+            fd = os.open(store.sandbox_dir(a.sandbox_id) / "supervisor.log",
+                         os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+    elif a.mode == "spare":
+        p.error("a spare needs --go-fd")
     from localsbx._log import env_level
 
     logging.basicConfig(level=env_level("INFO"),

@@ -129,13 +129,15 @@ def test_three_clones_of_a_memory_checkpoint_continue_its_process(new_sandbox):
                             "a=$(cat /tmp/counter); sleep 1; b=$(cat /tmp/counter); "
                             "kill -0 $(cat /tmp/counter.pid) && echo alive; "
                             "echo $a $b; cat /etc/machine-id; hostname; "
-                            "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s")
+                            "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s; "
+                            "cat /etc/hostname; awk '$1 == \"127.0.1.1\" {print $2}' /etc/hosts")
                 lines = probe.splitlines()
                 assert lines[0] == "alive"
                 a, b = map(int, lines[1].split())
                 assert a >= 1 and b > a  # the counter runs on in the clone
                 assert abs(int(lines[5]) - time.time()) < 5  # the clock was stepped
                 assert lines[3] == clone
+                assert lines[6:] == [clone, clone]  # /etc/hostname, /etc/hosts
                 seen.append((lines[2], lines[4]))
             finally:
                 cli("terminate", clone)
