@@ -288,12 +288,26 @@ async def _client_frames(reader: asyncio.StreamReader, *, gone: asyncio.Event,
 PROCESS_OUTPUT_LINES = 10000
 
 
-class GuestProcess:
-    """A background process of the sandbox, held by the supervisor (its SSH channel)."""
+#: Where a background process's output, stdin FIFO and exit status live in the guest
+#: (``agent spawn``): ``/run`` is a tmpfs, so they use guest RAM (see docs/ARCHITECTURE.md).
+GUEST_PROC_DIR = "/run/localsbx/proc"
 
-    def __init__(self, *, argv, name, cgroup, proc, stdin_open) -> None:
+
+class GuestProcess:
+    """A background process of the sandbox. Started by ``agent spawn`` (``dir`` set), its
+    output, stdin and exit status are files in the guest that this supervisor follows
+    (``agent follow`` from byte offsets), so a later supervisor finds all of them again;
+    started by an older agent, ``proc`` is its SSH channel and they die with it."""
+
+    def __init__(self, *, argv, name, cgroup, proc, stdin_open, dir=None) -> None:
         self.argv, self.name, self.cgroup, self.proc = argv, name, cgroup, proc
         self.stdin_open = stdin_open
+        self.dir: str | None = dir
+        #: bytes of each guest file received so far (where a follow continues)
+        self.offsets = {"stdout": 0, "stderr": 0}
+        self._partial = {"stdout": b"", "stderr": b""}
+        self.exit_code: int | None = None
+        self.exit_signal: int | None = None
         self.pid = 0
         self.started_at = time.time()
         self.ended_at: float | None = None
@@ -334,6 +348,55 @@ class GuestProcess:
         async with self.changed:
             self.changed.notify_all()
 
+    def _feed(self, name: str, chunk: bytes) -> None:
+        """Bytes of the guest file ``name`` (in order, from :attr:`offsets`)."""
+        self.offsets[name] += len(chunk)
+        *whole, self._partial[name] = (self._partial[name] + chunk).split(b"\n")
+        for line in whole:
+            self._add(name, line)
+        task = asyncio.get_running_loop().create_task(self._notify())
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    def start_follow(self, guest, ready=None) -> None:
+        self._tasks.append(asyncio.create_task(self._follow(guest, ready)))
+
+    async def _follow(self, guest, ready) -> None:
+        """``agent follow`` the guest files until the process ended (its exit file), then
+        read its status. A broken connection leaves it running, status unknown."""
+        from localsbx.guest.ssh import agent_command
+
+        async def open_stdin():  # the follower ends when its channel's input does
+            await asyncio.Event().wait()
+            yield b""
+
+        try:
+            if ready is not None:
+                await ready()
+            res = await guest.raw(
+                agent_command("follow", self.dir, str(self.offsets["stdout"]),
+                              str(self.offsets["stderr"])),
+                stdout_cb=lambda b: self._feed("stdout", b),
+                stderr_cb=lambda b: self._feed("stderr", b),
+                timeout=None, stdin_stream=open_stdin())
+            if res.exit_status != 0:
+                raise GuestError(res.stderr.decode(errors="replace").strip())
+            for name, rest in self._partial.items():
+                if rest:
+                    self._add(name, rest)
+                self._partial[name] = b""
+            status = (await guest.get_file(f"{self.dir}/exit")).decode().split()
+            if status[0] == "signal":
+                self.exit_signal = int(status[1])
+            else:
+                self.exit_code = int(status[1])
+            self.stdin_open = False
+            self.ended_at = time.time()
+            self.ended.set()
+        except (LocalsbxError, OSError, ValueError, IndexError) as exc:
+            log.warning("following process %s: %s", self.pid, exc)
+        await self._notify()
+
     async def _wait(self) -> None:
         # ended = its exit status (or signal) arrived; children it left may still hold its
         # output open, which keeps the channel (and the readers) going
@@ -353,7 +416,10 @@ class GuestProcess:
         from localsbx.guest.ssh import _signal_number
 
         status, code, sig = "running", None, None
-        if self.ended.is_set() and self.proc is None:  # adopted: its status was not seen
+        if self.ended.is_set() and self.dir is not None:  # from its exit file
+            code, sig = self.exit_code, self.exit_signal
+            status = "signaled" if sig is not None else "exited"
+        elif self.ended.is_set() and self.proc is None:  # adopted: its status was not seen
             status = "exited"
         elif self.ended.is_set():
             code = self.proc.exit_status
@@ -723,7 +789,25 @@ class Supervisor:
         piped = h.get("stdin_mode") == "pipe"
         if piped:
             opts.append("--stdin")
-        conn = self.machine.guest._require()
+        guest = self.machine.guest
+        # output, stdin and exit status in guest files, which outlive this supervisor
+        gdir = f"{GUEST_PROC_DIR}/{cgroup}"
+        res = await guest.agent("spawn", gdir, *(["--stdin"] if piped else []), "--", *opts,
+                                "--", *h["argv"], timeout=30)
+        if res.exit_status == 0:
+            gp = GuestProcess(argv=list(h["argv"]), name=name, cgroup=cgroup, proc=None,
+                              stdin_open=piped, dir=gdir)
+            gp.pid = int(res.stdout.split()[0])
+            self.processes[gp.pid] = gp
+            gp.start_follow(guest)
+            self._save_processes()
+            return gp.info()
+        if not (res.exit_status == 2 and b"unknown verb" in res.stderr):
+            raise GuestError("cannot start the process: "
+                             + res.stderr.decode(errors="replace").strip())
+        # an agent older than `spawn` (a base built before it): its SSH channel, whose
+        # output and stdin end with this supervisor
+        conn = guest._require()
         proc = await conn.create_process(agent_command("exec", *opts, "--", *h["argv"]),
                                          encoding=None)
         if not piped:
@@ -753,22 +837,30 @@ class Supervisor:
         to find them again; their output and stdin stay with this one."""
         store.write_json_atomic(self.rec.dir / "processes.json", [
             {"pid": p.pid, "name": p.name, "cgroup": p.cgroup, "argv": p.argv,
-             "started_at": p.started_at} for p in self.processes.values()])
+             "started_at": p.started_at, "dir": p.dir,
+             "stdin_open": p.stdin_open and p.dir is not None}
+            for p in self.processes.values()])
 
     def _adopt_processes(self) -> None:
+        """The processes of ``processes.json``; those with guest files are followed again
+        from their first byte (their whole output so far), once the guest is ready."""
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             for e in store.read_json(self.rec.dir / "processes.json"):
+                gdir = e.get("dir")
                 gp = GuestProcess(argv=e["argv"], name=e["name"], cgroup=e["cgroup"],
-                                  proc=None, stdin_open=False)
+                                  proc=None, stdin_open=bool(gdir and e.get("stdin_open")),
+                                  dir=gdir)
                 gp.pid, gp.started_at = int(e["pid"]), float(e["started_at"])
                 self.processes[gp.pid] = gp
+                if gdir:
+                    gp.start_follow(self.machine.guest, self.ready)
 
     async def _refresh_adopted(self) -> None:
         """An adopted process (no channel) has ended when its cgroup is empty."""
         from localsbx.guest.ssh import agent_command
 
         for p in self.processes.values():
-            if p.proc is None and p.running:
+            if p.proc is None and p.dir is None and p.running:
                 res = await self.machine.guest.raw(agent_command(
                     "exec", "--", "/bin/cat", f"/sys/fs/cgroup/localsbx/{p.cgroup}/cgroup.procs"),
                     timeout=10)
@@ -811,7 +903,7 @@ class Supervisor:
     async def op_kill_process(self, h, payload, reader, writer) -> dict:
         p = self._process(h)
         await self.machine.guest.kill_cgroup(p.cgroup)  # also what it left running
-        if p.proc is None:
+        if p.proc is None and p.dir is None:
             await self._refresh_adopted()
         elif p.running:
             with contextlib.suppress(TimeoutError):
@@ -823,6 +915,12 @@ class Supervisor:
         if not p.stdin_open:
             raise SandboxStateError(f"process {p.pid}: stdin is not a pipe or was closed",
                                     hint="start it with stdin_mode='pipe'")
+        if p.dir is not None:  # its FIFO in the guest
+            res = await self.machine.guest.agent("stdin", p.dir, stdin=payload, timeout=60)
+            if res.exit_status != 0:
+                raise SandboxStateError(f"process {p.pid}: writing its stdin: "
+                                        + res.stderr.decode(errors="replace").strip())
+            return
         p.proc.stdin.write(payload)
         await p.proc.stdin.drain()
 
@@ -830,6 +928,13 @@ class Supervisor:
         p = self._process(h)
         if p.stdin_open:
             p.stdin_open = False
+            if p.dir is not None:  # its monitor closes the FIFO's last write end
+                res = await self.machine.guest.agent("stdin", p.dir, "--close", timeout=30)
+                if res.exit_status != 0 and p.running:
+                    log.warning("closing the stdin of process %s: %s", p.pid,
+                                res.stderr.decode(errors="replace").strip())
+                self._save_processes()
+                return
             p.proc.stdin.write_eof()
 
     async def op_process_output(self, h, payload, reader, writer) -> dict:
@@ -857,7 +962,7 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 async with p.changed:
                     await asyncio.wait_for(p.changed.wait(), 1.0)
-            if p.proc is None:
+            if p.proc is None and p.dir is None:
                 await self._refresh_adopted()
 
     async def op_terminate(self, h, payload, reader, writer) -> None:

@@ -16,6 +16,12 @@
  *                                   stdin -> PATH atomically (with --size: only after
  *                                   exactly N bytes and then end of input)
  *   agent get PATH                  PATH -> stdout
+ *   agent spawn DIR [--stdin] -- EXEC-ARGS...
+ *                                   run `agent exec EXEC-ARGS` in the background, its
+ *                                   stdout/stderr/exit status in files under DIR (below)
+ *   agent follow DIR OUT-OFF ERR-OFF
+ *                                   DIR's stdout/stderr from those offsets, until it ended
+ *   agent stdin DIR [--close]       stdin -> DIR's process; --close ends its input
  *   agent sync
  *   agent resizefs BYTES [MOUNT]    grow MOUNT's ext4 (default /) online to BYTES, once
  *                                   its block device is that big (waits up to 10 s)
@@ -51,6 +57,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <limits.h>
+#include <poll.h>
 #include <linux/random.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -1288,6 +1295,240 @@ static int run_sshd(int argc, char **argv) {
 
 /* ------------------------------------------------------------- login shell */
 
+/* ------------------------------------------------------ spawn, follow, stdin */
+
+/* A background process whose output and exit status live in the guest, not in an SSH
+ * channel, so they outlive the supervisor that started it (suspend/resume, re-attach):
+ *
+ *   DIR/stdout, DIR/stderr  the process's output (appended; on /run, a tmpfs)
+ *   DIR/stdin               a FIFO, with --stdin: its input (`agent stdin DIR`)
+ *   DIR/pid, DIR/monitor    the process's pid, its monitor's pid
+ *   DIR/exit                "exit N" or "signal N" once it ended (written atomically)
+ *
+ * `spawn` forks a monitor (own session, stdio on /dev/null, outside the command's cgroup)
+ * which forks the command (`agent exec EXEC-ARGS` with stdout/stderr on the files), waits
+ * for it and writes DIR/exit.  The monitor holds the FIFO's write end until
+ * `agent stdin DIR --close` (SIGUSR1), so the command sees end of input only then. */
+#define SPAWN_USE "spawn DIR [--stdin] -- EXEC-ARGS..."
+
+static volatile sig_atomic_t stdin_wfd = -1;
+
+static void close_stdin_fd(int sig) {
+    (void)sig;
+    if (stdin_wfd >= 0) close(stdin_wfd);
+    stdin_wfd = -1;
+}
+
+static int spawn_path(char *buf, size_t len, const char *dir, const char *name) {
+    if ((size_t)snprintf(buf, len, "%s/%s", dir, name) >= len) {
+        msg("%s: path too long", dir);
+        return -1;
+    }
+    return 0;
+}
+
+static int cmd_spawn(int argc, char **argv) {
+    if (argc < 3) usage(SPAWN_USE);
+    const char *dir = argv[0];
+    int i = 1, want_stdin = 0;
+    if (!strcmp(argv[i], "--stdin")) {
+        want_stdin = 1;
+        i++;
+    }
+    if (i >= argc || strcmp(argv[i], "--")) usage(SPAWN_USE);
+    i++;
+    if (i >= argc) usage(SPAWN_USE);
+    char out_p[PATH_MAX], err_p[PATH_MAX], in_p[PATH_MAX], pid_p[PATH_MAX], mon_p[PATH_MAX];
+    char exit_p[PATH_MAX], tmp_p[PATH_MAX];
+    if (spawn_path(out_p, sizeof out_p, dir, "stdout") || spawn_path(err_p, sizeof err_p, dir, "stderr")
+        || spawn_path(in_p, sizeof in_p, dir, "stdin") || spawn_path(pid_p, sizeof pid_p, dir, "pid")
+        || spawn_path(mon_p, sizeof mon_p, dir, "monitor") || spawn_path(exit_p, sizeof exit_p, dir, "exit")
+        || spawn_path(tmp_p, sizeof tmp_p, dir, "exit.tmp"))
+        return EXIT_FAIL;
+    if (mkdir_p(dir, 0700) < 0) {
+        msg("mkdir %s: %s", dir, strerror(errno));
+        return EXIT_FAIL;
+    }
+    int out = open(out_p, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    int err = open(err_p, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    if (out < 0 || err < 0) {
+        msg("%s: %s", dir, strerror(errno));
+        return EXIT_FAIL;
+    }
+    int rfd = -1, wfd = -1;
+    if (want_stdin) {
+        if (mkfifo(in_p, 0600) < 0 && errno != EEXIST) {
+            msg("mkfifo %s: %s", in_p, strerror(errno));
+            return EXIT_FAIL;
+        }
+        wfd = open(in_p, O_RDWR | O_CLOEXEC); /* never blocks on Linux */
+        rfd = wfd < 0 ? -1 : open(in_p, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+        if (rfd < 0 || fcntl(rfd, F_SETFL, 0) < 0) {
+            msg("%s: %s", in_p, strerror(errno));
+            return EXIT_FAIL;
+        }
+    }
+    int report[2];
+    if (pipe2(report, O_CLOEXEC) < 0) {
+        msg("pipe: %s", strerror(errno));
+        return EXIT_FAIL;
+    }
+    pid_t mon = fork();
+    if (mon < 0) {
+        msg("fork: %s", strerror(errno));
+        return EXIT_FAIL;
+    }
+    if (mon > 0) { /* the caller: print the command's pid once the monitor has it */
+        close(report[1]);
+        if (wfd >= 0) close(wfd);
+        if (rfd >= 0) close(rfd);
+        char buf[32] = {0};
+        ssize_t n = read(report[0], buf, sizeof buf - 1);
+        waitpid(mon, NULL, 0);
+        if (n <= 0) {
+            msg("spawn: the monitor failed");
+            return EXIT_FAIL;
+        }
+        return write_all(1, buf, (size_t)n) < 0 ? EXIT_FAIL : 0;
+    }
+    /* the monitor: leave the SSH session, fork again so the caller can reap us at once */
+    close(report[0]);
+    setsid();
+    if (fork() != 0) _exit(0);
+    int null = open("/dev/null", O_RDWR);
+    if (null >= 0) {
+        dup2(null, 0);
+        dup2(null, 1);
+        dup2(null, 2);
+        if (null > 2) close(null);
+    }
+    signal(SIGHUP, SIG_IGN);
+    signal(SIGPIPE, SIG_IGN);
+    pid_t child = fork();
+    if (child == 0) {
+        close(report[1]);
+        dup2(out, 1);
+        dup2(err, 2);
+        if (rfd >= 0) dup2(rfd, 0);
+        signal(SIGHUP, SIG_DFL);
+        signal(SIGPIPE, SIG_DFL);
+        /* agent exec EXEC-ARGS (its --stdin keeps fd 0, the FIFO) */
+        int n = argc - i;
+        _exit(cmd_exec(n, argv + i));
+    }
+    close(out);
+    close(err);
+    if (rfd >= 0) close(rfd);
+    char buf[32];
+    snprintf(buf, sizeof buf, "%d\n", (int)getpid());
+    write_text(mon_p, buf, 0600);
+    if (child > 0) {
+        int len = snprintf(buf, sizeof buf, "%d\n", (int)child);
+        write_text(pid_p, buf, 0600);
+        write_all(report[1], buf, (size_t)len);
+    }
+    close(report[1]);
+    int status = 0;
+    if (child > 0) {
+        stdin_wfd = wfd;
+        struct sigaction sa = {0};
+        sa.sa_handler = close_stdin_fd;
+        sigaction(SIGUSR1, &sa, NULL);
+        while (waitpid(child, &status, 0) < 0 && errno == EINTR) {
+        }
+    } else {
+        status = EXIT_CANNOT_EXEC << 8;
+    }
+    close_stdin_fd(0);
+    if (WIFSIGNALED(status))
+        snprintf(buf, sizeof buf, "signal %d\n", WTERMSIG(status));
+    else
+        snprintf(buf, sizeof buf, "exit %d\n", WEXITSTATUS(status));
+    if (write_text(tmp_p, buf, 0600) == 0) rename(tmp_p, exit_p);
+    _exit(0);
+}
+
+/* Copy DIR/stdout to fd 1 and DIR/stderr to fd 2 from the given offsets, following them
+ * until DIR/exit exists and both are drained (exit 0), or until our stdin (the SSH
+ * channel) ends: a follower whose supervisor went away does not linger. */
+static int follow_pass(int fd, int out) {
+    char buf[65536];
+    for (;;) {
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return 0;
+        if (write_all(out, buf, (size_t)n) < 0) return -1;
+    }
+}
+
+static int cmd_follow(int argc, char **argv) {
+    static const char use[] = "follow DIR STDOUT-OFFSET STDERR-OFFSET";
+    long long off[2];
+    if (argc != 3 || parse_long(argv[1], 0, LLONG_MAX, &off[0])
+        || parse_long(argv[2], 0, LLONG_MAX, &off[1]))
+        usage(use);
+    char paths[3][PATH_MAX];
+    if (spawn_path(paths[0], PATH_MAX, argv[0], "stdout") || spawn_path(paths[1], PATH_MAX, argv[0], "stderr")
+        || spawn_path(paths[2], PATH_MAX, argv[0], "exit"))
+        return EXIT_FAIL;
+    int fds[2];
+    for (int k = 0; k < 2; k++) {
+        fds[k] = open(paths[k], O_RDONLY | O_CLOEXEC);
+        if (fds[k] < 0 || lseek(fds[k], (off_t)off[k], SEEK_SET) < 0) {
+            msg("follow %s: %s", paths[k], strerror(errno));
+            return EXIT_FAIL;
+        }
+    }
+    for (;;) {
+        int ended = access(paths[2], F_OK) == 0;
+        for (int k = 0; k < 2; k++)
+            if (follow_pass(fds[k], k + 1) < 0) return EXIT_FAIL;
+        if (ended) return 0;
+        struct pollfd p = {.fd = 0, .events = POLLIN};
+        int r = poll(&p, 1, 100);
+        if (r > 0) {
+            char c[256];
+            ssize_t n = read(0, c, sizeof c);
+            if (n <= 0) return 0; /* the channel is gone */
+        }
+    }
+}
+
+/* `stdin DIR`: our stdin -> the process's FIFO; `stdin DIR --close`: end its input. */
+static int cmd_stdin(int argc, char **argv) {
+    static const char use[] = "stdin DIR [--close]";
+    if (argc < 1 || argc > 2 || (argc == 2 && strcmp(argv[1], "--close"))) usage(use);
+    char p[PATH_MAX];
+    if (argc == 2) {
+        if (spawn_path(p, sizeof p, argv[0], "monitor")) return EXIT_FAIL;
+        int fd = open(p, O_RDONLY | O_CLOEXEC);
+        char buf[32] = {0};
+        long long pid = 0;
+        ssize_t n = fd < 0 ? -1 : read(fd, buf, sizeof buf - 1);
+        if (fd >= 0) close(fd);
+        if (n > 0 && buf[n - 1] == '\n') buf[n - 1] = 0;
+        if (n <= 0 || parse_long(buf, 2, INT_MAX, &pid) || kill((pid_t)pid, SIGUSR1) < 0) {
+            msg("stdin %s --close: %s", argv[0], n <= 0 ? "no monitor" : strerror(errno));
+            return EXIT_FAIL;
+        }
+        return 0;
+    }
+    if (spawn_path(p, sizeof p, argv[0], "stdin")) return EXIT_FAIL;
+    /* O_NONBLOCK: ENXIO at once when nothing reads it (the process ended) */
+    int fd = open(p, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0 || fcntl(fd, F_SETFL, 0) < 0) {
+        msg("stdin %s: %s", p, strerror(errno));
+        return EXIT_FAIL;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    int failed_read = 0;
+    if (copy_fd(0, fd, &failed_read) < 0) {
+        msg("stdin %s: %s", p, strerror(errno));
+        return EXIT_FAIL;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv);
 
 /* Split a command line the way a POSIX shell splits simple words: blanks separate,
@@ -1371,7 +1612,7 @@ int main(int argc, char **argv) {
     if (getpid() != 1) join_init_namespace();
     if (argc == 3 && !strcmp(argv[1], "-c")) return login_shell(argv[2]);
 
-    if (argc < 2) usage("agent init|exec|kill|fixup|put|get|sync|poweroff ...");
+    if (argc < 2) usage("agent init|exec|kill|fixup|put|get|spawn|follow|stdin|sync|poweroff ...");
     const char *verb = argv[1];
     int n = argc - 2;
     char **rest = argv + 2;
@@ -1384,6 +1625,9 @@ int main(int argc, char **argv) {
     if (!strcmp(verb, "resizefs")) return cmd_resizefs(n, rest);
     if (!strcmp(verb, "poweroff")) return cmd_poweroff(n, rest);
     if (!strcmp(verb, "init")) return cmd_init(n, rest);
+    if (!strcmp(verb, "spawn")) return cmd_spawn(n, rest);
+    if (!strcmp(verb, "follow")) return cmd_follow(n, rest);
+    if (!strcmp(verb, "stdin")) return cmd_stdin(n, rest);
     msg("unknown verb %s", verb);
-    usage("agent init|exec|kill|fixup|put|get|sync|poweroff ...");
+    usage("agent init|exec|kill|fixup|put|get|spawn|follow|stdin|sync|poweroff ...");
 }

@@ -30,6 +30,7 @@ class FakeGuest:
         self.calls = []
         self.files = {}
         self.fixup_pending = False
+        self.spawned, self.follows, self.stdin = [], [], []
 
     async def exec(self, argv, *, env=None, cwd=None, user=None, stdin=None, timeout=None,
                    stdout_cb=None, stderr_cb=None, kill_tree=False, stdin_stream=None):
@@ -76,9 +77,40 @@ class FakeGuest:
             raise errors.GuestFileError(f"cannot read {path} in the sandbox: No such file")
         return self.files[path][0]
 
-    async def agent(self, verb, *args, **kw):
+    async def agent(self, verb, *args, stdin=None, **kw):
         self.calls.append(("agent", verb))
+        if verb == "spawn":  # the guest agent's background process: files under args[0]
+            d = args[0]
+            for f in ("stdout", "stderr"):
+                self.files[f"{d}/{f}"] = (b"", 0o600)
+            self.spawned.append((d, list(args[1:])))
+            return ExecResult(0, None, b"%d\n" % (4000 + len(self.spawned)), b"")
+        if verb == "stdin":
+            self.stdin.append((args[0], stdin if len(args) == 1 else "close"))
         return ExecResult(0, None, b"", b"")
+
+    async def raw(self, command, *, stdout_cb=None, stderr_cb=None, timeout=None,
+                  stdin=None, stdin_stream=None):
+        """``agent follow DIR OUT ERR``: the files from those offsets until the exit file."""
+        import shlex
+
+        _, _, verb, d, *offsets = shlex.split(command)
+        assert verb == "follow"
+        self.follows.append((d, offsets))
+        off = {"stdout": int(offsets[0]), "stderr": int(offsets[1])}
+        while True:
+            ended = f"{d}/exit" in self.files
+            for name, cb in (("stdout", stdout_cb), ("stderr", stderr_cb)):
+                data = self.files[f"{d}/{name}"][0]
+                if len(data) > off[name]:
+                    cb(data[off[name]:])
+                    off[name] = len(data)
+            if ended:
+                return ExecResult(0, None, b"", b"")
+            await asyncio.sleep(0.01)
+
+    def append(self, path, data):
+        self.files[path] = (self.files[path][0] + data, 0o600)
 
     async def fixup(self):
         self.calls.append(("fixup",))
@@ -309,3 +341,65 @@ def test_frames_round_trip():
 async def test_a_dead_socket_is_sandbox_not_found(tmp_path):
     with pytest.raises(errors.SandboxNotFound):
         await control.request(str(tmp_path / "none.sock"), "info")
+
+
+async def output(sup, pid, stream="output"):
+    return (await control.request(sup.rec.control_socket, "process_output",
+                                  {"pid": pid, "stream": stream}))["lines"]
+
+
+async def test_a_process_keeps_its_output_stdin_and_exit_status_across_supervisors(vm_process):
+    """Issue 6: a background process's output and exit status are guest files (agent
+    spawn); a later supervisor (resume, re-attach) follows them again from the start, so
+    its output so far is whole (no gap, no duplicate) and its real exit status is known."""
+    sup = await started(vm_process)
+    guest = sup.machine.guest
+    info = await control.request(sup.rec.control_socket, "start_process",
+                                 {"argv": ["counter"], "stdin_mode": "pipe"})
+    pid = info["pid"]
+    (d, args), = guest.spawned
+    assert d.startswith(supervisor.GUEST_PROC_DIR + "/p") and args[:2] == ["--stdin", "--"]
+    assert args[-2:] == ["--", "counter"] and "--cgroup" in args
+    guest.append(f"{d}/stdout", b"1\n2\n3")
+    guest.append(f"{d}/stderr", b"warn\n")
+    for _ in range(100):
+        if await output(sup, pid) == ["1", "2", "warn"]:
+            break
+        await asyncio.sleep(0.02)
+    assert await output(sup, pid, "stdout") == ["1", "2"]
+    await control.request(sup.rec.control_socket, "write_stdin", {"pid": pid}, payload=b"x\n")
+    assert guest.stdin == [(d, b"x\n")]
+
+    # the supervisor goes away; a new one adopts the process from processes.json
+    sup.server.close()
+    sup2 = supervisor.Supervisor(store.load_sandbox(sup.rec.id))
+    sup2.machine = sup.machine
+    sup2._adopt_processes()
+    await sup2.serve()
+    guest.append(f"{d}/stdout", b"\n4\n")
+    for _ in range(100):
+        if len(await output(sup2, pid, "stdout")) == 4:
+            break
+        await asyncio.sleep(0.02)
+    assert await output(sup2, pid, "stdout") == ["1", "2", "3", "4"]
+    assert await output(sup2, pid, "stderr") == ["warn"]
+    assert guest.follows[-1] == (d, ["0", "0"])  # the new one read everything from the start
+    info = await control.request(sup2.rec.control_socket, "get_process", {"pid": pid})
+    assert info["status"] == "running" and info["stdin_open"]
+    await control.request(sup2.rec.control_socket, "close_stdin", {"pid": pid})
+    assert guest.stdin[-1] == (d, "close")
+    guest.files[f"{d}/exit"] = (b"exit 3\n", 0o600)
+    for _ in range(100):
+        info = await control.request(sup2.rec.control_socket, "get_process", {"pid": pid})
+        if info["status"] != "running":
+            break
+        await asyncio.sleep(0.02)
+    assert (info["status"], info["exit_code"], info["signal"]) == ("exited", 3, None)
+    guest.files[f"{d}/exit"] = (b"signal 9\n", 0o600)  # and a killed one
+    sup3 = supervisor.Supervisor(store.load_sandbox(sup.rec.id))
+    sup3.machine = sup.machine
+    sup3._adopt_processes()
+    p = sup3.processes[pid]
+    await asyncio.wait_for(p.ended.wait(), 5)
+    assert (p.info()["status"], p.info()["signal"]) == ("signaled", 9)
+    assert [e[1] for e in p.lines if e[0] == "stdout"] == ["1", "2", "3", "4"]

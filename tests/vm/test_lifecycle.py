@@ -335,6 +335,53 @@ def test_background_processes_from_several_processes(new_sandbox):
         sb.get_process(99999)
 
 
+def test_a_process_keeps_its_whole_output_stdin_and_exit_code_across_resume_and_reattach(
+        new_sandbox):
+    """Issue 6: output, stdin and exit status of a background process are guest files, so
+    neither a suspend/resume nor a SIGKILLed supervisor (and a re-attach) loses any of it:
+    its output so far is complete, with no gap and no duplicate."""
+    sid = new_sandbox()
+    sb = Sandbox.connect(sid)
+    p = sb.start_process("sh", ["-c", "i=0; while [ ! -e /tmp/stop ]; do echo $i; i=$((i+1)); "
+                                      "sleep 0.1; done; echo done >&2; read x; echo got $x; exit 7"],
+                         stdin_mode="pipe")
+    pid = p["pid"]
+
+    def counted(at_least: int):
+        lines = Sandbox.connect(sid).get_output(pid, "stdout")["lines"]
+        assert lines == [str(i) for i in range(len(lines))], lines  # no gap, no duplicate
+        return len(lines) >= at_least and lines
+
+    n = len(wait_until(lambda: counted(3), 60, "three lines"))
+    cli("suspend", sid)
+    cli("resume", sid)  # a new supervisor
+    n = len(wait_until(lambda: counted(n + 3), 60, "more lines after the resume"))
+    sup = describe(sid)["supervisor_pid"]
+    os.kill(sup, signal.SIGKILL)
+    wait_until(lambda: not store.load_sandbox(sid).supervisor_alive(), 10, "supervisor gone")
+    n = len(wait_until(lambda: counted(n + 3), 60, "more lines after the re-attach"))
+    assert describe(sid)["supervisor_pid"] != sup
+    sb = Sandbox.connect(sid)
+    assert sb.get_process(pid)["status"] == "running"
+    sb.run("touch /tmp/stop")
+    sb.write_stdin(pid, b"bye\n")  # through the guest FIFO, across supervisors
+    sb.close_stdin(pid)
+    wait_until(lambda: sb.get_process(pid)["status"] == "exited", 30, "it ends")
+    info = sb.get_process(pid)
+    assert info["exit_code"] == 7 and info["signal"] is None
+    lines = sb.get_output(pid, "stdout")["lines"]
+    assert lines[-1] == "got bye" and lines[:-1] == [str(i) for i in range(len(lines) - 1)]
+    assert len(lines) - 1 >= n
+    assert sb.get_output(pid, "stderr")["lines"] == ["done"]
+    # and yet another supervisor still knows all of it
+    os.kill(describe(sid)["supervisor_pid"], signal.SIGKILL)
+    wait_until(lambda: not store.load_sandbox(sid).supervisor_alive(), 10, "supervisor gone")
+    sb = Sandbox.connect(sid)
+    wait_until(lambda: sb.get_process(pid)["status"] == "exited", 30, "status re-read")
+    assert sb.get_process(pid)["exit_code"] == 7
+    assert sb.get_output(pid, "stdout")["lines"] == lines
+
+
 def test_files_list_delete_and_cp_both_ways(new_sandbox, tmp_path):
     sid = new_sandbox()
     sb = Sandbox.connect(sid)
