@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -297,17 +298,24 @@ async def _copy_from_stage(guest: Guest, op: Copy, state: BuildState,
         raise DefinitionError(f"{op.describe()}: internal error: {what}")
     holder, root = where
     tops: list[str] = []
+    sources: list[str] = []
+    links: list[tuple[str, str]] = []  # (the source as named, its real path in the root)
     for src in op.sources:
         rel = posixpath.normpath(src.lstrip("/") or ".")
         parts = rel.split("/")
         glob_at = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), None)
-        if glob_at is not None:
-            rel = "/".join(parts[:glob_at]) or "."
-        else:  # a named source may be a symlink: take its folder, the target is near
-            probe = await holder.exec(["test", "-L", f"{root}/{rel}"], env=_SYS_PATH)
-            if probe.exit_status == 0:
-                rel = posixpath.dirname(rel) or "."
-        tops.append(rel)
+        if glob_at is not None:  # the folders before the pattern, resolved in the root
+            top = await _real_path(holder, root, "/".join(parts[:glob_at]) or ".")
+            tops.append(top)
+            sources.append("/" + "/".join(([] if top == "." else [top]) + parts[glob_at:]))
+            continue
+        # BuildKit follows symlinks on the source path (folders and the source itself)
+        # inside the source's root: take the real file, named as the source
+        real = await _real_path(holder, root, rel)
+        tops.append(real)
+        sources.append(src)
+        if real != rel:
+            links.append((rel, real))
     res = await holder.exec(["tar", "-C", root, "-cf", "-", "--numeric-owner", "--", *tops],
                             env=_SYS_PATH, timeout=timeout)
     _check(op, res, _Tail(None), what=f"reading image {op.from_image}" if op.from_image
@@ -325,7 +333,13 @@ async def _copy_from_stage(guest: Guest, op: Copy, state: BuildState,
             import io
             with tarfile.open(fileobj=io.BytesIO(res.stdout)) as tf:
                 tf.extractall(tmp, filter="fully_trusted")
-            plain = dataclasses.replace(op, from_stage=None, from_image=None)
+            for named, real in links:  # the named path leads to the real one, in the tree
+                at = Path(tmp, named)
+                if not at.exists() and not at.is_symlink():
+                    at.parent.mkdir(parents=True, exist_ok=True)
+                    at.symlink_to(os.path.relpath(Path(tmp, real), at.parent))
+            plain = dataclasses.replace(op, from_stage=None, from_image=None,
+                                        sources=tuple(sources))
             return BuildContext(Path(tmp)).make_tar(plain, passwd=passwd, group=group,
                                                     dest_is_dir=dest_is_dir, keep_owners=True)
         finally:
@@ -334,6 +348,33 @@ async def _copy_from_stage(guest: Guest, op: Copy, state: BuildState,
     data = await asyncio.to_thread(build)
     res = await guest.extract_tar(data, timeout=timeout)
     _check(op, res, _Tail(None), what="extracting files", source=source, timeout=timeout)
+
+
+async def _real_path(holder: Guest, root: str, rel: str) -> str:
+    """``rel`` (relative to ``root``, normalised) with every symlink on it resolved as if
+    ``root`` were ``/`` (absolute targets start again at ``root``, ``..`` stops there), as
+    BuildKit resolves a ``COPY --from`` source in the source's file system; one
+    ``readlink`` per component. Returns a path relative to ``root`` (``.`` for the root)."""
+    done: list[str] = []
+    todo = [p for p in rel.split("/") if p not in ("", ".")]
+    hops = 0
+    while todo:
+        p = todo.pop(0)
+        if p == "..":
+            if done:
+                done.pop()
+            continue
+        cand = "/".join([*done, p])
+        res = await holder.exec(["readlink", "--", f"{root}/{cand}"], env=_SYS_PATH)
+        target = res.stdout.decode(errors="surrogateescape").rstrip("\n")
+        if res.exit_status == 0 and target and hops < 40:  # 40: Linux's MAXSYMLINKS
+            hops += 1
+            if target.startswith("/"):
+                done = []
+            todo = [x for x in target.split("/") if x not in ("", ".")] + todo
+        else:
+            done.append(p)
+    return "/".join(done) or "."
 
 
 async def _copy(guest: Guest, op: Copy, state: BuildState, ctx: BuildContext | None,

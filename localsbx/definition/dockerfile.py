@@ -43,8 +43,11 @@ interpreter (``Run.script``), else by ``/bin/sh -c`` (B03, B04); any other hered
 ``/bin/sh -c`` with its body (the shell reads it, B05). ``ARG`` values are build-time only
 (``Run.build_env``). Tensorlake's rule for the rest: ``EXPOSE LABEL VOLUME STOPSIGNAL
 SHELL HEALTHCHECK ONBUILD`` (and the deprecated ``MAINTAINER``) are accepted with a warning
-because they have no effect on a sandbox; ``CMD ENTRYPOINT USER``, multi-stage builds and
-unknown instructions are errors.
+because they have no effect on a sandbox; unknown instructions are errors. Multi-stage:
+every ``FROM`` starts a stage (``AS name``); ``COPY --from=REF`` names an earlier stage (by
+name, case-insensitive, or index) and otherwise, as in BuildKit, an image (``Copy.from_image``,
+resolved by the builder as ``FROM`` is; with ``known_bases`` given, a name that is neither a
+known image/base nor a registry reference is a located error here).
 """
 
 from __future__ import annotations

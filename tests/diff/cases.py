@@ -312,6 +312,8 @@ INLINE: list[Case] = [
       "COPY --from=debian-minimal --chown=3:3 --chmod=600 /etc/issue /dst/i\n"),
     c("copy-from-image-dir-owners", "RUN mkdir /dst\n"
       "COPY --from=debian-minimal /var/spool/ /dst/spool/\n"),
+    c("copy-from-image-symlinked-path", "COPY --from=debian-minimal /bin/sh /dst/\n"
+      "COPY --from=debian-minimal /bin/../etc/debian_version /dst/v\n"),
     c("copy-from-image-missing", "COPY --from=debian-minimal /no/such/file /dst/\n"),
     c("stage-from-image-base-copied", "FROM debian-minimal AS b\nRUN mkdir /o && "
       "echo b > /o/b\nFROM debian-minimal\nRUN echo final > /f\n"

@@ -2,6 +2,8 @@
 three-stage build, an image FROM another registered image. Byte-level agreement with
 BuildKit is the differential suite's job (tests/diff)."""
 
+import time
+
 import pytest
 
 from localsbx import Sandbox, store
@@ -128,7 +130,7 @@ FROM debian-minimal
 RUN echo before > /before
 COPY --from=t-src-img /opt/tool /tool/
 COPY --from=t-src-img --chown=5:6 --chmod=640 /opt/tool/link /v2
-COPY --from=debian-minimal /etc/debian_version /dv
+COPY --from=debian-minimal /etc/debian_version /bin/sh /from-base/
 """
 
 
@@ -144,12 +146,15 @@ def test_copy_from_a_registered_image_and_a_base(src_image, tmp_path):
     _build(COPY_FROM_IMAGE, "t-copy-from-img", tmp_path)
     with Sandbox.create("t-copy-from-img") as sb:
         r = sb.run("cat /tool/v /tool/sub/s /v2; readlink /tool/link; stat -c '%u:%g %a' "
-                   "/tool/sub/s /v2; cat /dv; ls /srcwd 2>&1 >/dev/null; echo rc=$?")
-        assert r.stdout.startswith("v1\ns\nv1\nv\n1234:2345 644\n5:6 640\n"), r.stdout
+                   "/tool/sub/s /v2; cmp /from-base/debian_version /etc/debian_version && "
+                   "cmp /from-base/sh /usr/bin/dash && test ! -L /from-base/sh && echo same; "
+                   "ls /srcwd 2>&1 >/dev/null; echo rc=$?")
+        assert r.stdout.startswith("v1\ns\nv1\nv\n1234:2345 644\n5:6 640\nsame\n"), r.stdout
         assert r.stdout.endswith("rc=2\n"), r.stdout  # only the files copied, not the image
     # a new build of the source image changes the key of the COPY (its digest is in it)
     (tmp_path / "v2").mkdir()
-    _build(SRC_IMAGE.format(v="v2"), "t-src-img", tmp_path / "v2")
+    v2 = f"v2-{time.time_ns()}"  # new in every run: the step cache outlives a test run
+    _build(SRC_IMAGE.format(v=v2), "t-src-img", tmp_path / "v2")
     rep = _Lines()
     (tmp_path / "Dockerfile").write_text(COPY_FROM_IMAGE)
     build_image(parse_dockerfile(tmp_path / "Dockerfile", name="t-copy-from-img"),
@@ -157,7 +162,7 @@ def test_copy_from_a_registered_image_and_a_base(src_image, tmp_path):
     assert any("[1/4] CACHED" in ln for ln in rep.lines), rep.lines
     assert not any("[2/4] CACHED" in ln for ln in rep.lines), rep.lines
     with Sandbox.create("t-copy-from-img") as sb:
-        assert sb.run("cat /tool/v").stdout == "v2\n"
+        assert sb.run("cat /tool/v").stdout == v2 + "\n"
 
 
 def test_copy_from_an_unknown_image_is_a_located_error(base_ready, tmp_path):
@@ -221,10 +226,11 @@ class _Lines:
 def test_resumed_build_reading_a_stage_keeps_its_cached_prefix(base_ready, tmp_path):
     _build(STAGED_RESUME.format(step="a"), "t-stage-resume", tmp_path)
     rep = _Lines()
-    (tmp_path / "Dockerfile").write_text(STAGED_RESUME.format(step="b"))
+    step = f"b{time.time_ns()}"  # new in every run: the step cache outlives a test run
+    (tmp_path / "Dockerfile").write_text(STAGED_RESUME.format(step=step))
     build_image(parse_dockerfile(tmp_path / "Dockerfile", name="t-stage-resume"),
                 context_dir=tmp_path, name="t-stage-resume", reporter=rep)
     assert any(ln.startswith("[1/3] CACHED") for ln in rep.lines), rep.lines
     assert any("resuming after step 1" in ln for ln in rep.lines), rep.lines
     with Sandbox.create("t-stage-resume") as sb:
-        assert sb.run("cat /one /two /s").stdout == "one\nb\nstage\n"
+        assert sb.run("cat /one /two /s").stdout == f"one\n{step}\nstage\n"
