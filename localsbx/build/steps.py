@@ -283,6 +283,7 @@ async def _copy_from_stage(guest: Guest, op: Copy, state: BuildState,
     """``COPY --from=STAGE``: the sources' folders are tarred out of the stage's tree (owners
     kept, as BuildKit keeps them), unpacked in a host folder, and copied from there with
     the same rules as the build context."""
+    import copy
     import dataclasses
     import posixpath
     import shutil
@@ -333,11 +334,18 @@ async def _copy_from_stage(guest: Guest, op: Copy, state: BuildState,
             import io
             with tarfile.open(fileobj=io.BytesIO(res.stdout)) as tf:
                 tf.extractall(tmp, filter="fully_trusted")
-            for named, real in links:  # the named path leads to the real one, in the tree
-                at = Path(tmp, named)
-                if not at.exists() and not at.is_symlink():
-                    at.parent.mkdir(parents=True, exist_ok=True)
-                    at.symlink_to(os.path.relpath(Path(tmp, real), at.parent))
+                for named, real in links:  # the real tree again, under the name copied
+                    if os.path.lexists(Path(tmp, named)):
+                        continue
+                    for ti in tf.getmembers():
+                        if ti.name.rstrip("/") != real and not ti.name.startswith(real + "/"):
+                            continue
+                        moved = copy.copy(ti)
+                        moved.name = named + ti.name.rstrip("/")[len(real):]
+                        if ti.islnk() and (ti.linkname == real
+                                           or ti.linkname.startswith(real + "/")):
+                            moved.linkname = named + ti.linkname[len(real):]
+                        tf.extract(moved, tmp, filter="fully_trusted")
             plain = dataclasses.replace(op, from_stage=None, from_image=None,
                                         sources=tuple(sources))
             return BuildContext(Path(tmp)).make_tar(plain, passwd=passwd, group=group,

@@ -307,6 +307,9 @@ INLINE: list[Case] = [
       "FROM debian-minimal\nCOPY --from=b --chown=3:3 /o/x /dst/\n"),
     c("stage-copy-from-image-symlink", "FROM debian-minimal AS b\nRUN mkdir /o && "
       "ln -s x /o/l && echo x > /o/x\nFROM debian-minimal\nCOPY --from=b /o/l /dst/\n"),
+    c("stage-copy-from-absolute-symlinks", "FROM debian-minimal AS b\nRUN mkdir -p /real/d "
+      "&& echo x > /real/d/f && ln -s /real /o && ln -s /real/d /od\nFROM debian-minimal\n"
+      "COPY --from=b /o/d/f /dst/\nCOPY --from=b /od /dst/od\nCOPY --from=b /o/d/* /dst/g/\n"),
     # COPY --from=IMAGE: a name that is no stage is an image (BuildKit), here the base itself
     c("copy-from-image", "COPY --from=debian-minimal /etc/debian_version /etc/apt /dst/\n"
       "COPY --from=debian-minimal --chown=3:3 --chmod=600 /etc/issue /dst/i\n"),
