@@ -41,6 +41,7 @@ from pathlib import Path
 
 from localsbx import layers, paths, store
 from localsbx.build import basetimes
+from localsbx.build.resolve import ImageRoot
 from localsbx.build.steps import TAIL_BYTES, BuildState, run_stages, runtime_env, user_home
 from localsbx.definition.ops import Copy, ImageDefinition
 from localsbx.errors import (
@@ -112,7 +113,8 @@ def _context_reads(defn: ImageDefinition) -> list[Copy | str]:
     out: list[Copy | str] = []
     for d in (defn, *(st.definition for st in defn.stages)):
         for op in d.ops:
-            if isinstance(op, Copy) and not op.inline and op.from_stage is None:
+            if (isinstance(op, Copy) and not op.inline and op.from_stage is None
+                    and op.from_image is None):
                 out.append(op)
             for m in getattr(op, "mounts", ()):
                 if m.type == "bind" and m.from_stage is None:
@@ -183,6 +185,7 @@ async def build_image_async(
         raise DefinitionError(
             f"{definition.source}: COPY/ADD read local files but no build context was given",
             hint="pass a context folder (--context DIR, or Image.build(context_dir=...))")
+    roots, definition = await _resolve_roots(definition, project, rep)
     context_digest = ""
     if ctx is not None:
         reads = _context_reads(definition)
@@ -190,7 +193,8 @@ async def build_image_async(
     digest = definition.digest(
         f"{context_digest}|base={base.digest}|snap={SNAPSHOT_FORMAT}:{SANDBOX_CPUS}:{SANDBOX_MEMORY_MIB}"
         f"|build={definition.build_cpus}:{definition.build_memory_mb}"
-        + (f"|from={parent.digest}" if parent else ""))[:32]
+        + (f"|from={parent.digest}" if parent else "")
+        + "".join(f"|root={r.ref}={r.digest}" for r in roots.values()))[:32]
     if not (force or no_cache):
         with contextlib.suppress(Exception):
             old = store.ImageMeta.from_json(store.read_json(store.image_dir(digest) / "image.json"))
@@ -205,19 +209,59 @@ async def build_image_async(
         except OSError as exc:
             raise ConfigError(f"--secret id={sid}: cannot read {src}: {exc.strerror}",
                               hint="give src=PATH of a readable file") from None
-    keys = await asyncio.to_thread(_step_keys, definition, ctx, base, parent)
+    keys = await asyncio.to_thread(_step_keys, definition, ctx, base, parent, roots)
     started = time.monotonic()
     with layers.build_lock():
         return await _build(definition, ctx, rep, name=name, project=project, digest=digest,
                             base=base, parent=parent, keys=keys, timeout=timeout,
                             secret_data=secret_data, use_cache=not (force or no_cache),
-                            started=started)
+                            started=started, roots=roots)
 
 
-def _step_keys(definition: ImageDefinition, ctx, base, parent: store.ImageRecord | None
-               ) -> list[str]:
+async def _resolve_roots(definition: ImageDefinition, project: str, rep: Reporter
+                         ) -> tuple[dict[str, ImageRoot], ImageDefinition]:
+    """The roots of the other images the build reads (:func:`steps.image_refs`: the stages'
+    bases, ``COPY --from=IMAGE``), each resolved as FROM is, and ``definition`` with the
+    stages FROM a registry image starting with its config's ENV/WORKDIR (as the final
+    stage does).
+
+    :raises DefinitionError: a name resolves to nothing (located at its ``COPY --from``
+        line, or naming the stage; the cause and what to do in the message).
+    """
+    import dataclasses
+
+    from localsbx.build.resolve import resolve_root
+    from localsbx.build.steps import image_refs
+    from localsbx.errors import BaseImageError
+
+    roots: dict[str, ImageRoot] = {}
+    for ref in image_refs(definition):
+        try:
+            roots[ref] = await resolve_root(ref, project=project, say=rep.say)
+        except (BaseImageError, ImageNotFound) as exc:
+            user = next((op for d in (*(st.definition for st in definition.stages), definition)
+                         for op in d.ops if isinstance(op, Copy) and op.from_image == ref),
+                        None)
+            stage = next((st for st in definition.stages if st.definition.base == ref), None)
+            what = (f"stage {stage.name or stage.key} FROM {ref}" if stage is not None
+                    else f"COPY --from={ref}")
+            raise DefinitionError(
+                f"{what}: no registered image, base or registry image of that name: "
+                f"{exc.message}", location=user.location if user is not None else None,
+                hint=exc.hint or "build or import it first (localsbx image build / base "
+                                 "import), or give a registry image with its tag") from exc
+    stages = tuple(
+        dataclasses.replace(st, definition=dataclasses.replace(
+            st.definition, ops=(*roots[st.definition.base].head, *st.definition.ops)))
+        if roots[st.definition.base].head else st for st in definition.stages)
+    return roots, dataclasses.replace(definition, stages=stages)
+
+
+def _step_keys(definition: ImageDefinition, ctx, base, parent: store.ImageRecord | None,
+               roots: Mapping[str, ImageRoot] | None = None) -> list[str]:
     """The cache key of every op of ``definition`` (see :mod:`localsbx.layers`): reads the
-    build-context files each op copies or binds.
+    build-context files each op copies or binds, the digests of the stages' bases and of
+    each ``COPY --from=IMAGE``'s image (``roots``: :func:`_resolve_roots`).
 
     :raises DefinitionError: a COPY source is missing.
     """
@@ -231,7 +275,9 @@ def _step_keys(definition: ImageDefinition, ctx, base, parent: store.ImageRecord
     if definition.stages:  # any op reading a stage depends on all of them (conservative)
         st_reads = [r for st in definition.stages for r in _context_reads(st.definition)]
         h = hashlib.sha256(json.dumps([st.definition.to_json() for st in definition.stages]
-                                      + [st.key for st in definition.stages],
+                                      + [st.key for st in definition.stages]
+                                      + sorted(f"{r.ref}={r.digest}"
+                                               for r in (roots or {}).values()),
                                       sort_keys=True).encode())
         if ctx is not None and st_reads:
             h.update(ctx.digest(st_reads).encode())
@@ -241,6 +287,10 @@ def _step_keys(definition: ImageDefinition, ctx, base, parent: store.ImageRecord
         reads: list[str] = []
         if isinstance(op, Copy) and op.from_stage is not None:
             reads.append("stages:" + stages)
+        elif isinstance(op, Copy) and op.from_image is not None:
+            if not roots or op.from_image not in roots:
+                raise ImageBuildError(f"internal error: {op.describe()}: image not resolved")
+            reads.append("image:" + roots[op.from_image].digest)
         elif isinstance(op, Copy) and not op.inline and ctx is not None:
             reads.append(ctx.digest(op))
         for m in getattr(op, "mounts", ()):
@@ -285,11 +335,14 @@ class _NoGuest:
 async def _build(definition: ImageDefinition, ctx, rep: Reporter, *, name: str, project: str,
                  digest: str, base, parent: store.ImageRecord | None, keys: list[str],
                  timeout: float | None, secret_data: dict[str, bytes], use_cache: bool,
-                 started: float) -> store.ImageRecord:
+                 started: float, roots: Mapping[str, ImageRoot] | None = None
+                 ) -> store.ImageRecord:
     """The build proper, under the layers' build lock: cached prefix, build VM for the
-    rest (a disk layer per step), snapshot VM, registration."""
-    from localsbx.build.steps import touches_disk, uses_stages
+    rest (a disk layer per step, the other images' roots attached when the steps left read
+    them), snapshot VM, registration."""
+    from localsbx.build.steps import mount_attached, touches_disk, uses_images, uses_stages
 
+    roots = roots or {}
     ops = definition.ops
     n = len(ops)
     # ---- 0. the chain's root and the longest cached prefix
@@ -303,11 +356,9 @@ async def _build(definition: ImageDefinition, ctx, rep: Reporter, *, name: str, 
         root, pins, root_depth = str(parent.path / "build.qcow2"), parent.digest, 0
     else:
         root, root_depth = str(base.rootfs), 0
+    # the stages are built on their bases' own (attached) roots, so a build may resume
+    # anywhere, also when the steps left read a stage
     cached = layers.longest_prefix(keys) if use_cache else []
-    if cached and len(cached) < n and definition.stages and uses_stages(ops[len(cached):]):
-        rep.say("the steps left read other stages, which are built on the pristine root: "
-                "running every step")
-        cached = []
     j = len(cached)
     if parent:
         initial = BuildState(dict(parent.env), parent.workdir, parent.user)
@@ -387,7 +438,18 @@ async def _build(definition: ImageDefinition, ctx, rep: Reporter, *, name: str, 
                 prev_id = lid
                 step_t[0] = time.monotonic()
 
+            attach = list(roots.values()) if (uses_stages(ops[j:]) or uses_images(ops[j:])) \
+                else []
+            src_dir = tmp / "roots"
             if disk_steps:
+                extra: list[Path] = []
+                if attach:
+                    src_dir.mkdir()
+                    for k, r in enumerate(attach):  # throwaway overlays: never the image's
+                        extra.append(src_dir / f"{k}.qcow2")
+                        await disk.create_overlay(extra[-1], Path(r.disk))
+                    rep.say("attaching the roots of " + ", ".join(
+                        f"{r.kind} {r.ref}" for r in attach))
                 active = layers.begin(keys[disk_steps[0] - 1])
                 reserved.append(active)
                 below = layers.disk_path(cur_disk) if cur_disk else Path(root)
@@ -401,14 +463,18 @@ async def _build(definition: ImageDefinition, ctx, rep: Reporter, *, name: str, 
                     kernel=base.kernel, initrd=base.initrd, disk=layers.disk_path(active),
                     workdir=tmp, accel=accel, client_key=client_key,
                     cpus=definition.build_cpus, memory_mib=definition.build_memory_mb,
-                    name=f"localsbx-build-{name}",
+                    name=f"localsbx-build-{name}", extra_disks=tuple(extra),
                 ) as vm:
                     step_t[0] = time.monotonic()
                     try:
+                        mounted = await mount_attached(vm.guest, len(attach)) if attach else []
+                        given = {r.ref: (m, BuildState(dict(r.env), r.workdir, r.user)
+                                         if r.env is not None else None)
+                                 for r, m in zip(attach, mounted, strict=True)}
                         state = await run_stages(
                             vm.guest, definition, ctx, log_, timeout=timeout, initial=initial,
                             secrets=secret_data, cache_dir=paths.data_dir() / "build-cache",
-                            start=j, after_step=after_step)
+                            start=j, after_step=after_step, roots=given)
                     except (ImageBuildError, GuestError) as exc:
                         raise _with_console(exc, vm) from exc
                     rep.say("build steps done; syncing and powering off the build VM")
@@ -416,6 +482,10 @@ async def _build(definition: ImageDefinition, ctx, rep: Reporter, *, name: str, 
                         rep.say("warning: the build VM did not power off in time; it was "
                                 "killed")
                 active = None
+                if src_dir.exists():  # not part of the image folder tmp becomes
+                    import shutil
+
+                    shutil.rmtree(src_dir)
             else:  # only ENV/USER left: no VM
                 state = await run_stages(_NoGuest(), definition, ctx, log_, timeout=timeout,
                                          initial=initial, start=j, after_step=after_step)

@@ -18,9 +18,9 @@ import dataclasses
 from typing import Any
 
 from localsbx.definition import ops as _ops
-from localsbx.definition.ops import Env, ImageDefinition, Workdir
+from localsbx.definition.ops import Env, ImageDefinition, Op, Workdir
 
-__all__ = ["resolve_from", "with_image_config"]
+__all__ = ["ImageRoot", "resolve_from", "resolve_root", "with_image_config"]
 
 
 def with_image_config(definition: ImageDefinition, config: Any) -> ImageDefinition:
@@ -51,3 +51,56 @@ async def resolve_from(definition: ImageDefinition, *, say=None) -> tuple[Any, I
         return get_base(short if short in known else name), definition
     pulled = await asyncio.to_thread(pull_base, parse_ref(name), progress=say)
     return pulled.base, with_image_config(definition, pulled.config)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRoot:
+    """The root file system of an image other than the build VM's own, attached to the
+    build VM read-only (a throwaway qcow2 overlay on ``disk``): what ``COPY --from=IMAGE``
+    reads and what a stage ``FROM`` another image or base is built on.
+
+    :param ref: the name as the Dockerfile wrote it.
+    :param kind: ``image`` (a registered localsbx image), ``base`` or ``registry``.
+    :param digest: the image's or base's digest (part of the build's cache keys).
+    :param disk: its qcow2 (an image's ``build.qcow2``, a base's ``rootfs.qcow2``; never
+        written: the VM writes to an overlay of it).
+    :param env: ENV a stage FROM it starts with (an image's; ``None`` = Docker's default);
+    :param workdir: its WORKDIR; :param user: its USER (``None`` = root).
+    :param head: the ops a stage FROM it starts with (a registry image's config ENV and
+        WORKDIR, as :func:`with_image_config`).
+    """
+
+    ref: str
+    kind: str
+    digest: str
+    disk: Any
+    env: dict[str, str] | None = None
+    workdir: str = "/"
+    user: str | None = None
+    head: tuple[Op, ...] = ()
+
+
+async def resolve_root(name: str, *, project: str | None = None, say=None) -> ImageRoot:
+    """Resolve ``name`` as ``FROM`` does (Tensorlake's order: a registered localsbx image of
+    the project, then a base, then a registry image, pulled unless cached).
+
+    :raises BaseImageError: none of these (the message lists the known bases and what the
+        registry said).
+    """
+    import contextlib
+
+    from localsbx import store
+    from localsbx.errors import ImageNotFound
+    from localsbx.sandbox import _stale_base_image
+
+    img = None
+    with contextlib.suppress(ImageNotFound):
+        img = store.lookup_image(name, project=project)
+    if img is not None and not _stale_base_image(img):
+        return ImageRoot(name, "image", img.digest, img.path / "build.qcow2",
+                         env=dict(img.env), workdir=img.workdir, user=img.user)
+    from localsbx.base import known_base_names
+
+    kind = "base" if name.removeprefix("tensorlake/") in known_base_names() else "registry"
+    base, defn = await resolve_from(ImageDefinition(name="root", base=name, ops=()), say=say)
+    return ImageRoot(name, kind, base.digest, base.rootfs, head=tuple(defn.ops))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -136,8 +137,9 @@ async def run_ops(guest: Guest, defn: ImageDefinition, ctx: BuildContext | None,
     :param ctx: the build context COPY/ADD read from (``None``: a COPY is an error).
     :param rep: gets one ``[i/n] <op>`` line per op, and RUN output as it arrives.
     :param timeout: seconds one RUN (or one COPY's extraction) may take; ``None`` = none.
-    :param stage_roots: for ``COPY --from``: stage key -> (the guest holding the stage's
-        tree, the tree's path in it); see :func:`run_stages`.
+    :param stage_roots: for ``COPY --from``: stage key (or ``image:REF`` for
+        ``COPY --from=IMAGE``) -> (the guest holding the tree, the tree's path in it); see
+        :func:`run_stages`.
     :param secrets: ``RUN --mount=type=secret`` contents by id (never written to the image).
     :param cache_dir: host folder of ``RUN --mount=type=cache`` contents (one folder per id).
     :param initial: the state to start from (an image built FROM another image: its ENV,
@@ -189,6 +191,10 @@ async def run_ops(guest: Guest, defn: ImageDefinition, ctx: BuildContext | None,
         elif isinstance(op, Copy) and op.from_stage is not None:
             await _copy_from_stage(guest, op, state, (stage_roots or {}).get(op.from_stage),
                                    defn.source, timeout)
+        elif isinstance(op, Copy) and op.from_image is not None:
+            await _copy_from_stage(guest, op, state,
+                                   (stage_roots or {}).get("image:" + op.from_image),
+                                   defn.source, timeout)
         elif isinstance(op, Copy):
             await _copy(guest, op, state, ctx, defn.source, timeout)
         else:  # pragma: no cover - the IR has five ops
@@ -206,6 +212,25 @@ def touches_disk(op: Op) -> bool:
     """Whether an op may change the guest's file system (``ENV`` and ``USER`` only change
     the build state)."""
     return not isinstance(op, (Env, User))
+
+
+def uses_images(ops: Sequence[Op]) -> bool:
+    """Whether any of ``ops`` is a ``COPY --from=IMAGE`` (an image, not a stage)."""
+    return any(isinstance(op, Copy) and op.from_image is not None for op in ops)
+
+
+def image_refs(defn: ImageDefinition) -> list[str]:
+    """The images a build of ``defn`` reads besides its own root, in first-use order: the
+    bases of its stages and every ``COPY --from=IMAGE`` of the stages and the final ops."""
+    out: list[str] = []
+    for st in defn.stages:
+        if st.definition.base not in out:
+            out.append(st.definition.base)
+    for d in (*(st.definition for st in defn.stages), defn):
+        for op in d.ops:
+            if isinstance(op, Copy) and op.from_image is not None and op.from_image not in out:
+                out.append(op.from_image)
+    return out
 
 
 def uses_stages(ops: Sequence[Op]) -> bool:
@@ -258,6 +283,7 @@ async def _copy_from_stage(guest: Guest, op: Copy, state: BuildState,
     """``COPY --from=STAGE``: the sources' folders are tarred out of the stage's tree (owners
     kept, as BuildKit keeps them), unpacked in a host folder, and copied from there with
     the same rules as the build context."""
+    import copy
     import dataclasses
     import posixpath
     import shutil
@@ -268,24 +294,33 @@ async def _copy_from_stage(guest: Guest, op: Copy, state: BuildState,
     from localsbx.definition.context import BuildContext
 
     if where is None:
-        raise DefinitionError(f"{op.describe()}: stage {op.from_stage} was not built")
+        what = (f"image {op.from_image} is not attached to the build VM"
+                if op.from_image is not None else f"stage {op.from_stage} was not built")
+        raise DefinitionError(f"{op.describe()}: internal error: {what}")
     holder, root = where
     tops: list[str] = []
+    sources: list[str] = []
+    links: list[tuple[str, str]] = []  # (the source as named, its real path in the root)
     for src in op.sources:
         rel = posixpath.normpath(src.lstrip("/") or ".")
         parts = rel.split("/")
         glob_at = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), None)
-        if glob_at is not None:
-            rel = "/".join(parts[:glob_at]) or "."
-        else:  # a named source may be a symlink: take its folder, the target is near
-            probe = await holder.exec(["test", "-L", f"{root}/{rel}"], env=_SYS_PATH)
-            if probe.exit_status == 0:
-                rel = posixpath.dirname(rel) or "."
-        tops.append(rel)
+        if glob_at is not None:  # the folders before the pattern, resolved in the root
+            top = await _real_path(holder, root, "/".join(parts[:glob_at]) or ".")
+            tops.append(top)
+            sources.append("/" + "/".join(([] if top == "." else [top]) + parts[glob_at:]))
+            continue
+        # BuildKit follows symlinks on the source path (folders and the source itself)
+        # inside the source's root: take the real file, named as the source
+        real = await _real_path(holder, root, rel)
+        tops.append(real)
+        sources.append(src)
+        if real != rel:
+            links.append((rel, real))
     res = await holder.exec(["tar", "-C", root, "-cf", "-", "--numeric-owner", "--", *tops],
                             env=_SYS_PATH, timeout=timeout)
-    _check(op, res, _Tail(None), what=f"reading stage {op.from_stage}", source=source,
-           timeout=timeout)
+    _check(op, res, _Tail(None), what=f"reading image {op.from_image}" if op.from_image
+           else f"reading stage {op.from_stage}", source=source, timeout=timeout)
     passwd = (await guest.get_file("/etc/passwd")).decode(errors="replace")
     group = (await guest.get_file("/etc/group")).decode(errors="replace")
     dest_is_dir = False
@@ -299,7 +334,20 @@ async def _copy_from_stage(guest: Guest, op: Copy, state: BuildState,
             import io
             with tarfile.open(fileobj=io.BytesIO(res.stdout)) as tf:
                 tf.extractall(tmp, filter="fully_trusted")
-            plain = dataclasses.replace(op, from_stage=None)
+                for named, real in links:  # the real tree again, under the name copied
+                    if os.path.lexists(Path(tmp, named)):
+                        continue
+                    for ti in tf.getmembers():
+                        if ti.name.rstrip("/") != real and not ti.name.startswith(real + "/"):
+                            continue
+                        moved = copy.copy(ti)
+                        moved.name = named + ti.name.rstrip("/")[len(real):]
+                        if ti.islnk() and (ti.linkname == real
+                                           or ti.linkname.startswith(real + "/")):
+                            moved.linkname = named + ti.linkname[len(real):]
+                        tf.extract(moved, tmp, filter="fully_trusted")
+            plain = dataclasses.replace(op, from_stage=None, from_image=None,
+                                        sources=tuple(sources))
             return BuildContext(Path(tmp)).make_tar(plain, passwd=passwd, group=group,
                                                     dest_is_dir=dest_is_dir, keep_owners=True)
         finally:
@@ -308,6 +356,33 @@ async def _copy_from_stage(guest: Guest, op: Copy, state: BuildState,
     data = await asyncio.to_thread(build)
     res = await guest.extract_tar(data, timeout=timeout)
     _check(op, res, _Tail(None), what="extracting files", source=source, timeout=timeout)
+
+
+async def _real_path(holder: Guest, root: str, rel: str) -> str:
+    """``rel`` (relative to ``root``, normalised) with every symlink on it resolved as if
+    ``root`` were ``/`` (absolute targets start again at ``root``, ``..`` stops there), as
+    BuildKit resolves a ``COPY --from`` source in the source's file system; one
+    ``readlink`` per component. Returns a path relative to ``root`` (``.`` for the root)."""
+    done: list[str] = []
+    todo = [p for p in rel.split("/") if p not in ("", ".")]
+    hops = 0
+    while todo:
+        p = todo.pop(0)
+        if p == "..":
+            if done:
+                done.pop()
+            continue
+        cand = "/".join([*done, p])
+        res = await holder.exec(["readlink", "--", f"{root}/{cand}"], env=_SYS_PATH)
+        target = res.stdout.decode(errors="surrogateescape").rstrip("\n")
+        if res.exit_status == 0 and target and hops < 40:  # 40: Linux's MAXSYMLINKS
+            hops += 1
+            if target.startswith("/"):
+                done = []
+            todo = [x for x in target.split("/") if x not in ("", ".")] + todo
+        else:
+            done.append(p)
+    return "/".join(done) or "."
 
 
 async def _copy(guest: Guest, op: Copy, state: BuildState, ctx: BuildContext | None,
@@ -635,41 +710,82 @@ async def sandbox_env(guest: Guest, state: BuildState) -> dict[str, str]:
     return runtime_env(state.env, await user_home(guest, state.user))
 
 
+#: Where the build VM mounts the attached roots of other images (read-only, by number).
+ATTACHED = "/run/localsbx-src"
+
+
+async def mount_attached(guest: Guest, count: int) -> list[str]:
+    """Mount the build VM's attached disks ``lsbx-disk-0 .. count-1`` (virtio-blk serials,
+    see :attr:`localsbx.vm.qemu.VMSpec.extra_disks`) read-only at ``ATTACHED/N``.
+
+    :returns: the mount points, in disk order.
+    :raises ImageBuildError: a disk is missing or is no ext4 file system."""
+    from localsbx.vm.qemu import EXTRA_DISK_SERIAL
+
+    script = (
+        'for n in "$@"; do found=; for b in /sys/block/vd*; do '
+        f'[ "$(cat "$b/serial" 2>/dev/null)" = "{EXTRA_DISK_SERIAL}$n" ] || continue; '
+        f'mkdir -p {ATTACHED}/$n && mount -t ext4 -o ro "/dev/${{b##*/}}" {ATTACHED}/$n '
+        '&& found=1; done; [ -n "$found" ] || { echo "attached disk '
+        f'{EXTRA_DISK_SERIAL}$n cannot be mounted" >&2; exit 1; }}; done')
+    res = await guest.exec(["/bin/sh", "-c", script, "sh", *map(str, range(count))],
+                           env=_SYS_PATH)
+    if res.exit_status != 0:
+        raise ImageBuildError(f"cannot mount the roots of the other images: {res.describe()}",
+                              output_tail=(res.stdout + res.stderr).decode(errors="replace"))
+    return [f"{ATTACHED}/{n}" for n in range(count)]
+
+
 async def run_stages(guest: Guest, defn: ImageDefinition, ctx: BuildContext | None,
                      rep: Reporter, *, timeout: float | None, scratch: str = "/run/localsbx-stages",
                      initial: BuildState | None = None,
                      secrets: Mapping[str, bytes] | None = None,
                      cache_dir: Path | None = None, start: int = 0,
-                     after_step: AfterStep | None = None) -> BuildState:
-    """Run a whole definition: the other stages it copies from (each on its own overlay
-    over the guest's pristine root, under ``scratch`` on a tmpfs), then the final stage's
-    ops on ``guest`` itself. The scratch roots are removed afterwards. ``start`` and
-    ``after_step`` are :func:`run_ops`'s; the stages are built only when an op after
-    ``start`` reads one (the caller resumes with ``start > 0`` only then if the root is
-    still pristine, i.e. never: see the builder).
+                     after_step: AfterStep | None = None,
+                     roots: Mapping[str, tuple[str, BuildState | None]] | None = None,
+                     ) -> BuildState:
+    """Run a whole definition: the other stages it copies from (each on its own overlay,
+    tmpfs upper under ``scratch``), then the final stage's ops on ``guest`` itself. The
+    scratch roots are removed afterwards. ``start`` and ``after_step`` are
+    :func:`run_ops`'s; the stages are built only when an op after ``start`` reads one.
 
-    :raises DefinitionError: a stage is FROM another base than the image (not supported)."""
+    :param roots: image name (a stage's ``FROM``, a ``COPY --from=IMAGE``) -> (its root
+        mounted read-only in the guest, see :func:`mount_attached`; the state a stage FROM
+        it starts with). A stage is built on an overlay of its base's root, so it does not
+        depend on what the VM's own root holds (a resumed build may run them). Without an
+        entry, a stage FROM the image's own base is built on the guest's root (pristine
+        only when ``start`` is 0: the differential suite's case).
+    :raises DefinitionError: a stage FROM another base than the image's with no root given.
+    """
     if isinstance(guest, ChrootGuest):
         holder, lower = guest.inner, guest.root
     else:
         holder, lower = guest, "/"
-    roots: dict[str, tuple[Guest, str]] = {}
+    given = roots or {}
+    tree: dict[str, tuple[Guest, str]] = {
+        "image:" + ref: (holder, path) for ref, (path, _st) in given.items()}
     made: list[str] = []
     try:
         for st in defn.stages if uses_stages(defn.ops[start:]) else ():
-            if st.definition.base != defn.base:
+            src = given.get(st.definition.base)
+            if src is not None:
+                st_lower, st_initial = src
+            elif st.definition.base == defn.base:
+                st_lower, st_initial = lower, None
+            else:
                 raise DefinitionError(
                     f"stage {st.name or st.key} is FROM {st.definition.base} and the image "
-                    f"FROM {defn.base}: stages on different bases are not supported yet",
-                    hint="build both stages FROM the same base")
+                    f"FROM {defn.base}, and the root of {st.definition.base} is not attached",
+                    hint="build it with `localsbx image build` (which attaches it)")
             path = f"{scratch}/{st.key}"
             made.append(path)
-            m = await mount_overlay_root(holder, path, (lower,))
-            rep.say(f"stage {st.name or st.key} (for COPY --from)")
+            m = await mount_overlay_root(holder, path, (st_lower,))
+            rep.say(f"stage {st.name or st.key} FROM {st.definition.base} (for COPY --from)")
             await run_ops(ChrootGuest(holder, m), st.definition, ctx, rep, timeout=timeout,
-                          stage_roots=roots, secrets=secrets, cache_dir=cache_dir)
-            roots[st.key] = (holder, m)
-        return await run_ops(guest, defn, ctx, rep, timeout=timeout, stage_roots=roots,
+                          stage_roots=tree, secrets=secrets, cache_dir=cache_dir,
+                          initial=st_initial)
+            tree[st.key] = (holder, m)
+        return await run_ops(guest, defn, ctx, rep, timeout=timeout, stage_roots=tree,
                              initial=initial, secrets=secrets, cache_dir=cache_dir,
                              start=start, after_step=after_step)
     finally:

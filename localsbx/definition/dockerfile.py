@@ -43,8 +43,11 @@ interpreter (``Run.script``), else by ``/bin/sh -c`` (B03, B04); any other hered
 ``/bin/sh -c`` with its body (the shell reads it, B05). ``ARG`` values are build-time only
 (``Run.build_env``). Tensorlake's rule for the rest: ``EXPOSE LABEL VOLUME STOPSIGNAL
 SHELL HEALTHCHECK ONBUILD`` (and the deprecated ``MAINTAINER``) are accepted with a warning
-because they have no effect on a sandbox; ``CMD ENTRYPOINT USER``, multi-stage builds and
-unknown instructions are errors.
+because they have no effect on a sandbox; unknown instructions are errors. Multi-stage:
+every ``FROM`` starts a stage (``AS name``); ``COPY --from=REF`` names an earlier stage (by
+name, case-insensitive, or index) and otherwise, as in BuildKit, an image (``Copy.from_image``,
+resolved by the builder as ``FROM`` is; with ``known_bases`` given, a name that is neither a
+known image/base nor a registry reference is a located error here).
 """
 
 from __future__ import annotations
@@ -473,6 +476,8 @@ class _Reader:
         self.entrypoint: tuple[str, ...] | None = None
         self.stages: list[dict] = []
         self.stage_name: str | None = None
+        #: names FROM / COPY --from may use besides stages (None: not checked here)
+        self.known: frozenset[str] | None = None
 
     def loc(self, ins: _Instr) -> SourceLocation:
         return SourceLocation(self.src, ins.line)
@@ -684,16 +689,31 @@ class _Reader:
     def do_copy(self, ins: _Instr) -> None:
         kind = Add if ins.cmd == "ADD" else Copy
         flags = self.flags(ins)
-        from_stage = None
+        from_stage = from_image = None
         if "from" in flags and ins.cmd == "COPY":
             ref = flags.pop("from")
             idx = self.find_stage(ref)
-            if idx is None:
+            if idx is not None:
+                from_stage = str(idx)
+            elif ref.isdigit():
                 raise DefinitionError(
-                    f"COPY --from={ref}: no earlier stage of this Dockerfile is called that "
-                    "(copying from an image is not supported)", location=self.loc(ins),
-                    hint="name a stage (FROM ... AS NAME) or its index defined above")
-            from_stage = str(idx)
+                    f"COPY --from={ref}: this Dockerfile has no stage {ref} above this line "
+                    f"(stages are numbered from 0; {len(self.stages)} so far)",
+                    location=self.loc(ins), hint="name a stage defined above, or an image")
+            else:  # BuildKit: a --from that names no stage is an image reference
+                known = self.known
+                if not ref or (known is not None and ref not in known
+                               and ref.removeprefix("tensorlake/") not in known
+                               and not names_registry_image(ref)):
+                    listed = ", ".join(sorted(known or ())) or "(none built yet)"
+                    raise DefinitionError(
+                        f"COPY --from={ref}: no stage of this Dockerfile above this line is "
+                        f"called that, and it is no known image or base; known: {listed}",
+                        location=self.loc(ins),
+                        hint="name a stage (FROM ... AS NAME) defined above, a registered "
+                             "image or a base, or a registry image with its tag "
+                             "(NAME:TAG, REGISTRY/REPO:TAG)")
+                from_image = ref
         inline: list[tuple[str, str]] = []
         if ins.heredocs:  # COPY <<EOF /dest: each heredoc is a file named by its delimiter
             docs = {h.name: h for h in ins.heredocs}
@@ -722,8 +742,8 @@ class _Reader:
                      location=self.loc(ins), text=ins.text)
         if inline:
             op = dataclasses.replace(op, inline=tuple(inline))
-        if from_stage is not None:
-            op = dataclasses.replace(op, from_stage=from_stage)
+        if from_stage is not None or from_image is not None:
+            op = dataclasses.replace(op, from_stage=from_stage, from_image=from_image)
         self.ops.append(op)
 
     def do_user(self, ins: _Instr) -> None:
@@ -823,6 +843,7 @@ def parse_dockerfile(
     instrs = _split(lines, src, escape)
     reader = _Reader(src, escape, build_args or {})
     known = frozenset(known_bases) if known_bases is not None else None
+    reader.known = known
     for ins in instrs:
         if ins.blank_continuation:
             reader.warn(ins, "empty continuation line (BuildKit: deprecated, will become an "

@@ -107,6 +107,10 @@ class Copy:
     :param chmod: octal mode string such as ``"0750"``, or ``None`` to keep source modes.
     :param from_stage: ``COPY --from``: the key of an earlier stage
         (:attr:`ImageDefinition.stages`); sources are absolute paths in that stage.
+    :param from_image: ``COPY --from=NAME`` where NAME is no stage: an image, resolved as
+        ``FROM`` is (a registered localsbx image, then a base, then a registry image), as
+        BuildKit takes a ``--from`` that names no stage for an image reference; sources are
+        absolute paths in that image's root.
     :param inline: ``COPY <<EOF`` files as ``(name, content)`` pairs; their names are in
         ``sources`` and are not read from the build context.
     """
@@ -117,6 +121,7 @@ class Copy:
     chmod: str | None = None
     inline: tuple[tuple[str, str], ...] = ()
     from_stage: str | None = None
+    from_image: str | None = None
     location: SourceLocation | None = field(default=None, compare=False)
     text: str = field(default="", compare=False)
 
@@ -244,6 +249,8 @@ class ImageDefinition:
                     d.update(inline=[list(p) for p in op.inline])
                 if op.from_stage is not None:
                     d.update(from_stage=op.from_stage)
+                if op.from_image is not None:
+                    d.update(from_image=op.from_image)
             elif isinstance(op, Env):
                 d.update(key=op.key, value=op.value)
             elif isinstance(op, Workdir):

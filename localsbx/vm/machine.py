@@ -87,6 +87,7 @@ class Machine:
         wrapper: list[str] | None = None,
         name: str = "localsbx",
         net: NetSpec = NetSpec(),
+        extra_disks: tuple[Path, ...] = (),
     ) -> Machine:
         """Boot a guest and connect to it.
 
@@ -96,6 +97,8 @@ class Machine:
 
         :param disk: the qcow2 overlay the guest boots from (created by the caller).
         :param workdir: folder for the serial log, QMP socket and per-VM initramfs.
+        :param extra_disks: more qcow2 files attached after the root (see
+            :attr:`~localsbx.vm.qemu.VMSpec.extra_disks`).
         :raises VMLaunchError: QEMU failed or the guest was not ready in time (QEMU stopped).
         """
         for attempt in (1, 2):
@@ -104,7 +107,7 @@ class Machine:
                     kernel=kernel, initrd=initrd, disk=disk, workdir=workdir, accel=accel,
                     client_key=client_key, cpus=cpus, memory_mib=memory_mib,
                     ram_file=ram_file, ram_share=ram_share, detached=detached,
-                    wrapper=wrapper, name=name, net=net)
+                    wrapper=wrapper, name=name, net=net, extra_disks=extra_disks)
             except VMLaunchError:
                 serial = workdir / "serial.log"
                 if attempt == 2 or not boot_crash_is_transient(serial):
@@ -121,7 +124,7 @@ class Machine:
                          accel: Accel, client_key: asyncssh.SSHKey, cpus: int,
                          memory_mib: int, ram_file: Path | None, ram_share: bool,
                          detached: bool, wrapper: list[str] | None, name: str,
-                         net: NetSpec) -> Machine:
+                         net: NetSpec, extra_disks: tuple[Path, ...] = ()) -> Machine:
         from localsbx.vm.kernel import make_identity_cpio
 
         t0 = time.monotonic()
@@ -139,7 +142,7 @@ class Machine:
         spec = VMSpec(kernel=kernel, initrd=vm_initrd, disk=disk,
                       serial_log=workdir / "serial.log", qmp_socket=_qmp_path(workdir),
                       accel=accel, memory_mib=memory_mib, cpus=cpus, ram_file=ram_file,
-                      ram_share=ram_share, name=name, net=net)
+                      ram_share=ram_share, name=name, net=net, extra_disks=tuple(extra_disks))
         qemu = QemuProcess(spec, detached=detached, wrapper=wrapper or [])
         await qemu.start()
         m = cls(qemu, GuestConnection("127.0.0.1", 0, client_key, host_key), host_key)

@@ -80,6 +80,10 @@ class VMSpec:
         (``build_argv`` stays pure).
     :param ssh_host_port: the host port (127.0.0.1) forwarded to the guest's SSH port, filled
         in by :meth:`QemuProcess.start`; 0 = QEMU picks it (read back with ``info usernet``).
+    :param extra_disks: more qcow2 files after the root drive, each a virtio-blk device with
+        serial ``lsbx-disk-N`` (N from 0; the guest finds it by ``/sys/block/vd*/serial``).
+        Used by the build VM for the roots of other images (``COPY --from=IMAGE``, stages on
+        other bases); never in a snapshot VM.
     """
 
     kernel: Path
@@ -98,6 +102,11 @@ class VMSpec:
     net: NetSpec = field(default_factory=NetSpec)
     net_socket: Path | None = None
     ssh_host_port: int = 0
+    extra_disks: tuple[Path, ...] = ()
+
+
+#: Serial prefix of :attr:`VMSpec.extra_disks` (``lsbx-disk-0`` ...).
+EXTRA_DISK_SERIAL = "lsbx-disk-"
 
 
 def opts(*positional: str, **props: object) -> str:
@@ -140,6 +149,8 @@ def machine_shape(spec: VMSpec) -> list[str]:
         "cmdline=" + kernel_cmdline(spec),
         "serial=ttyS0",
         "device=virtio-blk-device,drive=root",
+        *(f"device=virtio-blk-device,drive=x{i},serial={EXTRA_DISK_SERIAL}{i}"
+          for i in range(len(spec.extra_disks))),
         "device=" + vmnet.device_arg(),
         "device=virtio-rng-device",
     ]
@@ -179,6 +190,9 @@ def build_argv(spec: VMSpec) -> list[str]:
         "-append", kernel_cmdline(spec),
         "-drive", opts(f"file={spec.disk}", "if=none", id="root", format="qcow2", discard="unmap"),
         "-device", "virtio-blk-device,drive=root",
+        *[a for i, d in enumerate(spec.extra_disks) for a in (
+            "-drive", opts(f"file={d}", "if=none", id=f"x{i}", format="qcow2"),
+            "-device", f"virtio-blk-device,drive=x{i},serial={EXTRA_DISK_SERIAL}{i}")],
         "-netdev", _netdev(spec),
         "-device", vmnet.device_arg(),
         "-device", "virtio-rng-device",

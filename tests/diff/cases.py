@@ -307,6 +307,20 @@ INLINE: list[Case] = [
       "FROM debian-minimal\nCOPY --from=b --chown=3:3 /o/x /dst/\n"),
     c("stage-copy-from-image-symlink", "FROM debian-minimal AS b\nRUN mkdir /o && "
       "ln -s x /o/l && echo x > /o/x\nFROM debian-minimal\nCOPY --from=b /o/l /dst/\n"),
+    c("stage-copy-from-absolute-symlinks", "FROM debian-minimal AS b\nRUN mkdir -p /real/d "
+      "&& echo x > /real/d/f && ln -s /real /o && ln -s /real/d /od\nFROM debian-minimal\n"
+      "COPY --from=b /o/d/f /dst/\nCOPY --from=b /od /dst/od\nCOPY --from=b /o/d/* /dst/g/\n"),
+    # COPY --from=IMAGE: a name that is no stage is an image (BuildKit), here the base itself
+    c("copy-from-image", "COPY --from=debian-minimal /etc/debian_version /etc/apt /dst/\n"
+      "COPY --from=debian-minimal --chown=3:3 --chmod=600 /etc/issue /dst/i\n"),
+    c("copy-from-image-dir-owners", "RUN mkdir /dst\n"
+      "COPY --from=debian-minimal /var/spool/ /dst/spool/\n"),
+    c("copy-from-image-symlinked-path", "COPY --from=debian-minimal /bin/sh /dst/\n"
+      "COPY --from=debian-minimal /bin/../etc/debian_version /dst/v\n"),
+    c("copy-from-image-missing", "COPY --from=debian-minimal /no/such/file /dst/\n"),
+    c("stage-from-image-base-copied", "FROM debian-minimal AS b\nRUN mkdir /o && "
+      "echo b > /o/b\nFROM debian-minimal\nRUN echo final > /f\n"
+      "COPY --from=b /o /dst/\nCOPY --from=debian-minimal /etc/debian_version /dst/\n"),
     # ---- RUN --mount
     c("mount-tmpfs", "RUN --mount=type=tmpfs,target=/scratch echo x > /scratch/f && mkdir /dst"
       " && ls /scratch > /dst/seen\n", probe="/dst /scratch"),

@@ -157,8 +157,10 @@ class _Quiet:
         pass
 
 
-async def _one_case(vm_guest, n: int, case, root: Path) -> Outcome:
-    """One case on a fresh overlay root in the shared VM: build steps, then the probe."""
+async def _one_case(vm_guest, n: int, case, root: Path, base_root: str) -> Outcome:
+    """One case on a fresh overlay root in the shared VM: build steps, then the probe.
+    ``base_root``: the base's own root, attached and mounted read-only as the builder does
+    (what stages FROM the base and ``COPY --from=debian-minimal`` read)."""
     from localsbx.build.steps import (
         ChrootGuest,
         mount_overlay_root,
@@ -182,7 +184,8 @@ async def _one_case(vm_guest, n: int, case, root: Path) -> Outcome:
             secrets = {k: v.encode() for k, v in case.secrets.items()}
             state = await run_stages(guest, defn, BuildContext(wd / "ctx"), _Quiet(),
                                      timeout=300, scratch=f"{croot}-stages", secrets=secrets,
-                                     cache_dir=wd / "cache")
+                                     cache_dir=wd / "cache",
+                                     roots={"debian-minimal": (base_root, None)})
             res = await guest.exec(["/bin/sh", "-c", probe_script(case.probe) + " 2>&1"],
                                    env=await sandbox_env(guest, state), cwd=state.workdir,
                                    user=state.user, timeout=120)
@@ -196,6 +199,7 @@ async def _one_case(vm_guest, n: int, case, root: Path) -> Outcome:
 async def _localsbx_all(cases, root: Path) -> dict[str, Outcome]:
     from localsbx import store
     from localsbx.base import get_base
+    from localsbx.build.steps import mount_attached
     from localsbx.vm import disk
     from localsbx.vm.accel import choose_accel
     from localsbx.vm.machine import Machine
@@ -205,17 +209,21 @@ async def _localsbx_all(cases, root: Path) -> dict[str, Outcome]:
     tmp = Path(tempfile.mkdtemp(prefix="diff-vm-", dir=root))
     overlay = tmp / "build.qcow2"
     await disk.create_overlay(overlay, base.rootfs)
+    attached = tmp / "base-root.qcow2"  # as the builder attaches the roots of other images
+    await disk.create_overlay(attached, base.rootfs)
     out: dict[str, Outcome] = {}
     gate = asyncio.Semaphore(JOBS)
     async with await Machine.cold_boot(
         kernel=base.kernel, initrd=base.initrd, disk=overlay, workdir=tmp, accel=accel,
         client_key=store.management_key(), cpus=2, memory_mib=4096, name="localsbx-diff",
+        extra_disks=(attached,),
     ) as vm:
         await vm.guest.exec(["modprobe", "overlay"], env={"PATH": "/usr/sbin:/usr/bin"})
+        (base_root,) = await mount_attached(vm.guest, 1)
 
         async def one(n: int, case) -> None:
             async with gate:
-                out[case.name] = await _one_case(vm.guest, n, case, root)
+                out[case.name] = await _one_case(vm.guest, n, case, root, base_root)
 
         await asyncio.gather(*(one(n, c) for n, c in enumerate(cases)))
     return out

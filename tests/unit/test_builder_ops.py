@@ -352,3 +352,19 @@ def test_context_reads_skip_stage_copies_and_heredocs_but_see_stages_and_binds()
         "COPY <<EOF /h\nx\nEOF\nRUN --mount=type=bind,source=dir,target=/d true\nCOPY c /c\n")
     reads = _context_reads(d)
     assert [r if isinstance(r, str) else r.sources for r in reads] == ["dir", ("c",), ("a.txt",)]
+
+
+async def test_copy_from_source_symlinks_resolve_inside_the_source_root():
+    """BuildKit follows symlinks on a COPY --from source path inside the source's own file
+    system: merged-/usr links, absolute targets (from the root, not the VM's) and ``..``
+    stopping at the root."""
+    from localsbx.build.steps import _real_path
+
+    g = FakeGuest({"/r/bin": (0, b"usr/bin\n", b""), "/r/usr/bin/sh": (0, b"dash\n", b""),
+                   "/r/opt/abs": (0, b"/../../etc/x\n", b""),
+                   "/r/loop": (0, b"loop\n", b"")})
+    assert await _real_path(g, "/r", "bin/sh") == "usr/bin/dash"
+    assert await _real_path(g, "/r", "opt/abs") == "etc/x"
+    assert await _real_path(g, "/r", "etc/apt") == "etc/apt"
+    assert await _real_path(g, "/r", ".") == "."
+    assert await _real_path(g, "/r", "loop") == "loop"  # a loop ends after 40 hops

@@ -258,6 +258,9 @@ def test_text_vs_path_input(tmp_path):
         ("ARG X=1\n", 1, "no FROM instruction", "add FROM"),
         ("FROM nope\n", 1, "unknown base image 'nope'", "localsbx base build"),
         ("FROM debian-minimal\nCOPY --from=build a b\n", 2, "--from", "name a stage"),
+        ("FROM debian-minimal\nRUN x\nCOPY --from=3 a b\n", 3, "no stage 3", "name a stage"),
+        ("FROM debian-minimal AS a\nFROM debian-minimal\nCOPY --from=nope /a b\n", 3,
+         "no known image or base", "registry image with its tag"),
         ("FROM debian-minimal\nCOPY --parents a b/\n", 2, "--parents is not supported",
          "--chown=USER[:GROUP]"),
         ("FROM debian-minimal\nCOPY --chmod=u+x a b\n", 2, "not an octal mode", "0755"),
@@ -332,3 +335,28 @@ def test_run_mounts():
         ("tmpfs", "/scratch", ""), ("bind", "/m", "")]
     assert run.mounts[3].from_stage == "0" and [st.key for st in d.stages] == ["0"]
     assert run.argv == ("/bin/sh", "-c", "cat /run/secrets/tok")
+
+
+def test_copy_from_a_name_that_is_no_stage_names_an_image():
+    """BuildKit: ``--from`` that names no earlier stage is an image reference (a registered
+    image, a base or a registry image, resolved as FROM is)."""
+    d = parse_dockerfile(
+        "FROM debian-minimal AS b\nRUN true\nFROM debian-minimal\nCOPY --from=b /x /y\n"
+        "COPY --from=tools /t /t\nCOPY --from=127.0.0.1:5000/x/y:1 /u /u\n"
+        "COPY --from=debian-minimal /etc/os-release /o\n",
+        known_bases={"debian-minimal", "tools"})
+    assert [(op.from_stage, op.from_image) for op in d.ops] == [
+        ("0", None), (None, "tools"), (None, "127.0.0.1:5000/x/y:1"), (None, "debian-minimal")]
+    assert [st.key for st in d.stages] == ["0"]  # images are no stages
+    assert d.to_json()["ops"][1]["from_image"] == "tools"
+    assert "from_image" not in d.to_json()["ops"][0]
+
+
+def test_image_refs_lists_stage_bases_and_copied_images():
+    from localsbx.build.steps import image_refs, uses_images
+
+    d = parse_dockerfile(
+        "FROM img-a AS a\nCOPY --from=tool:1 /x /x\nFROM debian-minimal\n"
+        "COPY --from=a /x /x\nCOPY --from=tool:2 /y /y\n")
+    assert image_refs(d) == ["img-a", "tool:1", "tool:2"]
+    assert uses_images(d.ops) and not uses_images(d.ops[:1])

@@ -76,6 +76,8 @@ def vm(monkeypatch):
         g = FakeGuest(seen.get("results"))
         seen["guests"].append(g)
         seen["boots"].append(kw["disk"])
+        seen.setdefault("extra_disks", []).append(  # what each attached overlay is over
+            tuple(Path(p).read_bytes() for p in kw.get("extra_disks", ())))
         return FakeMachine(g, kw["disk"])
 
     async def accel(*a, **kw):
@@ -461,3 +463,145 @@ def test_cli_prune_history_logs_and_progress_option(tmp_path):
     (tmp_path / "Dockerfile").write_text("FROM debian-minimal\nRUN true\n")
     res = run("image", "build", str(tmp_path / "Dockerfile"), "--progress", "fancy")
     assert res.returncode == 1 and "--progress 'fancy'" in res.stderr
+
+
+# --------------------------------------------------------------------------- other roots
+# (issue 8: COPY --from=IMAGE, stages on other bases, resuming with steps that read stages)
+
+def _tar(members: dict[str, bytes]) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.uid, ti.gid = len(data), 7, 7
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _root(ref, digest, disk, **kw):
+    from localsbx.build.resolve import ImageRoot
+
+    return ImageRoot(ref, kw.pop("kind", "base"), digest, disk, **kw)
+
+
+async def run_rooted(d, base, roots, *, use_cache=True):
+    keys = builder._step_keys(d, None, base, None, roots)
+    rep = Rep()
+    with layers.build_lock():
+        hist = await builder._build(d, None, rep, name="t", project="default", digest="d" * 32,
+                                    base=base, parent=None, keys=keys, timeout=None,
+                                    secret_data={}, use_cache=use_cache, started=0.0,
+                                    roots=roots)
+    return keys, hist, rep
+
+
+#: FakeGuest answers: ``test -L ROOT/outdir`` no, ``tar ... outdir`` a tar of it
+TAR_RESULTS = {"/outdir": (1, b"", b""), "outdir": (0, _tar({"outdir/f": b"x"}), b"")}
+STAGED = ("FROM debian-minimal AS b\nRUN make-it\nFROM debian-minimal\nRUN a\n"
+          "RUN {step}\nCOPY --from=b /outdir /dst/\n")
+
+
+def _overlay_lowers(guest) -> list[str]:
+    import re
+
+    return [m for c in guest.calls for m in re.findall(r"lowerdir=(\S+?),", c.argv[-1])]
+
+
+async def test_a_resumed_build_whose_steps_read_a_stage_resumes(base, vm):
+    """The stage is built on its base's attached root, not on the VM's (no longer pristine)
+    root, so the rebuild keeps its cached prefix."""
+    from localsbx.definition.dockerfile import parse_dockerfile
+
+    roots = {"debian-minimal": _root("debian-minimal", base.digest, base.rootfs)}
+    vm["results"] = TAR_RESULTS
+    first = parse_dockerfile(STAGED.format(step="c1"))
+    await run_rooted(first, base, roots)
+    vm["boots"].clear()
+    keys, hist, rep = await run_rooted(parse_dockerfile(STAGED.format(step="c2")), base, roots)
+    assert [h.cached for h in hist] == [True, False, False]
+    assert vm["boots"][-1].read_bytes() == b"overlay:" + str(layers.disk_path(keys[0])).encode()
+    assert len(vm["extra_disks"][-1]) == 1  # the base's root, a throwaway overlay of it
+    assert vm["extra_disks"][-1][0] == b"overlay:" + str(base.rootfs).encode()
+    g = vm["guests"][-1]
+    assert _overlay_lowers(g) == ["/run/localsbx-src/0"]
+    assert [c.argv[-1] for c in g.runs()] == ["make-it", "c2"]
+    assert not any("running every step" in ln for ln in rep.lines)
+    assert not list(store.paths.images_dir().glob(".tmp-*/roots"))
+
+
+async def test_a_stage_on_another_image_starts_from_its_root_and_state(base, vm, tmp_path):
+    from localsbx.definition.dockerfile import parse_dockerfile
+
+    d = parse_dockerfile("FROM other-img AS b\nRUN make-it\nFROM debian-minimal\n"
+                         "COPY --from=b /outdir /dst/\n")
+    other = tmp_path / "other.qcow2"
+    roots = {"other-img": _root("other-img", "o" * 32, other, kind="image",
+                                env={"PATH": "/usr/bin:/bin", "FROM_IMG": "1"},
+                                workdir="/w", user="app")}
+    vm["results"] = TAR_RESULTS
+    _, hist, _ = await run_rooted(d, base, roots)
+    assert [h.cached for h in hist] == [False]
+    assert vm["extra_disks"][-1][0] == b"overlay:" + str(other).encode()
+    g = vm["guests"][-1]
+    assert _overlay_lowers(g) == ["/run/localsbx-src/0"]
+    (run,) = g.runs()
+    inner = run.argv[run.argv.index("exec"):]  # chroot ROOT agent exec --cwd ... -- argv
+    assert inner[inner.index("--cwd") + 1] == "/w" and inner[inner.index("--user") + 1] == "app"
+    assert "FROM_IMG=1" in inner
+
+
+async def test_copy_from_image_reads_the_attached_root(base, vm, tmp_path):
+    from localsbx.definition.dockerfile import parse_dockerfile
+
+    d = parse_dockerfile("FROM debian-minimal\nRUN a\nCOPY --from=tool:1 /outdir /dst/\n")
+    assert d.stages == () and d.ops[1].from_image == "tool:1"
+    roots = {"tool:1": _root("tool:1", "t" * 64, tmp_path / "tool.qcow2", kind="registry")}
+    vm["results"] = TAR_RESULTS
+    await run_rooted(d, base, roots)
+    g = vm["guests"][-1]
+    tars = [c for c in g.calls if c.argv[:1] == ["tar"]]
+    assert tars and tars[0].argv[:3] == ["tar", "-C", "/run/localsbx-src/0"]
+    assert g.tars  # the files were extracted into the image
+    # without COPY --from left to run, nothing is attached
+    vm["boots"].clear()
+    d2 = parse_dockerfile("FROM debian-minimal\nRUN a\nCOPY --from=tool:1 /outdir /dst/\n"
+                          "RUN after\n")
+    await run_rooted(d2, base, roots)
+    assert vm["extra_disks"][-1] == ()
+
+
+def test_copy_from_image_key_has_the_image_digest(base, tmp_path):
+    from localsbx.definition.dockerfile import parse_dockerfile
+
+    d = parse_dockerfile("FROM debian-minimal\nRUN a\nCOPY --from=tool:1 /x /y\nRUN b\n")
+    r1 = {"tool:1": _root("tool:1", "1" * 64, tmp_path / "a")}
+    r2 = {"tool:1": _root("tool:1", "2" * 64, tmp_path / "a")}
+    k1 = builder._step_keys(d, None, base, None, r1)
+    k2 = builder._step_keys(d, None, base, None, r2)
+    assert k1[0] == k2[0] and k1[1] != k2[1] and k1[2] != k2[2]
+    assert builder._step_keys(d, None, base, None, r1) == k1
+
+
+def test_stage_base_digest_is_in_the_key_of_steps_reading_the_stage(base, tmp_path):
+    from localsbx.definition.dockerfile import parse_dockerfile
+
+    d = parse_dockerfile("FROM other AS b\nRUN x\nFROM debian-minimal\nRUN a\n"
+                         "COPY --from=b /x /y\n")
+    k1 = builder._step_keys(d, None, base, None, {"other": _root("other", "1" * 64, tmp_path)})
+    k2 = builder._step_keys(d, None, base, None, {"other": _root("other", "2" * 64, tmp_path)})
+    assert k1[0] == k2[0] and k1[1] != k2[1]
+
+
+async def test_an_unknown_copy_from_image_is_a_located_error(tmp_path):
+    from localsbx.definition.dockerfile import parse_dockerfile
+    from localsbx.errors import DefinitionError
+
+    d = parse_dockerfile("FROM debian-minimal\nRUN a\nCOPY --from=nosuchthing /x /y\n",
+                         source="Dockerfile")
+    with pytest.raises(DefinitionError) as exc:
+        await builder._resolve_roots(d, "default", Rep())
+    assert str(exc.value).startswith("Dockerfile:3: COPY --from=nosuchthing: ")
+    assert exc.value.hint

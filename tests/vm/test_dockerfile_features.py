@@ -2,6 +2,8 @@
 three-stage build, an image FROM another registered image. Byte-level agreement with
 BuildKit is the differential suite's job (tests/diff)."""
 
+import time
+
 import pytest
 
 from localsbx import Sandbox, store
@@ -111,3 +113,124 @@ def test_cache_mount_survives_builds_not_in_the_image(base_ready, tmp_path):
     with Sandbox.create("t-cache-2") as sb:
         r = sb.run("cat /seen; ls /cache >/dev/null 2>&1; echo rc=$?")
         assert r.stdout == "kept\nrc=2\n", r.stdout
+
+
+# ---- other images' roots (COPY --from=IMAGE, stages FROM other images, resuming)
+
+SRC_IMAGE = """\
+FROM debian-minimal
+RUN mkdir -p /opt/tool/sub && echo {v} > /opt/tool/v && ln -s v /opt/tool/link \\
+    && echo s > /opt/tool/sub/s && chown -R 1234:2345 /opt/tool/sub
+ENV SRC_IMG=1
+WORKDIR /srcwd
+"""
+
+COPY_FROM_IMAGE = """\
+FROM debian-minimal
+RUN echo before > /before
+COPY --from=t-src-img /opt/tool /tool/
+COPY --from=t-src-img --chown=5:6 --chmod=640 /opt/tool/link /v2
+COPY --from=debian-minimal /etc/debian_version /bin/sh /from-base/
+"""
+
+
+@pytest.fixture(scope="module")
+def src_image(base_ready, tmp_path_factory):
+    _build(SRC_IMAGE.format(v="v1"), "t-src-img", tmp_path_factory.mktemp("src"))
+    return "t-src-img"
+
+
+def test_copy_from_a_registered_image_and_a_base(src_image, tmp_path):
+    """BuildKit: --from naming no stage is an image; owners kept, --chown/--chmod applied,
+    a named symlink followed."""
+    _build(COPY_FROM_IMAGE, "t-copy-from-img", tmp_path)
+    with Sandbox.create("t-copy-from-img") as sb:
+        r = sb.run("cat /tool/v /tool/sub/s /v2; readlink /tool/link; stat -c '%u:%g %a' "
+                   "/tool/sub/s /v2; cmp /from-base/debian_version /etc/debian_version && "
+                   "cmp /from-base/sh /usr/bin/dash && test ! -L /from-base/sh && echo same; "
+                   "ls /srcwd 2>&1 >/dev/null; echo rc=$?")
+        assert r.stdout.startswith("v1\ns\nv1\nv\n1234:2345 644\n5:6 640\nsame\n"), r.stdout
+        assert r.stdout.endswith("rc=2\n"), r.stdout  # only the files copied, not the image
+    # a new build of the source image changes the key of the COPY (its digest is in it)
+    (tmp_path / "v2").mkdir()
+    v2 = f"v2-{time.time_ns()}"  # new in every run: the step cache outlives a test run
+    _build(SRC_IMAGE.format(v=v2), "t-src-img", tmp_path / "v2")
+    rep = _Lines()
+    (tmp_path / "Dockerfile").write_text(COPY_FROM_IMAGE)
+    build_image(parse_dockerfile(tmp_path / "Dockerfile", name="t-copy-from-img"),
+                context_dir=tmp_path, name="t-copy-from-img", reporter=rep)
+    assert any("[1/4] CACHED" in ln for ln in rep.lines), rep.lines
+    assert not any("[2/4] CACHED" in ln for ln in rep.lines), rep.lines
+    with Sandbox.create("t-copy-from-img") as sb:
+        assert sb.run("cat /tool/v").stdout == v2 + "\n"
+
+
+def test_copy_from_an_unknown_image_is_a_located_error(base_ready, tmp_path):
+    from localsbx.errors import DefinitionError
+
+    (tmp_path / "Dockerfile").write_text("FROM debian-minimal\nRUN true\n"
+                                         "COPY --from=t-no-such-image /x /y\n")
+    with pytest.raises(DefinitionError) as exc:  # known names not checked at parse here
+        build_image(parse_dockerfile(tmp_path / "Dockerfile", name="t-bad-from"),
+                    context_dir=tmp_path, name="t-bad-from")
+    assert f"{tmp_path / 'Dockerfile'}:3: COPY --from=t-no-such-image" in str(exc.value)
+    assert exc.value.hint
+    with pytest.raises(Exception, match="no image named"):
+        store.lookup_image("t-bad-from")
+
+
+STAGES_ON_OTHER_ROOTS = """\
+FROM t-src-img AS a
+RUN cat /opt/tool/v > got-v && echo "$SRC_IMG" > got-env && pwd > got-pwd
+FROM debian-minimal AS b
+RUN echo b > /b
+FROM t-src-img
+COPY --from=a /srcwd/ /from-a/
+COPY --from=b /b /from-b
+RUN test ! -e /b && cat /from-b > /b-seen
+"""
+
+
+def test_stages_on_other_bases(src_image, tmp_path):
+    """A stage FROM a registered image while the image is FROM debian-minimal, and the
+    other way round: each stage RUNs chrooted in an overlay of its own base's root."""
+    _build(STAGES_ON_OTHER_ROOTS, "t-stage-roots", tmp_path)
+    with Sandbox.create("t-stage-roots") as sb:
+        r = sb.run("cat /from-a/got-v /from-a/got-env /from-a/got-pwd /b-seen; cat /opt/tool/v")
+        v = store.lookup_image(src_image)  # whichever version the module built last
+        assert r.stdout.split("\n")[1:4] == ["1", "/srcwd", "b"], r.stdout
+        assert r.stdout.split("\n")[0] == r.stdout.split("\n")[4], (r.stdout, v.digest)
+
+
+STAGED_RESUME = """\
+FROM debian-minimal AS b
+RUN echo stage > /s
+FROM debian-minimal
+RUN echo one > /one
+RUN echo {step} > /two
+COPY --from=b /s /s
+"""
+
+
+class _Lines:
+    def __init__(self):
+        self.lines = []
+
+    def say(self, text):
+        self.lines.append(text)
+
+    def output(self, chunk):
+        pass
+
+
+def test_resumed_build_reading_a_stage_keeps_its_cached_prefix(base_ready, tmp_path):
+    _build(STAGED_RESUME.format(step="a"), "t-stage-resume", tmp_path)
+    rep = _Lines()
+    step = f"b{time.time_ns()}"  # new in every run: the step cache outlives a test run
+    (tmp_path / "Dockerfile").write_text(STAGED_RESUME.format(step=step))
+    build_image(parse_dockerfile(tmp_path / "Dockerfile", name="t-stage-resume"),
+                context_dir=tmp_path, name="t-stage-resume", reporter=rep)
+    assert any(ln.startswith("[1/3] CACHED") for ln in rep.lines), rep.lines
+    assert any("resuming after step 1" in ln for ln in rep.lines), rep.lines
+    with Sandbox.create("t-stage-resume") as sb:
+        assert sb.run("cat /one /two /s").stdout == f"one\n{step}\nstage\n"

@@ -183,3 +183,28 @@ def test_from_registry_busybox_image_by_digest(base_ready, registry, tmp_path, m
     with Sandbox.create("t-reg-bb") as sb:
         r = sb.run("cat /made")
         assert (r.exit_code, r.stdout) == (0, "busybox via digest\n"), r.stderr
+
+
+def test_registry_image_as_stage_base_and_copy_from_source(base_ready, registry, tmp_path,
+                                                           made_here):
+    """Issue 8: a stage FROM a registry image (its config's ENV as the stage's start) while
+    the image is FROM debian-minimal, and ``COPY --from=REGISTRY/REPO:TAG`` (BuildKit: a
+    --from naming no stage is an image; a symlink source is followed)."""
+    made_here.append("t-reg-stage")
+    tree = tmp_path / "bb2" / "tree"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "etc").mkdir()
+    shutil.copy(shutil.which("busybox") or "/bin/busybox", tree / "bin" / "busybox")
+    for a in ("sh", "cat", "echo"):
+        (tree / "bin" / a).symlink_to("busybox")
+    (tree / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
+    ref = f"{registry.addr}/tools/bbstage:1"
+    push_tree(tree, tmp_path / "bb2", ref, env=["PATH=/bin", "FLAVOUR=busybox"], workdir="/")
+    build(tmp_path, "t-reg-stage", f"FROM {ref} AS bb\nRUN echo \"$FLAVOUR stage\" > /made\n"
+          "FROM debian-minimal\nCOPY --from=bb /made /from-stage\n"
+          f"COPY --from={ref} /bin/busybox /bin/sh /bb/\n")
+    with Sandbox.create("t-reg-stage") as sb:
+        r = sb.run("cat /from-stage; cmp /bb/busybox /bb/sh && test ! -L /bb/sh && echo same; "
+                   "test -e /bin/busybox || echo no-busybox-in-image")
+        assert (r.exit_code, r.stdout) == (0, "busybox stage\nsame\nno-busybox-in-image\n"), \
+            (r.stdout, r.stderr)
