@@ -1,7 +1,8 @@
 # localsbx: all set-up is here, idempotent and quick when already done.
 #   make demo   - set up everything, build the example image, start a sandbox, run a command in it
 #   make test   - set up everything and run the whole test suite (VM tests on real QEMU)
-#   make bench  - benchmarks (cold boot vs restore, sizes, memory)
+#   make bench  - benchmarks (cold boot vs restore, sizes, memory, every built base, registry pulls;
+#                 BENCH_ARGS=--bases for the bases alone)
 
 SHELL := /bin/bash
 PYTHON ?= python3
