@@ -62,8 +62,8 @@ test: setup lint ts-sdk
 
 # the systemd bases alone (also in `make test`): systemd as PID 1, Docker inside debian-systemd,
 # the debian-vnc desktop with Firefox. Measured here on a warm store (2026-12-03, TCG, each on
-# its own): Docker 52 s, desktop + Firefox 278 s, against about 2130 s for the rest of `make
-# test`. A store without them builds them lazily, once, and reuses them: the debian-vnc base
+# its own): Docker 52 s, desktop + Firefox 278 s (609 s in a second run at load 4-7, Firefox's
+# first start taking 564 s of it), against about 2130 s for the rest of `make test`. A store without them builds them lazily, once, and reuses them: the debian-vnc base
 # (build_seconds 123 in its base.json), its image (snapshot once systemd has drawn the desktop,
 # 294 s) and the t-docker image (apt-get of docker.io in the guest, 608 s), about 17 min more
 # on that first run. LOCALSBX_HEAVY=0 leaves the two heavy tests out of a quick local run.
