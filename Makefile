@@ -1,7 +1,8 @@
 # localsbx: all set-up is here, idempotent and quick when already done.
 #   make demo   - set up everything, build the example image, start a sandbox, run a command in it
 #   make test   - set up everything and run the whole test suite (VM tests on real QEMU)
-#   make bench  - benchmarks (cold boot vs restore, sizes, memory)
+#   make bench  - benchmarks (cold boot vs restore, sizes, memory, every built base, registry pulls;
+#                 BENCH_ARGS=--bases for the bases alone)
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -59,10 +60,15 @@ ts-sdk: $(STAMPS)/ts-sdk
 test: setup lint ts-sdk
 	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
 
-# the heavy VM tests: Docker inside debian-systemd, the debian-vnc desktop with Firefox
-# (about 25 min under TCG plus their image builds; `make test` skips them, saying so)
+# the systemd bases alone (also in `make test`): systemd as PID 1, Docker inside debian-systemd,
+# the debian-vnc desktop with Firefox. Measured here on a warm store (2026-12-03, TCG, each on
+# its own): Docker 52 s, desktop + Firefox 278 s (609 s in a second run at load 4-7, Firefox's
+# first start taking 564 s of it), against about 2130 s for the rest of `make test`. A store without them builds them lazily, once, and reuses them: the debian-vnc base
+# (build_seconds 123 in its base.json), its image (snapshot once systemd has drawn the desktop,
+# 294 s) and the t-docker image (apt-get of docker.io in the guest, 608 s), about 17 min more
+# on that first run. LOCALSBX_HEAVY=0 leaves the two heavy tests out of a quick local run.
 test-bases: setup
-	LOCALSBX_HEAVY=1 $(VENV)/bin/pytest -ra tests/vm/test_bases_systemd.py $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -ra tests/vm/test_bases_systemd.py $(PYTEST_ARGS)
 
 test-unit: venv
 	$(VENV)/bin/pytest -ra tests/unit $(PYTEST_ARGS)

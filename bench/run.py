@@ -11,7 +11,11 @@ Prints, on this machine:
   start-up;
 * the control plane (:mod:`bench.control`): each figure beside its raw reference;
 * the build step cache (:mod:`bench.stepcache`): no-op rebuild, ten steps with the last
-  one changed against the cold build, each beside its raw reference.
+  one changed against the cold build, each beside its raw reference;
+* every built base (:mod:`bench.bases`): cold boot → first command and restore → first
+  command, each beside a bare QEMU reference, and the first and the cached pull of a
+  registry image beside ``skopeo``; ``--bases`` runs this section alone, ``--skip-bases``
+  leaves it out.
 
 Targets are printed beside the figures; nothing here fails a build (the machines are shared
 and noisy). Results are also written to ``bench/results/latest.json``.
@@ -96,8 +100,21 @@ def main() -> None:
     ap.add_argument("--skip-plugin", action="store_true", help="skip the pytest-plugin suite")
     ap.add_argument("--idle", type=int, default=100,
                     help="idle sandboxes alive at once in the control-plane bench (0: skip)")
+    ap.add_argument("--bases", action="store_true",
+                    help="only the per-base and registry-pull figures (bench.bases)")
+    ap.add_argument("--skip-bases", action="store_true", help="leave out bench.bases")
+    ap.add_argument("--bases-runs", type=int, default=2,
+                    help="runs per boot figure in bench.bases (TCG: 1-2 keeps it bounded)")
     args = ap.parse_args()
     os.environ.setdefault("LOCALSBX_PROJECT", "bench")
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    if args.bases:
+        from bench import bases
+
+        res = bases.run(args.bases_runs)
+        (out / "bases.json").write_text(json.dumps(res, indent=2, default=str))
+        return
     img = ensure_image()
     results: dict = {"runs": args.runs, "host": os.uname().nodename}
     print(f"== localsbx bench ({(img.meta.accel or '?').upper()}, image {IMAGE}, "
@@ -150,13 +167,16 @@ def main() -> None:
 
     results["stepcache"] = stepcache.run(min(args.runs, 3))
 
+    if not args.skip_bases:
+        from bench import bases
+
+        results["bases"] = bases.run(args.bases_runs)
+
     if not args.skip_plugin:
         from bench import plugin_suite
 
         results["plugin"] = plugin_suite.run(IMAGE)
 
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2, default=str))
 
 
