@@ -342,6 +342,11 @@ def test_a_process_keeps_its_whole_output_stdin_and_exit_code_across_resume_and_
     its output so far is complete, with no gap and no duplicate."""
     sid = new_sandbox()
     sb = Sandbox.connect(sid)
+    probe = sb.run("/usr/lib/localsbx/agent spawn 2>&1; true").stdout
+    if "unknown verb" in probe:
+        pytest.skip("this store's base has a guest agent from before `agent spawn` (its "
+                    "processes keep today's SSH-channel path): rebuild it with "
+                    "`localsbx base build debian-minimal --force`")
     p = sb.start_process("sh", ["-c", "i=0; while [ ! -e /tmp/stop ]; do echo $i; i=$((i+1)); "
                                       "sleep 0.1; done; echo done >&2; read x; echo got $x; exit 7"],
                          stdin_mode="pipe")
