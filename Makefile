@@ -58,7 +58,7 @@ $(STAMPS)/ts-sdk: tests/sdk/ts/package.json tests/sdk/ts/package-lock.json
 ts-sdk: $(STAMPS)/ts-sdk
 
 test: setup lint ts-sdk
-	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -ra --durations=30 $(PYTEST_ARGS)
 
 # the systemd bases alone (also in `make test`): systemd as PID 1, Docker inside debian-systemd,
 # the debian-vnc desktop with Firefox. Measured here on a warm store (2026-12-03, TCG, each on
