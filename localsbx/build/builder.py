@@ -185,6 +185,8 @@ async def build_image_async(
         raise DefinitionError(
             f"{definition.source}: COPY/ADD read local files but no build context was given",
             hint="pass a context folder (--context DIR, or Image.build(context_dir=...))")
+    elif _context_reads(definition):  # ADD of URLs alone: their bodies key the steps
+        ctx = BuildContext(None)
     roots, definition = await _resolve_roots(definition, project, rep)
     context_digest = ""
     if ctx is not None:

@@ -261,6 +261,17 @@ class BuildContext:
         self.ignore = IgnoreRules.from_file(self.root / ".dockerignore") if self.root else (
             IgnoreRules(()))
         self._index: dict[str, str] | None = None
+        self._downloads: dict[str, tuple[bytes, str]] = {}
+
+    def download(self, op: Copy, url: str) -> tuple[bytes, str]:
+        """``ADD <url>``'s body and file name, fetched on the host once per context: the
+        step key (:meth:`digest`) and the copy (:meth:`make_tar`) see the same bytes.
+
+        :raises ImageBuildError: the download failed (names the URL and the step).
+        """
+        if url not in self._downloads:
+            self._downloads[url] = _download(op, url)
+        return self._downloads[url]
 
     # -- what is in the context
 
@@ -403,7 +414,9 @@ class BuildContext:
 
     def digest(self, *items: Copy | str | Iterable[Copy | str]) -> str:
         """SHA-256 over what the given ops (or source strings) read: paths, types, modes,
-        link targets and file contents (not mtimes). URLs count by their text.
+        link targets and file contents (not mtimes). An ``ADD <url>`` counts by the body it
+        downloads now and its file name, as BuildKit's HTTP source keys its cache by the
+        content's checksum: a changed remote file reruns the step, offline it fails.
 
         :param items: ``Copy``/``Add`` ops or source strings, or iterables of them.
         :returns: hex digest (``ImageDefinition.digest(context_digest=...)``).
@@ -422,6 +435,8 @@ class BuildContext:
             for kind, rel in self.resolve(op):
                 h.update(f"{kind}\0{rel}\0".encode())
                 if kind == "url":
+                    data, fname = self.download(op, rel)
+                    h.update(f"{fname}\0".encode() + hashlib.sha256(data).digest())
                     continue
                 entries = self._walk(rel) if kind == "dir" else [("", kind)]
                 for sub, k in entries:
@@ -449,7 +464,7 @@ class BuildContext:
         items: list[_Item] = []
         for kind, rel in resolved:
             if kind == "url":
-                data, fname = _download(op, rel)
+                data, fname = self.download(op, rel)
                 target = posixpath.join(base, fname) if to_dir else base
                 items.append(_Item(target, "bytes", data=data, mode=0o600))
                 continue

@@ -605,3 +605,75 @@ async def test_an_unknown_copy_from_image_is_a_located_error(tmp_path):
         await builder._resolve_roots(d, "default", Rep())
     assert str(exc.value).startswith("Dockerfile:3: COPY --from=nosuchthing: ")
     assert exc.value.hint
+
+
+# --------------------------------------------------------------------------- ADD <url>
+@pytest.fixture
+def http_file():
+    """A real HTTP server on 127.0.0.1 serving one mutable body; counts the GETs."""
+    import http.server
+    import threading
+
+    state = {"body": b"one\n", "gets": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            state["gets"] += 1
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(state["body"])))
+            self.end_headers()
+            self.wfile.write(state["body"])
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    state["url"] = f"http://127.0.0.1:{srv.server_address[1]}/tool.sh"
+    yield state
+    srv.shutdown()
+    srv.server_close()
+
+
+async def test_add_url_is_keyed_by_the_body_it_downloads_as_buildkit(base, vm, http_file):
+    """BuildKit's HTTP source keys its cache by the body's checksum: the same URL with new
+    content reruns the ADD and every step after it; the same content is cached. One GET per
+    build serves both the key and the copy, and no build context is needed for a URL."""
+    d = defn(f"RUN a\nADD {http_file['url']} /opt/\nRUN b\n")
+    keys, hist, _ = await run_build(d, base, ctx=BuildContext(None))
+    assert http_file["gets"] == 1 and [h.cached for h in hist] == [False] * 3
+    assert b"one\n" in vm["guests"][-1].tars[-1] and b"opt/tool.sh" in vm["guests"][-1].tars[-1]
+
+    keys2, hist2, _ = await run_build(d, base, ctx=BuildContext(None))
+    assert keys2 == keys and [h.cached for h in hist2] == [True] * 3
+    assert http_file["gets"] == 2  # re-checked, as BuildKit does
+
+    http_file["body"] = b"two\n"
+    keys3, hist3, _ = await run_build(d, base, ctx=BuildContext(None))
+    assert keys3[0] == keys[0] and keys3[1] != keys[1] and keys3[2] != keys[2]
+    assert [h.cached for h in hist3] == [True, False, False]
+    assert b"two\n" in vm["guests"][-1].tars[-1] and http_file["gets"] == 3
+
+
+async def test_add_url_without_a_context_builds_and_a_local_copy_still_needs_one(
+        base, vm, http_file, monkeypatch):
+    from localsbx.build import resolve
+    from localsbx.errors import DefinitionError
+
+    seen = {}
+
+    async def build(definition, ctx, rep, **kw):
+        seen["ctx"] = ctx
+        return "built"
+
+    async def resolve_from(definition, say):
+        return base, definition
+
+    monkeypatch.setattr(builder, "_build", build)
+    monkeypatch.setattr(resolve, "resolve_from", resolve_from)
+    assert await builder.build_image_async(defn(f"ADD {http_file['url']} /opt/\n"),
+                                           name="u") == "built"
+    assert isinstance(seen["ctx"], BuildContext) and seen["ctx"].root is None
+    assert http_file["gets"] == 1  # the image digest and the step keys share one download
+    with pytest.raises(DefinitionError, match="no build context was given"):
+        await builder.build_image_async(defn("COPY f /opt/\n"), name="u")
