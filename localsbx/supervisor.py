@@ -460,7 +460,7 @@ class Supervisor:
             await self._attach()
         else:
             from localsbx.vm.accel import choose_accel
-            from localsbx.vm.disk import create_overlay
+            from localsbx.vm.disk import clone_overlay
             from localsbx.vm.net import NetSpec
 
             accel = await choose_accel(Path(rec.kernel), Path(rec.base_initrd or rec.initrd))
@@ -468,7 +468,7 @@ class Supervisor:
             d = rec.dir
             overlay = d / "overlay.qcow2"
             if mode == "create":
-                await create_overlay(overlay, Path(rec.disk_backing))
+                await clone_overlay(overlay, Path(rec.disk_backing))
             common = {"kernel": Path(rec.kernel), "disk": overlay, "workdir": d, "accel": accel,
                           "client_key": key, "cpus": rec.cpus, "memory_mib": rec.memory_mb,
                           "detached": True, "name": f"localsbx-{rec.id}",
@@ -1243,7 +1243,10 @@ def main(argv: list[str] | None = None) -> int:
         import localsbx.vm.accel
         import localsbx.vm.disk
         import localsbx.vm.machine  # noqa: F401
+        from localsbx.vm.qemu import qemu_version
 
+        with contextlib.suppress(Exception):  # a subprocess, cached: not on the create path
+            qemu_version()
         word = os.read(a.go_fd, 1 if a.mode != "spare" else 64)
         os.close(a.go_fd)
         if not word:
