@@ -12,6 +12,7 @@ Public API (names follow Tensorlake's SDK)::
 from __future__ import annotations
 
 import logging
+import warnings as _warnings
 from importlib import metadata as _metadata
 
 from localsbx.errors import (
@@ -32,6 +33,10 @@ except _metadata.PackageNotFoundError:  # a source tree that is not installed
     __version__ = "0.0.0"
 
 logging.getLogger("localsbx").addHandler(logging.NullHandler())
+# asyncssh (2.24) touches cryptography's DSA classes at import, and recent cryptography warns
+# about them ten times on every CLI call; localsbx never uses DSA keys (ed25519 only). Only
+# that warning, only from asyncssh's modules, is silenced.
+_warnings.filterwarnings("ignore", message="DSA is deprecated", module=r"asyncssh(\.|$)")
 
 __all__ = [
     "Image",

@@ -593,8 +593,13 @@ def kill(sandbox_id: str, pid: str,
     from localsbx.sandbox import Sandbox
 
     sb = Sandbox.connect(sandbox_id, project=project)
-    info = sb.kill_process(pid) if sig is None else sb.send_signal(pid, sig)
-    err.print(f"process {info['pid']}: {info['status']}")
+    if sig is None:  # waits for its end
+        info = sb.kill_process(pid)
+        err.print(f"process {info['pid']}: {info['status']}")
+        return
+    info = sb.send_signal(pid, sig)  # does not wait: the process decides what the signal does
+    err.print(f"process {info['pid']}: signal {sig} sent; status when sent: {info['status']} "
+              f"(`localsbx ps {sandbox_id}` shows it now)")
 
 
 @app.command("ls")

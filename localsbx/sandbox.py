@@ -315,6 +315,8 @@ class AsyncSandbox:
         """
         t0 = time.monotonic()
         egress = await asyncio.to_thread(_egress, allow_out, deny_out)  # bad input fails first
+        for p in exposed_ports:
+            check_guest_port(p)
         store.reap()
         me = os.getpid()
         if sandbox_id is not None and not store._ID_RE.match(sandbox_id):
@@ -825,7 +827,8 @@ class AsyncSandbox:
     async def upload(self, src: str | os.PathLike, dest: str) -> None:
         """Copy a host file or folder into the sandbox (``docker cp SRC ID:DEST``): a file
         keeps its mode (``DEST`` ending in ``/`` gets the file's name); a folder is copied
-        recursively with modes, owners and symlinks as they are.
+        recursively with modes, owners and symlinks as they are. Both are written as root,
+        whatever the image's ``USER`` (``docker cp`` extracts as root too).
 
         :raises ConfigError: ``src`` does not exist.
         :raises GuestFileError: the sandbox could not write it.
@@ -848,7 +851,8 @@ class AsyncSandbox:
             tf.add(src, arcname=dest.lstrip("/").rstrip("/") or ".")
         res = await self.exec(["tar", "-C", "/", "-xpf", "-", "--same-owner", "--numeric-owner",
                                "--no-overwrite-dir"],
-                              env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, stdin=buf.getvalue())
+                              env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, stdin=buf.getvalue(),
+                              user="root", working_dir="/")
         if res.exit_status != 0:
             raise GuestFileError("cp: extracting in the sandbox failed: "
                                  + res.stderr.decode(errors="replace").strip())
@@ -1160,6 +1164,28 @@ def _stale_base_image(img: store.ImageRecord) -> bool:
         return get_base(img.meta.base).digest != img.meta.base_digest
     except BaseImageError:
         return False
+
+
+#: The guest port of the management SSH server: never exposed (a tunnel to it would hand
+#: the host's users the sandbox's control channel; Tensorlake's tunnels refuse it too).
+MANAGEMENT_PORT = 10022
+
+
+def check_guest_port(port) -> int:
+    """A guest TCP port that may be exposed: 1-65535 and not the management SSH port.
+
+    :raises ConfigError: otherwise (says which rule).
+    """
+    try:
+        p = int(port)
+    except (TypeError, ValueError):
+        raise ConfigError(f"port {port!r}: not a number") from None
+    if not 1 <= p <= 65535 or isinstance(port, bool):
+        raise ConfigError(f"port {port}: must be 1-65535")
+    if p == MANAGEMENT_PORT:
+        raise ConfigError(f"port {p}: the sandbox's management SSH port cannot be exposed",
+                          hint="serve on another guest port")
+    return p
 
 
 def check_resources(*, cpus=None, memory_mb=None, timeout_secs=None, disk_mb=None) -> int:

@@ -972,10 +972,11 @@ class Supervisor:
         self._require_running()
         await self.ready()
         async with self._lock:
-            port, want = int(h["port"]), int(h.get("host_port") or 0)
-            for what, v in (("port", port), ("host port", want or 1)):
-                if not 1 <= v <= 65535:
-                    raise ConfigError(f"{what} {v}: must be 1-65535")
+            from localsbx.sandbox import check_guest_port
+
+            port, want = check_guest_port(h["port"]), int(h.get("host_port") or 0)
+            if not 1 <= (want or 1) <= 65535:
+                raise ConfigError(f"host port {want}: must be 1-65535")
             if port in self.forwards:
                 have = self.forwards[port].get_port()
                 if want and want != have:

@@ -623,8 +623,11 @@ def _download(op: Copy, url: str) -> tuple[bytes, str]:
         with urllib.request.urlopen(req, timeout=DOWNLOAD_TIMEOUT) as resp:
             data = resp.read()
     except (urllib.error.URLError, OSError, ValueError) as exc:
+        where = f"{op.location}: " if op.location is not None else ""
+        why = (f"HTTP {exc.code} {exc.reason}" if isinstance(exc, urllib.error.HTTPError)
+               else getattr(exc, "reason", None) or exc)
         raise ImageBuildError(
-            f"ADD could not download {url}: {getattr(exc, 'reason', None) or exc}",
+            f"{where}ADD could not download {url}: {why}",
             step=op.describe(),
             hint="check the URL and the host's network, or put the file in the build context",
         ) from exc

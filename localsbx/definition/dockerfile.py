@@ -586,6 +586,9 @@ class _Reader:
 
     def do_env(self, ins: _Instr) -> None:
         value = ins.node.value
+        if not value:  # BuildKit: errAtLeastOneArgument
+            raise DefinitionError("ENV requires at least one argument", location=self.loc(ins),
+                                  hint="write ENV NAME=value")
         first = ins.text.split(None, 1)[0] if ins.text else ""
         if "=" not in first:
             self.warn(ins, "legacy 'ENV key value' form; prefer ENV key=value "
@@ -786,7 +789,8 @@ class _Reader:
         cmd = ins.cmd
         if cmd not in _KNOWN:
             hint = _HINTS.get(cmd) or (
-                "supported: FROM ARG ENV RUN COPY ADD WORKDIR (warned and ignored: "
+                "supported: " + " ".join(sorted(_KNOWN - WARNED)) + " (built as BuildKit "
+                "does, with a warning that they change nothing at sandbox run time: "
                 + " ".join(sorted(WARNED)) + "); a shell line here usually means a missing "
                 "'\\' at the end of the previous line"
             )

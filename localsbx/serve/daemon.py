@@ -32,7 +32,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from localsbx import __version__, store
 from localsbx.errors import ConfigError, GuestFileError, SandboxNotFound
-from localsbx.sandbox import AsyncSandbox
+from localsbx.sandbox import MANAGEMENT_PORT, AsyncSandbox
 from localsbx.serve import templates, wire
 from localsbx.store import SandboxState
 
@@ -408,7 +408,7 @@ def _ws_authorized(ws: WebSocket) -> bool:
 
 
 #: Guest ports a tunnel may not reach: the management SSH server of localsbx itself.
-RESERVED_PORTS = frozenset({10022})
+RESERVED_PORTS = frozenset({MANAGEMENT_PORT})
 
 
 @router.websocket("/tunnels/tcp")

@@ -40,3 +40,16 @@ def test_key_value_options():
     with pytest.raises(ConfigError) as e:
         cli._pairs("--env", ["NOVALUE"])
     assert "--env 'NOVALUE': expected KEY=VALUE" in str(e.value)
+
+
+def test_no_dsa_deprecation_noise_from_asyncssh():
+    """asyncssh's import made cryptography print ten DSA deprecation lines on every CLI
+    call (newcomer trial); localsbx silences that one warning from asyncssh alone."""
+    import subprocess
+    import sys
+
+    code = ("import warnings, localsbx, asyncssh\n"
+            "warnings.warn('DSA is deprecated elsewhere', DeprecationWarning)\n")
+    r = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True,
+                       text=True, check=True)
+    assert "asyncssh" not in r.stderr and "DSA is deprecated elsewhere" in r.stderr, r.stderr

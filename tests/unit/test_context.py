@@ -142,6 +142,18 @@ def test_add_url_failure_names_the_url(monkeypatch):
         BuildContext(None).make_tar(op, passwd="", group="")
     assert "https://example.invalid/x.tgz" in str(exc.value) and "no network" in str(exc.value)
     assert exc.value.step == "line 3: ADD https://example.invalid/x.tgz /dl/"
+    assert str(exc.value).startswith("D:3: ADD could not download")  # located, as others
+
+
+def test_add_url_http_error_says_its_status(monkeypatch):
+    def urlopen(req, timeout):
+        raise ctxmod.urllib.error.HTTPError(req.full_url, 404, "File not found", {}, None)
+
+    monkeypatch.setattr(ctxmod.urllib.request, "urlopen", urlopen)
+    op = Add(("http://127.0.0.1:9/x",), "/dl/", location=SourceLocation("D", 3))
+    with pytest.raises(ImageBuildError, match="^D:3: ADD could not download http://127.0.0.1:9/x: "
+                                              "HTTP 404 File not found"):
+        BuildContext(None).make_tar(op, passwd="", group="")
 
 
 def test_b16_dockerignore_result():

@@ -360,3 +360,12 @@ def test_image_refs_lists_stage_bases_and_copied_images():
         "COPY --from=a /x /x\nCOPY --from=tool:2 /y /y\n")
     assert image_refs(d) == ["img-a", "tool:1", "tool:2"]
     assert uses_images(d.ops) and not uses_images(d.ops[:1])
+
+
+def test_bare_env_is_an_error_as_in_buildkit():
+    """BuildKit: 'ENV requires at least one argument' (it was accepted with a warning)."""
+    from localsbx.errors import DefinitionError
+
+    with pytest.raises(DefinitionError, match="^D:2: ENV requires at least one argument"):
+        parse_dockerfile("FROM debian-minimal\nENV\n", known_bases=["debian-minimal"],
+                         source="D")

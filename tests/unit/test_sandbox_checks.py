@@ -9,6 +9,7 @@ from localsbx.sandbox import (
     MAX_CPUS,
     MAX_TIMEOUT_SECS,
     _check_env,
+    check_guest_port,
     check_resources,
 )
 
@@ -74,3 +75,29 @@ def test_an_outdated_base_is_still_the_default_image(monkeypatch):
     bases[0].built = False
     with pytest.raises(BaseImageError, match="no base image is built"):
         default_image()
+
+
+@pytest.mark.parametrize("port,words", [
+    (0, "must be 1-65535"), (99999, "must be 1-65535"), (-1, "must be 1-65535"),
+    ("http", "not a number"), (10022, "management SSH port cannot be exposed"),
+])
+def test_a_port_that_cannot_be_exposed_is_refused(port, words):
+    with pytest.raises(ConfigError, match=words):
+        check_guest_port(port)
+    assert check_guest_port("8000") == check_guest_port(8000) == 8000
+
+
+def test_create_refuses_a_bad_exposed_port_before_anything_starts(monkeypatch, tmp_path):
+    """``new --expose 99999`` was accepted and its forward vanished later."""
+    from localsbx import Sandbox, supervisor
+
+    monkeypatch.setenv("LOCALSBX_HOME", str(tmp_path))
+
+    def no_launch(*a, **kw):
+        raise AssertionError("nothing may start")
+
+    monkeypatch.setattr(supervisor.Launch, "start", no_launch)
+    for bad in (99999, 10022):
+        with pytest.raises(ConfigError, match=str(bad)):
+            Sandbox.create("debian-minimal", exposed_ports=[8000, bad])
+    assert not (tmp_path / "sandboxes").exists() or not any((tmp_path / "sandboxes").iterdir())

@@ -59,6 +59,23 @@ def test_user_at_build_and_run_time(user_image):
         assert sb.run("stat -c %U /home/app/work").stdout == "app\n"  # WORKDIR as USER
 
 
+def test_cp_of_a_folder_into_an_image_with_user_writes_as_root(user_image, tmp_path):
+    """``docker cp`` extracts as root whatever the image's USER: a folder into /root and
+    into the USER's own home both arrive whole, with their modes (the folder upload used to
+    run tar as the USER: 'Cannot change ownership', 'Cannot mkdir: Permission denied')."""
+    src = tmp_path / "dirin"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "y").write_text("why\n")
+    (src / "x.sh").write_text("#!/bin/sh\n")
+    (src / "x.sh").chmod(0o750)
+    with Sandbox.create(user_image) as sb:
+        sb.upload(src, "/root/dirin")
+        sb.upload(src, "/home/app/dirin")
+        for d in ("/root/dirin", "/home/app/dirin"):
+            r = sb.run(f"cat {d}/sub/y; stat -c %a {d}/x.sh", user="root")
+            assert r.stdout == "why\n750\n", r.stderr
+
+
 def test_shell_applies_to_later_steps(user_image):
     with Sandbox.create(user_image) as sb:
         out = sb.run("cat /home/app/shell").stdout
