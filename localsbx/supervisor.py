@@ -493,7 +493,12 @@ class Supervisor:
             except Exception as exc:  # noqa: BLE001 - the sandbox is usable without it
                 log.warning("cannot forward guest port %s: %s", guest_port, exc)
         rec.ports = ports
-        if mode != "create":
+        if mode == "create" and rec.state_file and not rec.cold_boot:
+            # a clone of a memory checkpoint: the processes running at checkpoint time
+            with contextlib.suppress(OSError):
+                shutil.copyfile(Path(rec.state_file).parent / "processes.json",
+                                rec.dir / "processes.json")
+        if mode != "create" or (rec.dir / "processes.json").exists():
             self._adopt_processes()
         now = time.time()
         with store.sandbox_locked(rec.id):
@@ -1061,6 +1066,10 @@ class Supervisor:
                     await qemu.execute("stop")  # flushes every block device
                 else:
                     await self._save_state(tmp / "state.mig", stop_only=True)
+                    # its clones find the processes that run on in them (spawned ones keep
+                    # their guest files, in the saved RAM too)
+                    self._save_processes()
+                    shutil.copyfile(rec.dir / "processes.json", tmp / "processes.json")
                 try:
                     await disk.copy_sparse(rec.dir / "overlay.qcow2", tmp / "disk.qcow2")
                 finally:

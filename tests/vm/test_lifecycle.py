@@ -116,6 +116,10 @@ def test_three_clones_of_a_memory_checkpoint_continue_its_process(new_sandbox):
     cli("exec", sid, "--", "sh", "-c",
         "(n=0; while :; do n=$((n+1)); echo $n > /tmp/counter; sleep 0.2; done) "
         ">/dev/null 2>&1 & echo $! > /tmp/counter.pid")
+    sb = Sandbox.connect(sid)
+    ticker = sb.start_process("sh", ["-c", "i=0; while :; do echo $i; i=$((i+1)); sleep 0.3; done"],
+                              name="ticker")
+    spawn = has_agent_spawn(sb)
     time.sleep(2)
     ck = out("checkpoint", sid)
     at_checkpoint = int(out("exec", sid, "--", "cat", "/tmp/counter"))
@@ -139,6 +143,18 @@ def test_three_clones_of_a_memory_checkpoint_continue_its_process(new_sandbox):
                 assert lines[3] == clone
                 assert lines[6:] == [clone, clone]  # /etc/hostname, /etc/hosts
                 seen.append((lines[2], lines[4]))
+                # the managed process is listed in the clone, running, with its output
+                # from before the checkpoint (its guest files are in the saved RAM)
+                csb = Sandbox.connect(clone)
+                [p] = [p for p in csb.list_processes() if p["name"] == "ticker"]
+                assert (p["pid"], p["status"]) == (ticker["pid"], "running")
+                if spawn:
+                    def three(c=csb):
+                        lines = c.get_output("ticker", "stdout")["lines"]
+                        return len(lines) >= 3 and lines
+
+                    got = wait_until(three, 30, "the clone's ticker output")
+                    assert got[:3] == ["0", "1", "2"] and got == [str(i) for i in range(len(got))]
             finally:
                 cli("terminate", clone)
         assert at_checkpoint >= 1
