@@ -577,7 +577,8 @@ class _Reader:
             listed = ", ".join(sorted(known)) or "(none built yet)"
             raise DefinitionError(
                 f"unknown base image {base!r}" + (f" (from {value[0]})" if base != value[0]
-                                                  else "") + f"; known bases: {listed}",
+                                                  else "")
+                + f"; images and bases known here (a base may still need building): {listed}",
                 location=self.loc(ins),
                 hint="use one of the known bases, build it with `localsbx base build NAME`, "
                      "or name a registry image with its tag (NAME:TAG, REGISTRY/REPO:TAG)",

@@ -235,6 +235,7 @@ INLINE: list[Case] = [
     # ---- ENV / ARG
     c("env-forms", 'ENV A=1 B="two words" C=\'s q\'\nENV D $A-x\nENV E=${B:+set} F=${NO:-dflt}\n'),
     c("env-refers-before-line", "ENV X=1\nENV X=2 Y=$X\n"),
+    c("env-bare-fails", "ENV\n"),  # BuildKit: "ENV requires at least one argument"
     c("env-in-copy-dest", "ENV DST=/dst/sub\nCOPY a.txt $DST/\n"),
     c("arg-default-and-override", "ARG V=def\nARG W=w\nRUN mkdir /dst && echo $V-$W > /dst/v\n",
       build_args={"V": "over"}),
