@@ -315,6 +315,8 @@ class AsyncSandbox:
         """
         t0 = time.monotonic()
         egress = await asyncio.to_thread(_egress, allow_out, deny_out)  # bad input fails first
+        from localsbx.vm.net import check_guest_port
+
         for p in exposed_ports:
             check_guest_port(p)
         store.reap()
@@ -1164,28 +1166,6 @@ def _stale_base_image(img: store.ImageRecord) -> bool:
         return get_base(img.meta.base).digest != img.meta.base_digest
     except BaseImageError:
         return False
-
-
-#: The guest port of the management SSH server: never exposed (a tunnel to it would hand
-#: the host's users the sandbox's control channel; Tensorlake's tunnels refuse it too).
-MANAGEMENT_PORT = 10022
-
-
-def check_guest_port(port) -> int:
-    """A guest TCP port that may be exposed: 1-65535 and not the management SSH port.
-
-    :raises ConfigError: otherwise (says which rule).
-    """
-    try:
-        p = int(port)
-    except (TypeError, ValueError):
-        raise ConfigError(f"port {port!r}: not a number") from None
-    if not 1 <= p <= 65535 or isinstance(port, bool):
-        raise ConfigError(f"port {port}: must be 1-65535")
-    if p == MANAGEMENT_PORT:
-        raise ConfigError(f"port {p}: the sandbox's management SSH port cannot be exposed",
-                          hint="serve on another guest port")
-    return p
 
 
 def check_resources(*, cpus=None, memory_mb=None, timeout_secs=None, disk_mb=None) -> int:

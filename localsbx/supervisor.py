@@ -837,10 +837,11 @@ class Supervisor:
         self._save_processes()
         return gp.info()
 
-    def _save_processes(self) -> None:
-        """``processes.json``: what a later supervisor (after a resume or a re-attach) needs
-        to find them again; their output and stdin stay with this one."""
-        store.write_json_atomic(self.rec.dir / "processes.json", [
+    def _save_processes(self, folder: Path | None = None) -> None:
+        """``processes.json`` in the sandbox's folder (or ``folder``: a memory checkpoint's):
+        what a later supervisor (after a resume, a re-attach, or in a clone) needs to find
+        them again; their output and stdin stay with this one."""
+        store.write_json_atomic((folder or self.rec.dir) / "processes.json", [
             {"pid": p.pid, "name": p.name, "cgroup": p.cgroup, "argv": p.argv,
              "started_at": p.started_at, "dir": p.dir,
              "stdin_open": p.stdin_open and p.dir is not None}
@@ -977,7 +978,7 @@ class Supervisor:
         self._require_running()
         await self.ready()
         async with self._lock:
-            from localsbx.sandbox import check_guest_port
+            from localsbx.vm.net import check_guest_port
 
             port, want = check_guest_port(h["port"]), int(h.get("host_port") or 0)
             if not 1 <= (want or 1) <= 65535:
@@ -1068,8 +1069,7 @@ class Supervisor:
                     await self._save_state(tmp / "state.mig", stop_only=True)
                     # its clones find the processes that run on in them (spawned ones keep
                     # their guest files, in the saved RAM too)
-                    self._save_processes()
-                    shutil.copyfile(rec.dir / "processes.json", tmp / "processes.json")
+                    self._save_processes(tmp)
                 try:
                     await disk.copy_sparse(rec.dir / "overlay.qcow2", tmp / "disk.qcow2")
                 finally:

@@ -32,9 +32,10 @@ from sse_starlette.sse import EventSourceResponse
 
 from localsbx import __version__, store
 from localsbx.errors import ConfigError, GuestFileError, SandboxNotFound
-from localsbx.sandbox import MANAGEMENT_PORT, AsyncSandbox
+from localsbx.sandbox import AsyncSandbox
 from localsbx.serve import templates, wire
 from localsbx.store import SandboxState
+from localsbx.vm.net import GUEST_SSH_PORT
 
 log = logging.getLogger("localsbx.serve")
 
@@ -408,7 +409,7 @@ def _ws_authorized(ws: WebSocket) -> bool:
 
 
 #: Guest ports a tunnel may not reach: the management SSH server of localsbx itself.
-RESERVED_PORTS = frozenset({MANAGEMENT_PORT})
+RESERVED_PORTS = frozenset({GUEST_SSH_PORT})
 
 
 @router.websocket("/tunnels/tcp")

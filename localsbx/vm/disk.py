@@ -18,6 +18,7 @@ loop, are bounded by a timeout, and fail with :class:`~localsbx.errors.HostComma
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 from localsbx import _proc
@@ -98,8 +99,6 @@ def _qcow2_header(data: bytes) -> tuple[bytes, int]:
 
     :raises ValueError: not a qcow2 header.
     """
-    import struct
-
     if len(data) < 32 or data[:4] != b"QFI\xfb":
         raise ValueError("not a qcow2 image")
     off, n, _bits, size = struct.unpack_from(">QIIQ", data, 8)

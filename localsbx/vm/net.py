@@ -52,7 +52,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localsbx.errors import VMLaunchError
+from localsbx.errors import ConfigError, VMLaunchError
 
 log = logging.getLogger("localsbx.vm")
 
@@ -69,6 +69,26 @@ GATEWAY_MAC = "52:55:0a:00:02:02"
 #: Guest TCP port of localsbx's own SSH server (same as ``qemu.GUEST_SSH_PORT``).
 GUEST_SSH_PORT = 10022
 PASST_BINARY = "passt"
+
+
+def check_guest_port(port) -> int:
+    """A guest TCP port that may be exposed (forwarded to the host): 1-65535 and not
+    :data:`GUEST_SSH_PORT` (a forward to it would hand the host's users the sandbox's
+    control channel; the server's tunnels refuse it too).
+
+    :raises ConfigError: otherwise (says which rule).
+    """
+    try:
+        p = int(port)
+    except (TypeError, ValueError):
+        raise ConfigError(f"port {port!r}: not a number") from None
+    if not 1 <= p <= 65535 or isinstance(port, bool):
+        raise ConfigError(f"port {port}: must be 1-65535")
+    if p == GUEST_SSH_PORT:
+        raise ConfigError(f"port {p}: the sandbox's management SSH port cannot be exposed",
+                          hint="serve on another guest port")
+    return p
+
 #: Seconds to wait for passt's socket and port forward.
 START_TIMEOUT = 10.0
 

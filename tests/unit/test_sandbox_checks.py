@@ -9,7 +9,6 @@ from localsbx.sandbox import (
     MAX_CPUS,
     MAX_TIMEOUT_SECS,
     _check_env,
-    check_guest_port,
     check_resources,
 )
 
@@ -82,6 +81,8 @@ def test_an_outdated_base_is_still_the_default_image(monkeypatch):
     ("http", "not a number"), (10022, "management SSH port cannot be exposed"),
 ])
 def test_a_port_that_cannot_be_exposed_is_refused(port, words):
+    from localsbx.vm.net import check_guest_port
+
     with pytest.raises(ConfigError, match=words):
         check_guest_port(port)
     assert check_guest_port("8000") == check_guest_port(8000) == 8000
