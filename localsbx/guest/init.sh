@@ -88,6 +88,20 @@ if [ -e /sys/class/net/eth0 ] || ip link show eth0 >/dev/null 2>&1; then
     ip link set eth0 up
     ip addr add 10.0.2.15/24 dev eth0
     ip route add default via 10.0.2.2
+    # Announce the guest (a gratuitous ARP) once the link carries frames (a frame sent
+    # before virtio-net's carrier work has run is dropped): passt learns the guest's MAC
+    # from its first frame and sends a host connection's SYN to the broadcast MAC before
+    # that, which TCP drops; the host's first SSH try would wait out passt's 10 s SYN timeout.
+    n=0
+    state=
+    while [ "$n" -lt 300 ]; do
+        read -r state <$r/sys/class/net/eth0/operstate
+        [ "$state" = up ] && break
+        n=$((n + 1))
+        usleep 10000
+    done
+    [ "$state" = up ] || note "eth0 is not up after 3 s (operstate $state)"
+    arping -U -c 1 -w 1 -I eth0 10.0.2.15 >/dev/null 2>&1
 fi
 
 # Identity.  /etc/hostname, /etc/hosts, /etc/resolv.conf and /etc/machine-id are

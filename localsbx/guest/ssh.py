@@ -202,12 +202,18 @@ class GuestConnection:
         self.identity_pending: tuple[str, str] | None = None
         self.username = MANAGEMENT_USERS[0]
 
-    async def connect(self, *, timeout: float = 60.0, alive: Callable[[], bool] | None = None) -> None:
+    async def connect(self, *, timeout: float = 60.0, alive: Callable[[], bool] | None = None,
+                      first_try: float | None = None) -> None:
         """Connect, retrying until the server answers (it may accept before it serves:
         recipe pitfall 12).
 
         :param timeout: seconds for the whole attempt; default 60.
         :param alive: called between tries; when it returns False (QEMU died) give up.
+        :param first_try: seconds the first try may take before it is given up and retried
+            (default: as long as any try, up to 15 s). A cold boot passes a short one: passt
+            sends the first SYN to the broadcast MAC while it has not yet seen a frame from
+            the guest, the guest's TCP drops it, and passt gives up on it only after its
+            10 s SYN timeout (bases made before ``/init`` announced the guest with an ARP).
         :raises GuestError: no connection within ``timeout``.
         """
         known = asyncssh.import_known_hosts(
@@ -216,11 +222,16 @@ class GuestConnection:
         deadline = loop.time() + timeout
         last: Exception | None = None
         delay = 0.05
+        tries = 0
         while loop.time() < deadline:
             if alive is not None and not alive():
                 break
+            limit = max(1.0, min(15.0, deadline - loop.time()))
+            if first_try is not None and tries == 0:
+                limit = min(limit, first_try)
+            tries += 1
             try:
-                async with asyncio.timeout(max(1.0, min(15.0, deadline - loop.time()))):
+                async with asyncio.timeout(limit):
                     self._conn = await asyncssh.connect(
                         self.host, self.port, username=self.username,
                         client_keys=[self._client_key], known_hosts=known, agent_path=None,

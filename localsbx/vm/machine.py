@@ -36,6 +36,9 @@ log = logging.getLogger("localsbx.vm")
 BOOT_TIMEOUT = 180.0
 #: Seconds for the first SSH connection after the guest is ready / restored.
 CONNECT_TIMEOUT = 60.0
+#: Seconds the first SSH try after a cold boot may take before it is retried (see
+#: ``GuestConnection.connect``: a SYN passt sent before it knew the guest's MAC is lost).
+FIRST_CONNECT_TRY = 2.0
 
 
 #: Serial-log words of a boot that failed because of the rootfs or its init (not retried).
@@ -149,7 +152,7 @@ class Machine:
         try:
             await qemu.wait_for_serial(READY_MARKER, timeout=BOOT_TIMEOUT)
             m.timings["ready"] = time.monotonic() - t0
-            await m._connect()
+            await m._connect(first_try=FIRST_CONNECT_TRY)
             m.timings["connected"] = time.monotonic() - t0
         except BaseException:
             await m.stop()
@@ -216,12 +219,12 @@ class Machine:
             raise
         return m
 
-    async def _connect(self) -> None:
+    async def _connect(self, *, first_try: float | None = None) -> None:
         self.ssh_port = await self.qemu.host_ssh_port()
         self.guest.port = self.ssh_port
         proc = self.qemu.proc
         try:
-            await self.guest.connect(timeout=CONNECT_TIMEOUT,
+            await self.guest.connect(timeout=CONNECT_TIMEOUT, first_try=first_try,
                                      alive=lambda: proc is None or proc.returncode is None)
         except GuestError as exc:
             if proc is not None and proc.returncode is not None:

@@ -1,0 +1,84 @@
+"""GuestConnection.connect against a real asyncssh server behind a forward that swallows
+the first connection, as passt does with a SYN it sent before it knew the guest's MAC:
+the host's TCP connect succeeds, and nothing ever answers on it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import asyncssh
+import pytest
+
+from localsbx.errors import GuestError
+from localsbx.guest.ssh import GuestConnection
+
+
+class _Server(asyncssh.SSHServer):
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+
+async def _black_hole_then_forward(target_port: int, swallowed: list):
+    """A TCP listener on 127.0.0.1: its first connection is accepted and left silent
+    (kept open), later ones are spliced to ``target_port``."""
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        with contextlib.suppress(OSError):
+            w.close()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if not swallowed:
+            swallowed.append(w)
+            return
+        tr, tw = await asyncio.open_connection("127.0.0.1", target_port)
+        await asyncio.gather(pipe(r, tw), pipe(tr, w))
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def _setup(tmp_path):
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+    (tmp_path / "authorized_keys").write_bytes(client_key.export_public_key())
+    server = await asyncssh.create_server(
+        _Server, "127.0.0.1", 0, server_host_keys=[host_key],
+        authorized_client_keys=str(tmp_path / "authorized_keys"))
+    swallowed: list = []
+    fwd = await _black_hole_then_forward(server.sockets[0].getsockname()[1], swallowed)
+    port = fwd.sockets[0].getsockname()[1]
+    conn = GuestConnection("127.0.0.1", port, client_key, host_key)
+    return server, fwd, conn, swallowed
+
+
+@pytest.mark.asyncio
+async def test_a_short_first_try_gets_past_a_connection_nothing_answers(tmp_path):
+    server, fwd, conn, swallowed = await _setup(tmp_path)
+    try:
+        await conn.connect(timeout=6.0, first_try=0.5)
+        assert conn.connected
+        assert len(swallowed) == 1  # the first connection was the silent one
+    finally:
+        await conn.close()
+        fwd.close()
+        server.close()
+        for w in swallowed:
+            w.close()
+
+
+@pytest.mark.asyncio
+async def test_without_a_first_try_limit_the_silent_connection_takes_the_whole_budget(tmp_path):
+    server, fwd, conn, swallowed = await _setup(tmp_path)
+    try:
+        with pytest.raises(GuestError, match="cannot reach the guest's SSH server"):
+            await conn.connect(timeout=1.5)
+        assert not conn.connected and len(swallowed) == 1
+    finally:
+        fwd.close()
+        server.close()
+        for w in swallowed:
+            w.close()
