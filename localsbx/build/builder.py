@@ -51,8 +51,10 @@ from localsbx.errors import (
     ImageBuildError,
     ImageNotFound,
     LocalsbxError,
+    SnapshotError,
 )
 from localsbx.vm import disk, snapshot
+from localsbx.vm import template as vmtemplate
 from localsbx.vm.accel import choose_accel
 from localsbx.vm.machine import Machine
 
@@ -458,15 +460,20 @@ async def _build(definition: ImageDefinition, ctx, rep: Reporter, *, name: str, 
                 await disk.create_overlay(layers.disk_path(active), below)
                 accel = await choose_accel(base.kernel, base.initrd)
                 rep.say(f"accelerator: {accel.kind.upper()} ({accel.reason})")
-                rep.say(f"booting build VM ({definition.build_cpus} vCPU, "
-                        f"{definition.build_memory_mb} MiB) from base {base.name}"
+                shape = dict(cpus=definition.build_cpus, memory_mib=definition.build_memory_mb)
+                # a template has one disk: a build that attaches other roots cold-boots
+                tpl = None if extra else await vmtemplate.try_ensure(
+                    base, **shape, accel=accel, client_key=client_key, say=rep.say)
+                rep.say(f"{'restoring' if tpl else 'booting'} build VM ({shape['cpus']} vCPU, "
+                        f"{shape['memory_mib']} MiB) from base {base.name}"
+                        + (" (VM template)" if tpl else "")
                         + (f", resuming after step {j}" if j else ""))
-                async with await Machine.cold_boot(
-                    kernel=base.kernel, initrd=base.initrd, disk=layers.disk_path(active),
-                    workdir=tmp, accel=accel, client_key=client_key,
-                    cpus=definition.build_cpus, memory_mib=definition.build_memory_mb,
-                    name=f"localsbx-build-{name}", extra_disks=tuple(extra),
-                ) as vm:
+                start = _start_vm(
+                    tpl, rep, kernel=base.kernel, initrd=base.initrd,
+                    disk=layers.disk_path(active), workdir=tmp, accel=accel,
+                    client_key=client_key, **shape, name=f"localsbx-build-{name}",
+                    extra_disks=tuple(extra))
+                async with await start as vm:
                     step_t[0] = time.monotonic()
                     try:
                         mounted = await mount_attached(vm.guest, len(attach)) if attach else []
@@ -536,12 +543,16 @@ async def _snapshot_and_register(definition: ImageDefinition, rep: Reporter, *, 
     snap.mkdir()
     snap_disk = snap / "disk.qcow2"
     await disk.create_overlay(snap_disk, build_disk)
-    rep.say(f"booting snapshot VM ({SANDBOX_CPUS} vCPU, {SANDBOX_MEMORY_MIB} MiB)")
-    vm = await Machine.cold_boot(
-        kernel=base.kernel, initrd=base.initrd, disk=snap_disk, workdir=snap, accel=accel,
-        client_key=client_key, cpus=SANDBOX_CPUS, memory_mib=SANDBOX_MEMORY_MIB,
-        ram_file=snap / "ram", ram_share=True, name=f"localsbx-snap-{name}",
-    )
+    # the first image of a base cold-boots its snapshot VM: its times go to `base ls`
+    tpl = None if not base.timings else await vmtemplate.try_ensure(
+        base, cpus=SANDBOX_CPUS, memory_mib=SANDBOX_MEMORY_MIB, accel=accel,
+        client_key=client_key, say=rep.say)
+    rep.say(f"{'restoring' if tpl else 'booting'} snapshot VM ({SANDBOX_CPUS} vCPU, "
+            f"{SANDBOX_MEMORY_MIB} MiB)" + (" (VM template)" if tpl else ""))
+    vm = await _start_vm(
+        tpl, rep, kernel=base.kernel, initrd=base.initrd, disk=snap_disk, workdir=snap,
+        accel=accel, client_key=client_key, cpus=SANDBOX_CPUS, memory_mib=SANDBOX_MEMORY_MIB,
+        ram_file=snap / "ram", name=f"localsbx-snap-{name}")
     try:
         env, workdir = state.env, state.workdir
         if state.user and "HOME" not in env:  # docker run: HOME of the image's USER
@@ -601,6 +612,33 @@ async def _snapshot_and_register(definition: ImageDefinition, rep: Reporter, *, 
             f"({meta.build_seconds} s, digest {digest[:12]}, {len(history) - ran} step(s) "
             f"cached, {ran} run)")
     return rec
+
+
+async def _start_vm(tpl: vmtemplate.Template | None, rep: Reporter, *, kernel: Path,
+                    initrd: Path, disk: Path, workdir: Path, accel, client_key, cpus: int,
+                    memory_mib: int, name: str, ram_file: Path | None = None,
+                    extra_disks: tuple[Path, ...] = ()) -> Machine:
+    """A build or snapshot VM: restored from ``tpl`` (:mod:`localsbx.vm.template`), or
+    cold-booted without one. A template that does not restore (:class:`SnapshotError`:
+    damaged, or from another QEMU) is removed, with a warning, and the VM cold-boots; a
+    guest that fails after the restore fails the build, as it would after a cold boot.
+    With ``ram_file`` the guest's RAM lives there, shared (the snapshot VM)."""
+    if tpl is not None:
+        try:
+            return await Machine.from_template(
+                tpl, kernel=kernel, disk=disk, workdir=workdir, accel=accel,
+                client_key=client_key, ram_file=ram_file, name=name)
+        except SnapshotError as exc:
+            rep.say(f"warning: the VM template in {tpl.folder} does not restore "
+                    f"({exc.message}); it is removed and the VM cold-boots")
+            vmtemplate.discard(tpl)
+            for f in (ram_file, workdir / "serial.log"):
+                if f is not None:
+                    f.unlink(missing_ok=True)
+    return await Machine.cold_boot(
+        kernel=kernel, initrd=initrd, disk=disk, workdir=workdir, accel=accel,
+        client_key=client_key, cpus=cpus, memory_mib=memory_mib, ram_file=ram_file,
+        ram_share=ram_file is not None, name=name, extra_disks=extra_disks)
 
 
 def _base_rebuilt_since(img: store.ImageRecord) -> bool:

@@ -25,6 +25,7 @@ note() {
 
 mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev
 mount -t proc -o nosuid,nodev,noexec proc /proc
+mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
 read -r cmdline </proc/cmdline
 case " $cmdline " in
 *" localsbx.probe=1 "*)
@@ -43,6 +44,21 @@ while [ ! -b /dev/vda ]; do
     [ "$n" -gt 1000 ] && fail "no /dev/vda after 10 s (is the disk attached as virtio-blk-device?)"
     usleep 10000
 done
+# A VM template (localsbx/vm/template.py; its identity has localsbx/hold): it is booted on a
+# placeholder disk and snapshotted here, before anything reads the root file system. A
+# restore of it gets the real disk, and the host's QMP block_resize makes virtio-blk tell
+# the guest the real disk's size: the change of size is the signal to go on. The cached
+# blocks of the placeholder are dropped before the mount.
+if [ -f /localsbx/hold ]; then
+    read -r held </sys/block/vda/size
+    echo LOCALSBX-HOLD >/dev/console
+    size=$held
+    while [ "$size" = "$held" ]; do
+        usleep 5000
+        read -r size </sys/block/vda/size
+    done
+    blockdev --flushbufs /dev/vda || fail "cannot drop the placeholder disk's cached blocks"
+fi
 mkdir -p /newroot
 mount -t ext4 -o rw /dev/vda /newroot || fail "cannot mount /dev/vda as ext4 (not a localsbx root filesystem?)"
 
@@ -71,7 +87,7 @@ for d in dev proc sys run tmp; do  # /tmp stays on the disk, as in Docker: RUN s
 done
 mount --move /dev $r/dev
 mount --move /proc $r/proc
-mount -t sysfs -o nosuid,nodev,noexec sysfs $r/sys
+mount --move /sys $r/sys
 mkdir -p $r/dev/pts $r/dev/shm
 mount -t devpts -o nosuid,noexec,gid=5,mode=620,ptmxmode=666 devpts $r/dev/pts
 mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs $r/dev/shm

@@ -92,6 +92,16 @@ def _read_head(path: Path) -> bytes:
         return f.read(4096)
 
 
+def virtual_size(path: Path) -> int:
+    """The virtual size (bytes) of the qcow2 image at ``path``, read from its header.
+
+    :raises ValueError: not a qcow2 image.
+    :raises OSError: it cannot be read.
+    """
+    with open(path, "rb") as f:
+        return _qcow2_header(f.read(4096))[1]
+
+
 def _qcow2_header(data: bytes) -> tuple[bytes, int]:
     """``(backing file name, virtual size in bytes)`` from a qcow2 header (QEMU's
     docs/interop/qcow2.txt: magic, version, backing_file_offset, backing_file_size, ...,

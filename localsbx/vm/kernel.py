@@ -55,7 +55,7 @@ INIT_SCRIPT = Path(__file__).resolve().parent.parent / "guest" / "init.sh"
 #: busybox applets ``/init`` uses; each becomes a ``/bin/<applet>`` symlink.
 INIT_APPLETS = (
     "sh", "mount", "insmod", "mkdir", "usleep", "ln", "ip", "cp", "chmod",
-    "hostname", "sync", "poweroff", "switch_root", "cat",
+    "hostname", "sync", "poweroff", "switch_root", "cat", "arping", "blockdev",
 )  # fmt: skip
 
 #: Where the identity files live inside the identity cpio (and so in the initramfs).
@@ -507,7 +507,8 @@ _MACHINE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 def make_identity_cpio(
-    *, host_key_openssh: bytes, authorized_keys: bytes, machine_id: str, hostname: str
+    *, host_key_openssh: bytes, authorized_keys: bytes, machine_id: str, hostname: str,
+    hold: bool = False,
 ) -> bytes:
     """The per-VM identity archive, appended to the initramfs on every cold boot.
 
@@ -521,6 +522,9 @@ def make_identity_cpio(
     :param authorized_keys: the store's management public key(s), OpenSSH one-line format.
     :param machine_id: 32 lowercase hex digits (``uuid4().hex``).
     :param hostname: a single DNS label.
+    :param hold: add ``localsbx/hold``: ``/init`` stops before it mounts the root file
+        system and waits for the disk to change size (a VM template,
+        :mod:`localsbx.vm.template`).
     :returns: a newc cpio, padded to 512 bytes, ready to concatenate after the initramfs.
     :raises ValueError: on a malformed key, machine id or hostname.
     """
@@ -540,6 +544,7 @@ def make_identity_cpio(
             _file(f"{d}/authorized_keys", authorized_keys, 0o600),
             _file(f"{d}/machine-id", f"{machine_id}\n".encode()),
             _file(f"{d}/hostname", f"{hostname}\n".encode()),
+            *([_file(f"{d}/hold", b"")] if hold else []),
         ],
         align=512,
     )

@@ -219,6 +219,73 @@ class Machine:
             raise
         return m
 
+    @classmethod
+    async def from_template(
+        cls,
+        template,
+        *,
+        kernel: Path,
+        disk: Path,
+        workdir: Path,
+        accel: Accel,
+        client_key: asyncssh.SSHKey,
+        ram_file: Path | None = None,
+        name: str = "localsbx",
+        net: NetSpec = NetSpec(),
+    ) -> Machine:
+        """Start a guest from a :class:`localsbx.vm.template.Template` instead of a cold
+        boot: restore it (``-incoming defer``) on ``disk``, QMP ``block_resize`` the disk to
+        its own size (virtio-blk announces the size: ``/init``'s go signal), wait for
+        ``LOCALSBX-READY``, connect, and fix the clock, the CRNG and give the guest a new
+        machine-id. The VM has the template's shape; its console goes to
+        ``workdir/serial.log`` and its initramfs is copied to ``workdir/initrd.cpio`` (an
+        image snapshot taken of this VM keeps it there).
+
+        :param disk: the qcow2 overlay the guest mounts as its root (created by the caller).
+        :param ram_file: ``None``: the template's RAM is mapped copy-on-write
+            (``share=off``); a path: the template's RAM is copied there and mapped
+            ``share=on``, so the VM can be snapshotted (:func:`snapshot.save`).
+        :raises SnapshotError: the template does not load (QEMU stopped).
+        :raises VMLaunchError: the guest did not get ready (QEMU stopped).
+        """
+        import shutil
+
+        from localsbx.vm import disk as vmdisk
+        from localsbx.vm import template as vmtemplate
+
+        t0 = time.monotonic()
+        size = vmdisk.virtual_size(disk)
+        if size == vmtemplate.PLACEHOLDER_SIZE:
+            raise SnapshotError(f"{disk} has the size of the template's placeholder disk")
+        initrd = workdir / "initrd.cpio"
+        shutil.copyfile(template.initrd, initrd)
+        if ram_file is not None:
+            await vmtemplate.copy_ram(template, ram_file)
+        spec = VMSpec(kernel=kernel, initrd=initrd, disk=disk,
+                      serial_log=workdir / "serial.log", qmp_socket=_qmp_path(workdir),
+                      accel=accel, memory_mib=template.memory_mib, cpus=template.cpus,
+                      ram_file=ram_file or template.ram, ram_share=ram_file is not None,
+                      incoming=True, name=name, net=net)
+        qemu = QemuProcess(spec)
+        pub = asyncssh.import_public_key(template.host_key)
+        await qemu.start()
+        m = cls(qemu, GuestConnection("127.0.0.1", 0, client_key, pub), pub)
+        try:
+            await snapshot.restore(qemu, template.state)
+            m.timings["loaded"] = time.monotonic() - t0
+            await qemu.execute("block_resize", {"device": "root", "size": size})
+            await qemu.wait_for_serial(READY_MARKER, timeout=BOOT_TIMEOUT)
+            m.timings["ready"] = time.monotonic() - t0
+            await m._connect(first_try=FIRST_CONNECT_TRY)
+            m.timings["connected"] = time.monotonic() - t0
+            m.guest.set_identity(secrets.token_hex(16), "localsbx")
+            await m.guest.fixup()
+            m.timings["fixed"] = time.monotonic() - t0
+        except BaseException:
+            await m.stop()
+            raise
+        return m
+
     async def _connect(self, *, first_try: float | None = None) -> None:
         self.ssh_port = await self.qemu.host_ssh_port()
         self.guest.port = self.ssh_port
