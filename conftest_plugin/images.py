@@ -76,7 +76,7 @@ class _Reporter:
         self.echo = echo
 
     def say(self, text: str) -> None:
-        if text.startswith("booting build VM"):
+        if text.startswith(("booting build VM", "restoring build VM")):  # a cold boot, a template
             self.built = True
         if self.echo is not None and self.built or self.echo is not None and text.startswith("warning:"):
             self.echo(text)

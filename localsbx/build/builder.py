@@ -2,8 +2,10 @@
 
 0. Every op gets a cache key (:mod:`localsbx.layers`: parent key, the op after
    substitution, what it reads); the longest cached prefix is taken as is (``[i/n] CACHED``).
-1. A build VM (default 2 vCPU / 4096 MiB, Tensorlake's builder size) cold-boots on a new
-   layer over the last cached step's disk (or the base rootfs). Each remaining op runs
+1. A build VM (default 2 vCPU / 4096 MiB, Tensorlake's builder size) starts on a new
+   layer over the last cached step's disk (or the base rootfs): restored from the base's
+   VM template at that shape (:mod:`localsbx.vm.template`), or cold-booted when the build
+   attaches other roots, the base has no template support, or templates are off. Each remaining op runs
    through the guest agent: ``Run`` as its argv with the image ENV, the ARG values in scope,
    the current WORKDIR, stdin at EOF, and every process it left behind killed when it ends
    (a RUN's background processes do not survive the step, as in Docker);
@@ -13,8 +15,9 @@
    new one; no VM boots when only ``ENV``/``USER`` are left.
 2. The guest syncs and powers off; the last layer is frozen; ``build.qcow2`` is an empty
    frozen overlay of it.
-3. A snapshot VM boots at the sandbox default shape (1 vCPU / 1024 MiB, Tensorlake's
-   default) on a new overlay over ``build.qcow2`` with RAM in ``snap/ram``, runs one command
+3. A snapshot VM starts at the sandbox default shape (1 vCPU / 1024 MiB, Tensorlake's
+   default) on a new overlay over ``build.qcow2`` with RAM in ``snap/ram`` (a template
+   restore; a cold boot for the first image of a base, whose times go to ``base ls``), runs one command
    (warming the page cache sandboxes will use), closes its sessions, syncs and is snapshotted
    (method C: ``snap/disk.qcow2`` + ``snap/ram`` + ``snap/state.mig``).
 4. ``image.json`` is written (with the steps: layer, cached or run, time, size), the folder
