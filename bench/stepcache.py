@@ -61,41 +61,13 @@ def dockerfile(nonce: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bare_cold_boot() -> float:
-    """Seconds from QEMU start to the agent answering, at the build VM's shape, on an
-    overlay of the base rootfs (then powered off)."""
+def _bare_start(*, template: bool) -> float:
+    """Seconds from QEMU start to the agent answering a first command, at the build VM's
+    shape, on an overlay of the base rootfs: a cold boot, or a restore of the base's VM
+    template (made first when missing, outside the timing). The VM is then stopped."""
     from localsbx.base import get_base
     from localsbx.vm import disk
-    from localsbx.vm.accel import choose_accel
-    from localsbx.vm.machine import Machine
-
-    async def go() -> float:
-        base = get_base("debian-minimal")
-        accel = await choose_accel(base.kernel, base.initrd)
-        with tempfile.TemporaryDirectory(dir=store.paths.data_dir()) as d:
-            ov = Path(d) / "disk.qcow2"
-            await disk.create_overlay(ov, base.rootfs)
-            t = time.monotonic()
-            vm = await Machine.cold_boot(kernel=base.kernel, initrd=base.initrd, disk=ov,
-                                         workdir=Path(d), accel=accel,
-                                         client_key=store.management_key(), cpus=2,
-                                         memory_mib=4096, name="localsbx-bench-boot")
-            try:
-                r = await vm.guest.exec(["true"])
-                assert r.exit_status == 0
-                return time.monotonic() - t
-            finally:
-                await vm.stop()
-
-    return asyncio.run(go())
-
-
-def bare_template_restore() -> float:
-    """Seconds from QEMU start to the agent answering, for a restore of the base's VM
-    template at the build VM's shape on an overlay of the base rootfs (the template is made
-    first when missing, outside the timing)."""
-    from localsbx.base import get_base
-    from localsbx.vm import disk, template
+    from localsbx.vm import template as vmtemplate
     from localsbx.vm.accel import choose_accel
     from localsbx.vm.machine import Machine
 
@@ -103,14 +75,21 @@ def bare_template_restore() -> float:
         base = get_base("debian-minimal")
         accel = await choose_accel(base.kernel, base.initrd)
         key = store.management_key()
-        tpl = await template.ensure(base, cpus=2, memory_mib=4096, accel=accel, client_key=key)
+        shape = dict(cpus=2, memory_mib=4096)
+        tpl = await vmtemplate.ensure(base, **shape, accel=accel, client_key=key) \
+            if template else None
         with tempfile.TemporaryDirectory(dir=store.paths.data_dir()) as d:
             ov = Path(d) / "disk.qcow2"
             await disk.create_overlay(ov, base.rootfs)
             t = time.monotonic()
-            vm = await Machine.from_template(tpl, kernel=base.kernel, disk=ov, workdir=Path(d),
-                                             accel=accel, client_key=key,
-                                             name="localsbx-bench-template")
+            if tpl is not None:
+                vm = await Machine.from_template(tpl, kernel=base.kernel, disk=ov,
+                                                 workdir=Path(d), accel=accel, client_key=key,
+                                                 name="localsbx-bench-template")
+            else:
+                vm = await Machine.cold_boot(kernel=base.kernel, initrd=base.initrd, disk=ov,
+                                             workdir=Path(d), accel=accel, client_key=key,
+                                             **shape, name="localsbx-bench-boot")
             try:
                 r = await vm.guest.exec(["true"])
                 assert r.exit_status == 0
@@ -119,6 +98,17 @@ def bare_template_restore() -> float:
                 await vm.stop()
 
     return asyncio.run(go())
+
+
+def bare_cold_boot() -> float:
+    """A bare cold boot → first command (seconds), at the build VM's shape."""
+    return _bare_start(template=False)
+
+
+def bare_template_restore() -> float:
+    """A bare restore of the base's VM template → first command (seconds), at the build
+    VM's shape."""
+    return _bare_start(template=True)
 
 
 def run(runs: int = 3) -> dict:
