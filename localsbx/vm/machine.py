@@ -24,7 +24,7 @@ from pathlib import Path
 
 import asyncssh
 
-from localsbx.errors import GuestError, SnapshotError, VMLaunchError
+from localsbx.errors import GuestError, LocalsbxError, SnapshotError, VMLaunchError
 from localsbx.guest.ssh import GuestConnection
 from localsbx.vm import snapshot
 from localsbx.vm.net import NetSpec
@@ -254,13 +254,19 @@ class Machine:
         from localsbx.vm import template as vmtemplate
 
         t0 = time.monotonic()
+        for f in (template.ram, template.state, template.initrd):
+            if not f.exists():
+                raise SnapshotError(f"VM template file {f} is missing")
         size = vmdisk.virtual_size(disk)
         if size == vmtemplate.PLACEHOLDER_SIZE:
             raise SnapshotError(f"{disk} has the size of the template's placeholder disk")
         initrd = workdir / "initrd.cpio"
         shutil.copyfile(template.initrd, initrd)
         if ram_file is not None:
-            await vmtemplate.copy_ram(template, ram_file)
+            try:
+                await vmtemplate.copy_ram(template, ram_file)
+            except LocalsbxError as exc:
+                raise SnapshotError(f"cannot copy the VM template's RAM: {exc}") from exc
         spec = VMSpec(kernel=kernel, initrd=initrd, disk=disk,
                       serial_log=workdir / "serial.log", qmp_socket=_qmp_path(workdir),
                       accel=accel, memory_mib=template.memory_mib, cpus=template.cpus,

@@ -49,6 +49,7 @@ import asyncssh
 from localsbx import _proc
 from localsbx.errors import LocalsbxError, SnapshotError
 from localsbx.vm import snapshot
+from localsbx.vm.machine import _qmp_path
 from localsbx.vm.net import NetSpec
 from localsbx.vm.qemu import Accel, QemuProcess, VMSpec
 
@@ -105,7 +106,7 @@ def _spec(folder: Path, *, kernel: Path, accel: Accel, cpus: int, memory_mib: in
           incoming: bool = False) -> VMSpec:
     return VMSpec(kernel=kernel, initrd=folder / "initrd.cpio",
                   disk=folder / "placeholder.qcow2", serial_log=folder / "serial.log",
-                  qmp_socket=folder / "qmp.sock", accel=accel, memory_mib=memory_mib,
+                  qmp_socket=_qmp_path(folder), accel=accel, memory_mib=memory_mib,
                   cpus=cpus, ram_file=folder / "ram", ram_share=not incoming,
                   incoming=incoming, name="localsbx-template", net=NetSpec())
 
@@ -150,19 +151,22 @@ async def ensure(base, *, cpus: int, memory_mib: int, accel: Accel,
     if (t := load(base, cpus=cpus, memory_mib=memory_mib, accel=accel)) is not None:
         return t
     root = base.path / "templates"
-    root.mkdir(exist_ok=True)
+    root.mkdir(mode=0o700, exist_ok=True)  # its initrd holds the guest's SSH host key
     lock = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
         if (t := load(base, cpus=cpus, memory_mib=memory_mib, accel=accel)) is not None:
             return t
+        for stale in root.glob(".*-*"):  # left by a maker or a discard that was killed
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
         if say:
             say(f"making the VM template of base {base.name} ({cpus} vCPU, {memory_mib} MiB): "
                 "one cold boot, then every build and snapshot VM of this shape restores it")
         t0 = time.monotonic()
         final = template_dir(base.path, cpus, memory_mib, accel)
         tmp = root / f".tmp-{final.name}-{secrets.token_hex(4)}"
-        tmp.mkdir()
+        tmp.mkdir(mode=0o700)
         try:
             host_key = asyncssh.generate_private_key("ssh-ed25519")
             ident = make_identity_cpio(
@@ -183,8 +187,9 @@ async def ensure(base, *, cpus: int, memory_mib: int, accel: Accel,
                 await snapshot.save(qemu, tmp / "state.mig")
             finally:
                 await qemu.shutdown(graceful=False)
-            for f in ("placeholder.qcow2", "serial.log", "serial.qemu.log", "qemu.pid"):
-                (tmp / f).unlink(missing_ok=True)
+            for f in tmp.iterdir():  # the placeholder disk, logs, pid files
+                if f.name not in ("ram", "state.mig", "initrd.cpio"):
+                    f.unlink()
             key = snapshot.snapshot_key(spec, kernel_digest=base.kernel_digest)
             meta = {"format": TEMPLATE_FORMAT, "base": base.name, "base_digest": base.digest,
                     "cpus": cpus, "memory_mib": memory_mib, "key": key,
