@@ -54,7 +54,6 @@ from localsbx.errors import (
     ImageBuildError,
     ImageNotFound,
     LocalsbxError,
-    SnapshotError,
 )
 from localsbx.vm import disk, snapshot
 from localsbx.vm import template as vmtemplate
@@ -622,18 +621,23 @@ async def _start_vm(tpl: vmtemplate.Template | None, rep: Reporter, *, kernel: P
                     memory_mib: int, name: str, ram_file: Path | None = None,
                     extra_disks: tuple[Path, ...] = ()) -> Machine:
     """A build or snapshot VM: restored from ``tpl`` (:mod:`localsbx.vm.template`), or
-    cold-booted without one. A template that does not restore (:class:`SnapshotError`:
-    damaged, or from another QEMU) is removed, with a warning, and the VM cold-boots; a
-    guest that fails after the restore fails the build, as it would after a cold boot.
-    With ``ram_file`` the guest's RAM lives there, shared (the snapshot VM)."""
+    cold-booted without one. When the template does not give a guest that answers (it does
+    not load, the guest never gets ready, its host key is not the recorded one...), the
+    template is removed, with a warning, and the VM cold-boots: a fault of the template
+    never fails a build, and one of the image's disk fails the cold boot too, with its
+    console. With ``ram_file`` the guest's RAM lives there, shared (the snapshot VM)."""
+    import asyncssh
+
     if tpl is not None:
         try:
             return await Machine.from_template(
                 tpl, kernel=kernel, disk=disk, workdir=workdir, accel=accel,
                 client_key=client_key, ram_file=ram_file, name=name)
-        except SnapshotError as exc:
+        except (LocalsbxError, asyncssh.Error, OSError) as exc:
+            why = exc.message if isinstance(exc, LocalsbxError) else str(exc)
             rep.say(f"warning: the VM template in {tpl.folder} does not restore "
-                    f"({exc.message}); it is removed and the VM cold-boots")
+                    f"({why.splitlines()[0] if why else type(exc).__name__}); it is removed "
+                    "and the VM cold-boots")
             vmtemplate.discard(tpl)
             for f in (ram_file, workdir / "serial.log"):
                 if f is not None:

@@ -58,6 +58,10 @@ if [ -f /localsbx/hold ]; then
         read -r size </sys/block/vda/size
     done
     blockdev --flushbufs /dev/vda || fail "cannot drop the placeholder disk's cached blocks"
+    # The clock is the template's until the host's fixup; the RTC (QEMU's, from the host
+    # clock) gives the seconds now, so what is written below does not carry the template's
+    # time (mount and write times, mount points made on the disk).
+    hwclock -s -u 2>/dev/null || note "no RTC: the clock is the template's until the fixup"
 fi
 mkdir -p /newroot
 mount -t ext4 -o rw /dev/vda /newroot || fail "cannot mount /dev/vda as ext4 (not a localsbx root filesystem?)"

@@ -202,6 +202,16 @@ class GuestConnection:
         self.identity_pending: tuple[str, str] | None = None
         self.username = MANAGEMENT_USERS[0]
 
+    @property
+    def host_key(self) -> asyncssh.SSHKey:
+        """The guest host key this connection pins (set it when the guest's key changes:
+        the next :meth:`connect` pins the new one)."""
+        return self._host_key
+
+    @host_key.setter
+    def host_key(self, key: asyncssh.SSHKey) -> None:
+        self._host_key = key
+
     async def connect(self, *, timeout: float = 60.0, alive: Callable[[], bool] | None = None,
                       first_try: float | None = None) -> None:
         """Connect, retrying until the server answers (it may accept before it serves:
@@ -240,6 +250,10 @@ class GuestConnection:
                         keepalive_count_max=KEEPALIVE_COUNT, kex_algs=["curve25519-sha256"],
                     )
                 return
+            except asyncssh.HostKeyNotVerifiable as exc:  # another guest: never retried
+                raise GuestError(f"the guest's SSH server on {self.host}:{self.port} "
+                                 f"presented another host key than the pinned one: {exc}") \
+                    from exc
             except asyncssh.PermissionDenied as exc:
                 last = exc
                 if self.username == MANAGEMENT_USERS[-1]:

@@ -56,6 +56,7 @@ INIT_SCRIPT = Path(__file__).resolve().parent.parent / "guest" / "init.sh"
 INIT_APPLETS = (
     "sh", "mount", "insmod", "mkdir", "usleep", "ln", "ip", "cp", "chmod",
     "hostname", "sync", "poweroff", "switch_root", "cat", "arping", "blockdev",
+    "hwclock",
 )  # fmt: skip
 
 #: Where the identity files live inside the identity cpio (and so in the initramfs).

@@ -36,8 +36,12 @@ log = logging.getLogger("localsbx.vm")
 BOOT_TIMEOUT = 180.0
 #: Seconds for the first SSH connection after the guest is ready / restored.
 CONNECT_TIMEOUT = 60.0
-#: Seconds the first SSH try after a cold boot may take before it is retried (see
-#: ``GuestConnection.connect``: a SYN passt sent before it knew the guest's MAC is lost).
+#: The guest's dropbear host key (written by /init from the identity cpio; dropbear reads it
+#: for every connection).
+GUEST_HOST_KEY = "/run/localsbx/dropbear_ed25519_host_key"
+#: Seconds the first SSH try after a cold boot or a restore may take before it is retried
+#: (see ``GuestConnection.connect``: a SYN passt sent before it knew the guest's MAC is lost;
+#: a restored guest announces itself only when it has handled QEMU's announce request).
 FIRST_CONNECT_TRY = 2.0
 
 
@@ -207,7 +211,7 @@ class Machine:
         try:
             await snapshot.restore(qemu, state_file)
             m.timings["loaded"] = time.monotonic() - t0
-            await m._connect()
+            await m._connect(first_try=FIRST_CONNECT_TRY)
             m.timings["connected"] = time.monotonic() - t0
             if lazy_fixup:
                 m.guest.fixup_pending = True
@@ -236,8 +240,9 @@ class Machine:
         """Start a guest from a :class:`localsbx.vm.template.Template` instead of a cold
         boot: restore it (``-incoming defer``) on ``disk``, QMP ``block_resize`` the disk to
         its own size (virtio-blk announces the size: ``/init``'s go signal), wait for
-        ``LOCALSBX-READY``, connect, and fix the clock, the CRNG and give the guest a new
-        machine-id. The VM has the template's shape; its console goes to
+        ``LOCALSBX-READY``, connect, fix the clock and the CRNG, and give the guest a new
+        machine-id and its own SSH host key (:attr:`host_key`; the template's answers
+        only the first connection). The VM has the template's shape; its console goes to
         ``workdir/serial.log`` and its initramfs is copied to ``workdir/initrd.cpio`` (an
         image snapshot taken of this VM keeps it there).
 
@@ -252,6 +257,7 @@ class Machine:
 
         from localsbx.vm import disk as vmdisk
         from localsbx.vm import template as vmtemplate
+        from localsbx.vm.kernel import dropbear_ed25519_key
 
         t0 = time.monotonic()
         for f in (template.ram, template.state, template.initrd):
@@ -286,6 +292,13 @@ class Machine:
             m.timings["connected"] = time.monotonic() - t0
             m.guest.set_identity(secrets.token_hex(16), "localsbx")
             await m.guest.fixup()
+            # its own SSH host key: dropbear reads the key file for every new connection,
+            # so the template's key ends with this one (and an image snapshot of this VM
+            # records the new key, as a cold-booted snapshot VM recorded its own)
+            new_key = asyncssh.generate_private_key("ssh-ed25519")
+            await m.guest.put_file(GUEST_HOST_KEY, dropbear_ed25519_key(
+                new_key.export_private_key("openssh")), mode=0o600)
+            m.host_key = m.guest.host_key = new_key
             m.timings["fixed"] = time.monotonic() - t0
         except BaseException:
             await m.stop()

@@ -61,10 +61,12 @@ HOLD_MARKER = b"LOCALSBX-HOLD"
 #: announced size is the go signal.
 PLACEHOLDER_SIZE = 1 << 20
 #: Bumped when what a template holds or how it is restored changes.
-TEMPLATE_FORMAT = 1
+TEMPLATE_FORMAT = 2
 #: Seconds the template's boot may take to reach the hold.
 HOLD_TIMEOUT = 180.0
 META = "template.json"
+#: The files a template restores from (their sampled digests are in ``template.json``).
+_FILES = ("ram", "state.mig", "initrd.cpio")
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class Template:
     :param memory_mib: RAM (MiB) of every VM restored from it.
     :param host_key: the guest's SSH host key, public, OpenSSH one-line format.
     :param key: its :func:`localsbx.vm.snapshot.snapshot_key`.
+    :param made_at: when it was made (Unix time; tells it from a template made anew in
+        the same folder).
     """
 
     folder: Path
@@ -83,6 +87,7 @@ class Template:
     memory_mib: int
     host_key: str
     key: dict
+    made_at: float = 0.0
 
     @property
     def initrd(self) -> Path:
@@ -117,23 +122,23 @@ def load(base, *, cpus: int, memory_mib: int, accel: Accel) -> Template | None:
     folder = template_dir(base.path, cpus, memory_mib, accel)
     try:
         meta = json.loads((folder / META).read_text())
-    except (OSError, ValueError):
-        return None
-    if meta.get("format") != TEMPLATE_FORMAT or meta.get("base_digest") != base.digest:
-        return None
-    want = snapshot.snapshot_key(
-        _spec(folder, kernel=base.kernel, accel=accel, cpus=cpus, memory_mib=memory_mib),
-        kernel_digest=base.kernel_digest)
-    if snapshot.key_mismatch(meta.get("key", {}), want):
-        return None
-    for f, size in (("state.mig", meta.get("state_size")), ("ram", memory_mib << 20),
-                    ("initrd.cpio", meta.get("initrd_size"))):
-        try:
-            if (folder / f).stat().st_size != size:
-                return None
-        except OSError:
+        if not isinstance(meta, dict) or meta.get("format") != TEMPLATE_FORMAT \
+                or meta.get("base_digest") != base.digest:
             return None
-    return Template(folder, cpus, memory_mib, meta["host_key"], want)
+        want = snapshot.snapshot_key(
+            _spec(folder, kernel=base.kernel, accel=accel, cpus=cpus, memory_mib=memory_mib),
+            kernel_digest=base.kernel_digest)
+        if not isinstance(meta.get("key"), dict) or snapshot.key_mismatch(meta["key"], want):
+            return None
+        host_key = meta["host_key"]
+        asyncssh.import_public_key(host_key)
+        digests = meta["digests"]
+        for f in _FILES:  # sampled content digests, as an image snapshot's
+            if snapshot.file_digest(folder / f) != digests[f]:
+                return None
+        return Template(folder, cpus, memory_mib, host_key, want, float(meta["made_at"]))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, asyncssh.Error):
+        return None
 
 
 async def ensure(base, *, cpus: int, memory_mib: int, accel: Accel,
@@ -154,11 +159,22 @@ async def ensure(base, *, cpus: int, memory_mib: int, accel: Accel,
     root.mkdir(mode=0o700, exist_ok=True)  # its initrd holds the guest's SSH host key
     lock = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+        waited = False
+        while True:  # polled, so that a cancelled build stops waiting at once
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if say and not waited:
+                    say(f"waiting for another process making the VM template of base "
+                        f"{base.name}")
+                waited = True
+                await asyncio.sleep(0.1)
         if (t := load(base, cpus=cpus, memory_mib=memory_mib, accel=accel)) is not None:
             return t
         for stale in root.glob(".*-*"):  # left by a maker or a discard that was killed
             if stale.is_dir():
+                _remove_net_dir(stale)
                 shutil.rmtree(stale, ignore_errors=True)
         if say:
             say(f"making the VM template of base {base.name} ({cpus} vCPU, {memory_mib} MiB): "
@@ -188,16 +204,15 @@ async def ensure(base, *, cpus: int, memory_mib: int, accel: Accel,
             finally:
                 await qemu.shutdown(graceful=False)
             for f in tmp.iterdir():  # the placeholder disk, logs, pid files
-                if f.name not in ("ram", "state.mig", "initrd.cpio"):
+                if f.name not in _FILES:
                     f.unlink()
             key = snapshot.snapshot_key(spec, kernel_digest=base.kernel_digest)
             meta = {"format": TEMPLATE_FORMAT, "base": base.name, "base_digest": base.digest,
                     "cpus": cpus, "memory_mib": memory_mib, "key": key,
                     "host_key": host_key.export_public_key("openssh").decode().strip(),
-                    "state_size": (tmp / "state.mig").stat().st_size,
-                    "initrd_size": (tmp / "initrd.cpio").stat().st_size,
+                    "digests": {f: snapshot.file_digest(tmp / f) for f in _FILES},
                     "made_at": time.time(), "boot_seconds": round(time.monotonic() - t0, 2)}
-            for f in ("ram", "state.mig", "initrd.cpio"):
+            for f in _FILES:
                 os.chmod(tmp / f, 0o400)
             (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
             if final.exists():
@@ -240,21 +255,42 @@ async def _wait_for_hold(qemu: QemuProcess) -> None:
                 raise
 
 
+_SUPPORTS: dict[tuple, bool] = {}
+
+
 def supports_templates(base) -> bool:
     """Whether the base's ``/init`` holds for a template (bases made before templates do
-    not: their builds cold-boot until the base is rebuilt)."""
+    not: their builds cold-boot until the base is rebuilt). Remembered per initramfs file
+    (path, size, mtime)."""
     try:
-        return HOLD_MARKER in base.initrd.read_bytes()
+        st = base.initrd.stat()
+        k = (str(base.initrd), st.st_size, st.st_mtime_ns)
+        if k not in _SUPPORTS:
+            _SUPPORTS[k] = HOLD_MARKER in base.initrd.read_bytes()
+        return _SUPPORTS[k]
     except OSError:
         return False
 
 
 def discard(template: Template) -> None:
-    """Remove a template that failed to restore, so the next build makes it anew."""
+    """Remove a template that failed to restore, so the next build makes it anew; not
+    when its folder already holds a template made since (by another process)."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        if float(json.loads((template.folder / META).read_text())["made_at"]) \
+                != template.made_at:
+            return
     old = template.folder.with_name(f".bad-{template.folder.name}-{secrets.token_hex(4)}")
     with contextlib.suppress(OSError):
         template.folder.rename(old)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_net_dir(folder: Path) -> None:
+    """Remove the passt socket folder a killed template VM left (named in ``passt.dir``)."""
+    with contextlib.suppress(OSError):
+        net = Path((folder / "passt.dir").read_text().strip())
+        if net.name.startswith("lsbx-net-"):
+            shutil.rmtree(net, ignore_errors=True)
 
 
 async def try_ensure(base, *, cpus: int, memory_mib: int, accel: Accel,

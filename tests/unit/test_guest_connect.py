@@ -82,3 +82,19 @@ async def test_without_a_first_try_limit_the_silent_connection_takes_the_whole_b
         server.close()
         for w in swallowed:
             w.close()
+
+
+@pytest.mark.asyncio
+async def test_another_host_key_fails_at_once_instead_of_being_retried(tmp_path):
+    server, fwd, conn, swallowed = await _setup(tmp_path)
+    other = GuestConnection("127.0.0.1", server.sockets[0].getsockname()[1],
+                            conn._client_key, asyncssh.generate_private_key("ssh-ed25519"))
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    try:
+        with pytest.raises(GuestError, match="another host key than the pinned one"):
+            await other.connect(timeout=30.0)
+        assert loop.time() - t0 < 20  # one try, not retries until the 30 s budget is spent
+    finally:
+        fwd.close()
+        server.close()

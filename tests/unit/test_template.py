@@ -34,7 +34,8 @@ def test_init_holds_before_it_mounts_the_root_and_has_its_applets():
     hold, mount = init.index("/localsbx/hold"), init.index("mount -t ext4")
     assert hold < mount
     assert "LOCALSBX-HOLD" in init[hold:mount] and "blockdev --flushbufs /dev/vda" in init[hold:mount]
-    assert {"blockdev", "arping", "usleep"} <= set(kernel.INIT_APPLETS)
+    assert "hwclock -s -u" in init[hold:mount]  # the RTC's time before anything is written
+    assert {"blockdev", "arping", "usleep", "hwclock"} <= set(kernel.INIT_APPLETS)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class _Base:
 
 
 TCG = Accel("tcg", "test")
+HOST_KEY = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
 
 
 def _made(tmp_path, **meta_changes) -> tuple[_Base, Path]:
@@ -70,7 +72,8 @@ def _made(tmp_path, **meta_changes) -> tuple[_Base, Path]:
                                                memory_mib=64),
                                 kernel_digest=base.kernel_digest)
     meta = {"format": template.TEMPLATE_FORMAT, "base_digest": base.digest, "key": key,
-            "host_key": "ssh-ed25519 AAAA", "state_size": 100, "initrd_size": 50}
+            "host_key": HOST_KEY, "made_at": 1.5,
+            "digests": {f: snapshot.file_digest(folder / f) for f in template._FILES}}
     meta.update(meta_changes)
     (folder / template.META).write_text(json.dumps(meta))
     return base, folder
@@ -80,7 +83,7 @@ def test_a_complete_template_loads(tmp_path):
     base, folder = _made(tmp_path)
     t = template.load(base, cpus=1, memory_mib=64, accel=TCG)
     assert t is not None and t.folder == folder and (t.cpus, t.memory_mib) == (1, 64)
-    assert t.state == folder / "state.mig" and t.host_key == "ssh-ed25519 AAAA"
+    assert t.state == folder / "state.mig" and t.host_key == HOST_KEY and t.made_at == 1.5
     assert template.supports_templates(base)
 
 
@@ -88,6 +91,11 @@ def test_a_complete_template_loads(tmp_path):
     {"format": 0},                                    # made by another localsbx
     {"base_digest": "another"},                       # the base was rebuilt
     {"key": {"qemu": "QEMU emulator version 1.0"}},   # another QEMU (or kernel, shape)
+    {"key": "not a dict"},
+    {"host_key": "ssh-ed25519 garbage"},              # would fail every restore
+    {"host_key": None},
+    {"digests": {}},
+    {"made_at": "yesterday"},
 ])
 def test_a_stale_template_is_not_used(tmp_path, change):
     base, _ = _made(tmp_path, **change)
@@ -102,6 +110,22 @@ def test_a_damaged_template_is_not_used(tmp_path, damage):
         f.write_text("{not json")
     else:
         os.truncate(f, f.stat().st_size // 2)
+    assert template.load(base, cpus=1, memory_mib=64, accel=TCG) is None
+
+
+@pytest.mark.parametrize("text", ["[]", "null", "3", '"x"', "{}"])
+def test_a_template_json_of_another_shape_is_not_used(tmp_path, text):
+    base, folder = _made(tmp_path)
+    (folder / template.META).write_text(text)
+    assert template.load(base, cpus=1, memory_mib=64, accel=TCG) is None
+
+
+@pytest.mark.parametrize("name", ["ram", "state.mig"])
+def test_a_template_file_damaged_in_place_is_not_used(tmp_path, name):
+    """Same size, other bytes (the sizes alone passed such a file: every restore failed)."""
+    base, folder = _made(tmp_path)
+    with open(folder / name, "r+b") as f:
+        f.write(b"\xff" * 64)
     assert template.load(base, cpus=1, memory_mib=64, accel=TCG) is None
 
 
@@ -137,3 +161,43 @@ def test_a_template_that_fails_to_restore_is_discarded(tmp_path):
     template.discard(t)
     assert not folder.exists() and not list(folder.parent.glob(".bad-*"))
     assert template.load(base, cpus=1, memory_mib=64, accel=TCG) is None
+
+
+def test_discard_spares_a_template_made_anew_since(tmp_path):
+    import dataclasses
+
+    base, folder = _made(tmp_path)
+    t = template.load(base, cpus=1, memory_mib=64, accel=TCG)
+    stale = dataclasses.replace(t, made_at=0.5)  # loaded before another process remade it
+    template.discard(stale)
+    assert template.load(base, cpus=1, memory_mib=64, accel=TCG) is not None
+
+
+def test_the_next_maker_removes_what_a_killed_one_left(tmp_path):
+    import asyncio
+
+    base, folder = _made(tmp_path)
+    net = tmp_path / "lsbx-net-123-abc"
+    net.mkdir()
+    stale = folder.parent / ".tmp-1x64-tcg-dead"
+    stale.mkdir()
+    (stale / "passt.dir").write_text(f"{net}\n")
+    (stale / "ram").write_bytes(b"x")
+    # the template is valid, so ensure() returns it without making one and sweeps nothing
+    t = asyncio.run(template.ensure(base, cpus=1, memory_mib=64, accel=TCG, client_key=None))
+    assert t.folder == folder and stale.exists()
+    (folder / template.META).write_text("{}")  # now it must be made: the sweep runs first
+
+    async def boom(*a, **kw):
+        raise OSError("no QEMU in a unit test")
+
+    import localsbx._proc as proc
+    orig, proc.run = proc.run, boom
+    try:
+        with pytest.raises(OSError):
+            asyncio.run(template.ensure(base, cpus=1, memory_mib=64, accel=TCG,
+                                        client_key=asyncssh.generate_private_key("ssh-ed25519")))
+    finally:
+        proc.run = orig
+    assert not stale.exists() and not net.exists()
+    assert not list(folder.parent.glob(".tmp-*"))

@@ -31,7 +31,7 @@ def test_a_template_restores_on_the_real_disk_with_its_own_identity_and_the_host
         t = await template.ensure(base, cpus=1, memory_mib=1024, accel=accel, client_key=key)
         made_at = json.loads((t.folder / template.META).read_text())["made_at"]
         before = _digests(t)
-        seen = []
+        seen, keys = [], []
         for i, ram in enumerate((None, tmp_path / "ram")):  # copy-on-write, then a RAM copy
             work = tmp_path / f"vm{i}"
             work.mkdir()
@@ -42,15 +42,25 @@ def test_a_template_restores_on_the_real_disk_with_its_own_identity_and_the_host
                     client_key=key, ram_file=ram, name="localsbx-test-template") as vm:
                 r = await vm.guest.exec(["sh", "-c", "cat /sys/block/vda/size; date +%s; "
                                          "cat /etc/machine-id; hostname; "
+                                         "stat -c %Y /run/localsbx/resolv.conf; "
                                          "echo written > /root/from-template; sync"])
                 assert r.exit_status == 0, r.stderr
-                sectors, now, machine_id, hostname = r.stdout.decode().split()
+                sectors, now, machine_id, hostname, init_wrote = r.stdout.decode().split()
                 assert int(sectors) * 512 == vmdisk.virtual_size(overlay)
                 assert abs(int(now) - time.time()) < 10  # the clock was stepped to the host's
+                # and /init, before that fixup, wrote with the RTC's time, not the template's
+                assert abs(int(init_wrote) - time.time()) < 30
                 assert hostname == "localsbx"
                 seen.append(machine_id)
+                # its own host key, which a new connection is served with
+                pub = vm.host_key.export_public_key("openssh").decode().strip()
+                assert pub != t.host_key
+                keys.append(pub)
+                await vm.guest.close()
+                await vm.guest.connect(timeout=30)
+                assert (await vm.guest.exec(["true"])).exit_status == 0
             assert (work / "initrd.cpio").read_bytes() == t.initrd.read_bytes()
-        assert seen[0] != seen[1]  # each restore gets its own machine-id
+        assert seen[0] != seen[1] and keys[0] != keys[1]  # each its own machine-id, host key
         if ram is not None:
             assert ram.stat().st_size == 1024 << 20
         # the template is never written, and a second ensure does not make it again
