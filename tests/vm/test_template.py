@@ -10,6 +10,9 @@ import shutil
 import time
 from pathlib import Path
 
+import asyncssh
+import pytest
+
 from localsbx import store
 from localsbx.vm import disk as vmdisk
 from localsbx.vm import snapshot, template
@@ -72,8 +75,11 @@ def test_a_template_restores_on_the_real_disk_with_its_own_identity_and_the_host
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("damage", ["state", "host_key"])
 def test_a_build_whose_template_does_not_restore_cold_boots_and_discards_it(
-        base_ready, tmp_path, monkeypatch):
+        base_ready, tmp_path, monkeypatch, damage):
+    """A template whose device state does not load, or whose guest answers with another
+    host key than the recorded one (after the restore): the build still succeeds."""
     from localsbx import Sandbox
     from localsbx.build import builder
     from localsbx.build.builder import Reporter, build_image
@@ -86,9 +92,15 @@ def test_a_build_whose_template_does_not_restore_cold_boots_and_discards_it(
     # a damaged copy (same sizes, so it loads; its device state is zeros), not the real one
     bad_dir = tmp_path / "templates" / real.folder.name
     shutil.copytree(real.folder, bad_dir)
-    (bad_dir / "state.mig").chmod(0o600)
-    (bad_dir / "state.mig").write_bytes(bytes(real.state.stat().st_size))
-    bad = template.Template(bad_dir, real.cpus, real.memory_mib, real.host_key, real.key)
+    host_key = real.host_key
+    if damage == "state":
+        (bad_dir / "state.mig").chmod(0o600)
+        (bad_dir / "state.mig").write_bytes(bytes(real.state.stat().st_size))
+    else:
+        host_key = asyncssh.generate_private_key("ssh-ed25519").export_public_key(
+            "openssh").decode().strip()
+    bad = template.Template(bad_dir, real.cpus, real.memory_mib, host_key, real.key,
+                            real.made_at)
     real_ensure = template.try_ensure
 
     async def fake(b, *, cpus, memory_mib, **kw):
