@@ -60,8 +60,9 @@ from localsbx.vm import template as vmtemplate
 from localsbx.vm.accel import choose_accel
 from localsbx.vm.machine import Machine
 
-__all__ = ["TAIL_BYTES", "Reporter", "StderrReporter", "build_image", "build_image_async",
-           "runtime_env", "step_timeout"]
+__all__ = ["TAIL_BYTES", "EmitReporter", "Reporter", "StderrReporter", "build_image",
+           "build_image_async", "print_event", "registered_event", "runtime_env",
+           "step_timeout"]
 
 log = logging.getLogger("localsbx.build")
 
@@ -109,6 +110,54 @@ class StderrReporter(Reporter):
     def output(self, chunk: bytes) -> None:
         sys.stderr.buffer.write(chunk)
         sys.stderr.buffer.flush()
+
+
+class EmitReporter(Reporter):
+    """Build progress as Tensorlake's image-build events, each a dict passed to ``emit``
+    (the ``emit`` of ``tensorlake.image`` builds): ``{"type": "status", "message": ...}`` per
+    status line (warnings start with ``warning:``), ``{"type": "build_log", "stream":
+    "stdout", "message": ...}`` per line of step output (stdout and stderr of a step come
+    merged, as in ``docker buildx`` progress; a line without its newline yet is held until
+    it ends or :meth:`flush`), and :func:`registered_event` after the registration. An
+    exception raised by ``emit`` stops the build (it propagates; nothing half-made stays),
+    as Tensorlake's does."""
+
+    def __init__(self, emit) -> None:
+        self.emit = emit
+        self._partial = b""
+
+    def say(self, text: str) -> None:
+        self.flush()
+        self.emit({"type": "status", "message": text})
+
+    def output(self, chunk: bytes) -> None:
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        for line in lines:
+            self.emit({"type": "build_log", "stream": "stdout",
+                       "message": line.decode(errors="replace")})
+
+    def flush(self) -> None:
+        if self._partial:
+            line, self._partial = self._partial, b""
+            self.emit({"type": "build_log", "stream": "stdout",
+                       "message": line.decode(errors="replace")})
+
+
+def registered_event(rec: store.ImageRecord) -> dict:
+    """Tensorlake's ``image_registered`` event for a registered image: ``image_id`` and
+    ``snapshot_id`` are the image's digest (its snapshot lives in the image's folder)."""
+    return {"type": "image_registered", "image_id": rec.digest, "name": rec.name,
+            "snapshot_id": rec.digest}
+
+
+def print_event(event: dict) -> None:
+    """Print one build event on stderr as Tensorlake's ``verbose=True`` does:
+    ``[stdout] line`` for build output, ``[type] message`` for the others."""
+    msg = event.get("message") or ""
+    if event.get("type") == "build_log":
+        print(f"[{event.get('stream', 'stdout')}] {msg}", file=sys.stderr, flush=True)
+    elif msg:
+        print(f"[{event.get('type', '')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _context_reads(defn: ImageDefinition) -> list[Copy | str]:

@@ -250,6 +250,7 @@ class Image:
         project: str | None = None,
         build_args: dict[str, str] | None = None,
         verbose: bool = False,
+        emit: Any = None,
         **ignored: Any,
     ) -> Any:
         """Build the image in a local VM and register it (Tensorlake's ``Image.build``).
@@ -260,7 +261,13 @@ class Image:
         :param memory_mb: RAM of the build VM in MiB (default 4096).
         :param project: localsbx project to register in (default project when ``None``).
         :param build_args: build-time variables (see :meth:`to_definition`).
-        :param verbose: print build progress and step output to stderr (as Tensorlake's).
+        :param verbose: print the build events to stderr as Tensorlake's does (``[status]
+            ...``, ``[stdout] <step output line>``); ignored when ``emit`` is given.
+        :param emit: called with each build event, a dict of Tensorlake's kinds: ``status``
+            (``message``), ``build_log`` (``stream``, ``message``: one line of step output),
+            ``image_registered`` (``image_id``, ``name``, ``snapshot_id``); see
+            :class:`localsbx.build.builder.EmitReporter`. An exception it raises stops the
+            build and propagates.
         :param ignored: Tensorlake-only options (``disk_mb``, ``is_public``, ``cas``, ...),
             accepted and ignored.
         :returns: the ``ImageRecord`` of the registered image.
@@ -274,6 +281,14 @@ class Image:
         cpu_count = int(cpus) if float(cpus).is_integer() else int(cpus) + 1
         definition = replace(self.to_definition(build_args), build_cpus=max(1, cpu_count),
                              build_memory_mb=int(memory_mb))
-        return builder.build_image(definition, context_dir=context_dir, project=project,
-                                   name=registered_name or self._name,
-                                   **({"reporter": builder.StderrReporter()} if verbose else {}))
+        if emit is None and verbose:
+            emit = builder.print_event
+        if emit is None:
+            return builder.build_image(definition, context_dir=context_dir, project=project,
+                                       name=registered_name or self._name)
+        rep = builder.EmitReporter(emit)
+        rec = builder.build_image(definition, context_dir=context_dir, project=project,
+                                  name=registered_name or self._name, reporter=rep)
+        rep.flush()
+        emit(builder.registered_event(rec))
+        return rec

@@ -148,3 +148,36 @@ def test_build_calls_the_builder_lazily(monkeypatch):
     assert (calls["definition"].build_cpus, calls["definition"].build_memory_mb) == (3, 2048)
     img.build(registered_name="other")
     assert calls["name"] == "other" and calls["definition"].build_cpus == 2
+
+
+def test_emit_gets_tensorlakes_build_events_and_verbose_prints_them(monkeypatch, capsys):
+    from localsbx.build import builder
+
+    def fake_build(definition, *, context_dir, name=None, project=None, reporter):
+        reporter.say("[1/1] line 1: RUN true")
+        reporter.output(b"hello\npart")
+        reporter.output(b"ial\nlast")
+        reporter.say("warning: SHELL has no effect at sandbox run time")
+        return types.SimpleNamespace(digest="d" * 64, name=name)
+
+    monkeypatch.setattr(builder, "build_image", fake_build)
+    events: list[dict] = []
+    Image(name="web").run("true").build(emit=events.append)
+    assert events == [
+        {"type": "status", "message": "[1/1] line 1: RUN true"},
+        {"type": "build_log", "stream": "stdout", "message": "hello"},
+        {"type": "build_log", "stream": "stdout", "message": "partial"},
+        {"type": "build_log", "stream": "stdout", "message": "last"},
+        {"type": "status", "message": "warning: SHELL has no effect at sandbox run time"},
+        {"type": "image_registered", "image_id": "d" * 64, "name": "web",
+         "snapshot_id": "d" * 64},
+    ]
+    Image(name="web").run("true").build(verbose=True)  # Tensorlake's stderr format
+    err = capsys.readouterr().err
+    assert "[status] [1/1] line 1: RUN true\n" in err and "[stdout] partial\n" in err
+
+    def boom(event):
+        raise RuntimeError("stop the build")
+
+    with pytest.raises(RuntimeError, match="stop the build"):  # as Tensorlake's: propagates
+        Image(name="web").run("true").build(emit=boom)

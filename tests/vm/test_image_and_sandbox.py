@@ -75,8 +75,12 @@ def test_dsl_and_dockerfile_give_the_same_image(main_image):
     from_dsl = dsl_img.to_definition()
     from_file = parse_dockerfile(IMAGES / "main" / "Dockerfile", name="t-main")
     assert from_dsl.ops == from_file.ops
-    rec = dsl_img.build(context_dir=str(IMAGES / "main"))
+    events: list[dict] = []
+    rec = dsl_img.build(context_dir=str(IMAGES / "main"), emit=events.append)
     assert rec.digest == store.lookup_image(main_image).digest  # same build, reused
+    assert events[-1] == {"type": "image_registered", "image_id": rec.digest,
+                          "name": "t-main-dsl", "snapshot_id": rec.digest}
+    assert all(e["type"] == "status" for e in events[:-1]) and len(events) > 1
     with Sandbox.create("t-main-dsl") as sb:
         assert sb.run('echo "$GREETING|$(pwd)"').stdout == "hello big world|/srv/app/sub\n"
 
