@@ -132,20 +132,10 @@ class Machine:
                          memory_mib: int, ram_file: Path | None, ram_share: bool,
                          detached: bool, wrapper: list[str] | None, name: str,
                          net: NetSpec, extra_disks: tuple[Path, ...] = ()) -> Machine:
-        from localsbx.vm.kernel import make_identity_cpio
 
         t0 = time.monotonic()
-        host_key = asyncssh.generate_private_key("ssh-ed25519")
-        ident = make_identity_cpio(
-            host_key_openssh=host_key.export_private_key("openssh"),
-            authorized_keys=client_key.export_public_key("openssh"),
-            machine_id=secrets.token_hex(16),
-            hostname="localsbx",
-        )
         vm_initrd = workdir / "initrd.cpio"
-        with open(vm_initrd, "wb") as out:
-            out.write(initrd.read_bytes())
-            out.write(ident)
+        host_key = write_vm_initrd(initrd, vm_initrd, client_key)
         spec = VMSpec(kernel=kernel, initrd=vm_initrd, disk=disk,
                       serial_log=workdir / "serial.log", qmp_socket=_qmp_path(workdir),
                       accel=accel, memory_mib=memory_mib, cpus=cpus, ram_file=ram_file,
@@ -156,7 +146,7 @@ class Machine:
         try:
             await qemu.wait_for_serial(READY_MARKER, timeout=BOOT_TIMEOUT)
             m.timings["ready"] = time.monotonic() - t0
-            await m._connect(first_try=FIRST_CONNECT_TRY)
+            await m._connect()
             m.timings["connected"] = time.monotonic() - t0
         except BaseException:
             await m.stop()
@@ -211,7 +201,7 @@ class Machine:
         try:
             await snapshot.restore(qemu, state_file)
             m.timings["loaded"] = time.monotonic() - t0
-            await m._connect(first_try=FIRST_CONNECT_TRY)
+            await m._connect()
             m.timings["connected"] = time.monotonic() - t0
             if lazy_fixup:
                 m.guest.fixup_pending = True
@@ -288,7 +278,7 @@ class Machine:
             await qemu.execute("block_resize", {"device": "root", "size": size})
             await qemu.wait_for_serial(READY_MARKER, timeout=BOOT_TIMEOUT)
             m.timings["ready"] = time.monotonic() - t0
-            await m._connect(first_try=FIRST_CONNECT_TRY)
+            await m._connect()
             m.timings["connected"] = time.monotonic() - t0
             m.guest.set_identity(secrets.token_hex(16), "localsbx")
             await m.guest.fixup()
@@ -305,12 +295,12 @@ class Machine:
             raise
         return m
 
-    async def _connect(self, *, first_try: float | None = None) -> None:
+    async def _connect(self) -> None:
         self.ssh_port = await self.qemu.host_ssh_port()
         self.guest.port = self.ssh_port
         proc = self.qemu.proc
         try:
-            await self.guest.connect(timeout=CONNECT_TIMEOUT, first_try=first_try,
+            await self.guest.connect(timeout=CONNECT_TIMEOUT, first_try=FIRST_CONNECT_TRY,
                                      alive=lambda: proc is None or proc.returncode is None)
         except GuestError as exc:
             if proc is not None and proc.returncode is not None:
@@ -358,6 +348,28 @@ class Machine:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+def write_vm_initrd(initrd: Path, out: Path, client_key: asyncssh.SSHKey, *,
+                    hold: bool = False) -> asyncssh.SSHKey:
+    """Write ``out``: the base's ``initrd`` followed by a fresh per-VM identity cpio
+    (:func:`localsbx.vm.kernel.make_identity_cpio`: a new ed25519 host key, the
+    management key as authorized, a random machine-id, hostname ``localsbx``; ``hold``
+    for a VM template). Returns the host key (private), which the host pins.
+
+    :raises OSError: a file cannot be read or written.
+    """
+    from localsbx.vm.kernel import make_identity_cpio
+
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    ident = make_identity_cpio(
+        host_key_openssh=host_key.export_private_key("openssh"),
+        authorized_keys=client_key.export_public_key("openssh"),
+        machine_id=secrets.token_hex(16), hostname="localsbx", hold=hold)
+    with open(out, "wb") as f:
+        f.write(initrd.read_bytes())
+        f.write(ident)
+    return host_key
 
 
 def _qmp_path(workdir: Path) -> Path:

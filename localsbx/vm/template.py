@@ -49,7 +49,7 @@ import asyncssh
 from localsbx import _proc
 from localsbx.errors import LocalsbxError, SnapshotError
 from localsbx.vm import snapshot
-from localsbx.vm.machine import _qmp_path
+from localsbx.vm.machine import _qmp_path, write_vm_initrd
 from localsbx.vm.net import NetSpec
 from localsbx.vm.qemu import Accel, QemuProcess, VMSpec
 
@@ -151,7 +151,6 @@ async def ensure(base, *, cpus: int, memory_mib: int, accel: Accel,
     :raises VMLaunchError: the template's boot failed or did not reach the hold in time.
     :raises SnapshotError: saving it failed.
     """
-    from localsbx.vm.kernel import make_identity_cpio
 
     if (t := load(base, cpus=cpus, memory_mib=memory_mib, accel=accel)) is not None:
         return t
@@ -184,14 +183,7 @@ async def ensure(base, *, cpus: int, memory_mib: int, accel: Accel,
         tmp = root / f".tmp-{final.name}-{secrets.token_hex(4)}"
         tmp.mkdir(mode=0o700)
         try:
-            host_key = asyncssh.generate_private_key("ssh-ed25519")
-            ident = make_identity_cpio(
-                host_key_openssh=host_key.export_private_key("openssh"),
-                authorized_keys=client_key.export_public_key("openssh"),
-                machine_id=secrets.token_hex(16), hostname="localsbx", hold=True)
-            with open(tmp / "initrd.cpio", "wb") as out:
-                out.write(base.initrd.read_bytes())
-                out.write(ident)
+            host_key = write_vm_initrd(base.initrd, tmp / "initrd.cpio", client_key, hold=True)
             await _proc.run(["qemu-img", "create", "-q", "-f", "qcow2",
                              str(tmp / "placeholder.qcow2"), str(PLACEHOLDER_SIZE)], timeout=60)
             spec = _spec(tmp, kernel=base.kernel, accel=accel, cpus=cpus,

@@ -41,7 +41,10 @@ async def _black_hole_then_forward(target_port: int, swallowed: list):
     return await asyncio.start_server(handle, "127.0.0.1", 0)
 
 
+@contextlib.asynccontextmanager
 async def _setup(tmp_path):
+    """A real asyncssh server behind the swallowing forward; yields ``(server, conn,
+    swallowed)`` with ``conn`` pinned to the server's host key, and closes it all after."""
     host_key = asyncssh.generate_private_key("ssh-ed25519")
     client_key = asyncssh.generate_private_key("ssh-ed25519")
     (tmp_path / "authorized_keys").write_bytes(client_key.export_public_key())
@@ -50,18 +53,9 @@ async def _setup(tmp_path):
         authorized_client_keys=str(tmp_path / "authorized_keys"))
     swallowed: list = []
     fwd = await _black_hole_then_forward(server.sockets[0].getsockname()[1], swallowed)
-    port = fwd.sockets[0].getsockname()[1]
-    conn = GuestConnection("127.0.0.1", port, client_key, host_key)
-    return server, fwd, conn, swallowed
-
-
-@pytest.mark.asyncio
-async def test_a_short_first_try_gets_past_a_connection_nothing_answers(tmp_path):
-    server, fwd, conn, swallowed = await _setup(tmp_path)
+    conn = GuestConnection("127.0.0.1", fwd.sockets[0].getsockname()[1], client_key, host_key)
     try:
-        await conn.connect(timeout=6.0, first_try=0.5)
-        assert conn.connected
-        assert len(swallowed) == 1  # the first connection was the silent one
+        yield server, conn, swallowed
     finally:
         await conn.close()
         fwd.close()
@@ -71,30 +65,28 @@ async def test_a_short_first_try_gets_past_a_connection_nothing_answers(tmp_path
 
 
 @pytest.mark.asyncio
+async def test_a_short_first_try_gets_past_a_connection_nothing_answers(tmp_path):
+    async with _setup(tmp_path) as (_, conn, swallowed):
+        await conn.connect(timeout=6.0, first_try=0.5)
+        assert conn.connected
+        assert len(swallowed) == 1  # the first connection was the silent one
+
+
+@pytest.mark.asyncio
 async def test_without_a_first_try_limit_the_silent_connection_takes_the_whole_budget(tmp_path):
-    server, fwd, conn, swallowed = await _setup(tmp_path)
-    try:
+    async with _setup(tmp_path) as (_, conn, swallowed):
         with pytest.raises(GuestError, match="cannot reach the guest's SSH server"):
             await conn.connect(timeout=1.5)
         assert not conn.connected and len(swallowed) == 1
-    finally:
-        fwd.close()
-        server.close()
-        for w in swallowed:
-            w.close()
 
 
 @pytest.mark.asyncio
 async def test_another_host_key_fails_at_once_instead_of_being_retried(tmp_path):
-    server, fwd, conn, swallowed = await _setup(tmp_path)
-    other = GuestConnection("127.0.0.1", server.sockets[0].getsockname()[1],
-                            conn._client_key, asyncssh.generate_private_key("ssh-ed25519"))
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    try:
+    async with _setup(tmp_path) as (server, conn, _):
+        other = GuestConnection("127.0.0.1", server.sockets[0].getsockname()[1],
+                                conn._client_key, asyncssh.generate_private_key("ssh-ed25519"))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
         with pytest.raises(GuestError, match="another host key than the pinned one"):
             await other.connect(timeout=30.0)
         assert loop.time() - t0 < 20  # one try, not retries until the 30 s budget is spent
-    finally:
-        fwd.close()
-        server.close()
